@@ -1,0 +1,362 @@
+// CPU kernels of DCNv3 (forward and backward), on the torch stable ABI.
+//
+// Layout is NHWC, so the channels of one group are contiguous: every loop
+// computes the sampling position, bilinear stencil and mask once per
+// (output pixel, group, point) and then runs a contiguous, vectorisable loop
+// over the group's channels.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../dcnv3_common.h"
+
+namespace dcnv3 {
+namespace {
+
+constexpr int64_t kGrainWork = 1 << 14;  // scalar multiply-adds per task, roughly
+
+int64_t grain_for(const Geometry& g, int64_t per_item) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, per_item));
+}
+
+template <typename scalar_t>
+void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, const scalar_t* mask, scalar_t* out) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t GC = g.G * g.C;
+  const int64_t row = g.W * GC;
+  const int64_t P = g.P;
+  const int64_t C = g.C;
+  torch::stable::parallel_for(0, g.positions(), grain_for(g, g.G * P * C * 4), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    std::vector<acc_t> prob(P);
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t wo = pos % g.Wo;
+      const int64_t ho = (pos / g.Wo) % g.Ho;
+      const int64_t n = pos / (g.Wo * g.Ho);
+      const scalar_t* xn = x + n * g.H * row;
+      for (int64_t gi = 0; gi < g.G; ++gi) {
+        const scalar_t* offp = off + (pos * g.G + gi) * P * 2;
+        const scalar_t* mp = mask + (pos * g.G + gi) * P;
+        for (int64_t p = 0; p < P; ++p) {
+          prob[p] = static_cast<acc_t>(mp[p]);
+        }
+        if (g.mask_logits) {
+          softmax_inplace(prob.data(), P);
+        }
+        acc_t* a = acc.data();
+        std::fill(a, a + C, acc_t(0));
+        const scalar_t* xg = xn + gi * C;
+        for (int64_t p = 0; p < P; ++p) {
+          acc_t px, py;
+          sample_position<acc_t>(
+              g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+          const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
+          if (!b.any) {
+            continue;
+          }
+          const acc_t m = prob[p];
+          for (int64_t c = 0; c < C; ++c) {
+            a[c] += m * sample_value<acc_t>(xg + c, b);
+          }
+        }
+        scalar_t* o = out + pos * GC + gi * C;
+        for (int64_t c = 0; c < C; ++c) {
+          o[c] = static_cast<scalar_t>(a[c]);
+        }
+      }
+    }
+  });
+}
+
+// Backward of the output pixels [hw_begin, hw_end) of batch element n, group
+// gi. grad_input contributions go to gin (acc_t, laid out like the input,
+// pointing at channel 0 of group gi of batch element n); the caller makes
+// sure no other thread writes the same gin at the same time.
+template <typename scalar_t>
+void backward_range(
+    const Geometry& g,
+    int64_t n,
+    int64_t gi,
+    int64_t hw_begin,
+    int64_t hw_end,
+    const scalar_t* grad_out,
+    const scalar_t* x,
+    const scalar_t* off,
+    const scalar_t* mask,
+    opmath_t<scalar_t>* gin,
+    scalar_t* grad_off,
+    scalar_t* grad_mask,
+    std::vector<opmath_t<scalar_t>>& prob,
+    std::vector<opmath_t<scalar_t>>& gm) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t GC = g.G * g.C;
+  const int64_t row = g.W * GC;
+  const int64_t P = g.P;
+  const int64_t C = g.C;
+  const scalar_t* xg = x + n * g.H * row + gi * C;
+  auto add = [](acc_t* dst, acc_t v) { *dst += v; };
+  for (int64_t hw = hw_begin; hw < hw_end; ++hw) {
+    const int64_t pos = n * g.Ho * g.Wo + hw;
+    const int64_t wo = hw % g.Wo;
+    const int64_t ho = hw / g.Wo;
+    const int64_t pg = pos * g.G + gi;
+    const scalar_t* offp = off + pg * P * 2;
+    const scalar_t* mp = mask + pg * P;
+    const scalar_t* go = grad_out + pos * GC + gi * C;
+    for (int64_t p = 0; p < P; ++p) {
+      prob[p] = static_cast<acc_t>(mp[p]);
+    }
+    if (g.mask_logits) {
+      softmax_inplace(prob.data(), P);
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      acc_t px, py;
+      sample_position<acc_t>(
+          g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+      const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
+      acc_t s_v = 0, s_x = 0, s_y = 0;
+      if (b.any) {
+        const acc_t m = prob[p];
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t v, dx, dy;
+          sample_value_grad<acc_t>(xg + c, b, v, dx, dy);
+          const acc_t gc = static_cast<acc_t>(go[c]);
+          s_v += gc * v;
+          s_x += gc * dx;
+          s_y += gc * dy;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          scatter_grad<acc_t>(gin + c, b, m * static_cast<acc_t>(go[c]), add);
+        }
+        s_x *= m;
+        s_y *= m;
+      }
+      acc_t gox, goy;
+      offset_grad<acc_t>(g, s_x, s_y, gox, goy);
+      grad_off[pg * P * 2 + 2 * p] = static_cast<scalar_t>(gox);
+      grad_off[pg * P * 2 + 2 * p + 1] = static_cast<scalar_t>(goy);
+      gm[p] = s_v;
+    }
+    if (g.mask_logits) {
+      softmax_backward_inplace(prob.data(), gm.data(), P);
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      grad_mask[pg * P + p] = static_cast<scalar_t>(gm[p]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_kernel(
+    const Geometry& g,
+    const scalar_t* grad_out,
+    const scalar_t* x,
+    const scalar_t* off,
+    const scalar_t* mask,
+    opmath_t<scalar_t>* gin,  // zero-initialised, input layout
+    scalar_t* grad_off,
+    scalar_t* grad_mask) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t HWo = g.Ho * g.Wo;
+  const int64_t in_plane = g.H * g.W * g.G * g.C;  // input elements per batch element
+  const int64_t tasks = g.N * g.G;
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  const int64_t work_per_pixel = g.P * g.C * 8;
+  if (tasks >= threads || tasks * HWo * work_per_pixel < kGrainWork) {
+    // Each (batch element, group) owns a disjoint slice of grad_input.
+    torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> prob(g.P), gm(g.P);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / g.G;
+        const int64_t gi = t % g.G;
+        backward_range<scalar_t>(
+            g, n, gi, 0, HWo, grad_out, x, off, mask, gin + n * in_plane + gi * g.C, grad_off, grad_mask, prob, gm);
+      }
+    });
+    return;
+  }
+  // Few (batch element, group) pairs: split the output pixels into chunks,
+  // each accumulating into a private grad_input buffer, then reduce.
+  const int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(1, HWo / 16));
+  const int64_t total = g.N * in_plane;
+  std::vector<std::vector<acc_t>> bufs(chunks);
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> prob(g.P), gm(g.P);
+    for (int64_t k = begin; k < end; ++k) {
+      std::vector<acc_t>& buf = bufs[k];
+      buf.assign(total, acc_t(0));
+      const int64_t lo = HWo * k / chunks;
+      const int64_t hi = HWo * (k + 1) / chunks;
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t gi = 0; gi < g.G; ++gi) {
+          backward_range<scalar_t>(
+              g, n, gi, lo, hi, grad_out, x, off, mask, buf.data() + n * in_plane + gi * g.C, grad_off, grad_mask,
+              prob, gm);
+        }
+      }
+    }
+  });
+  torch::stable::parallel_for(0, total, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t k = 0; k < chunks; ++k) {
+      const acc_t* b = bufs[k].data();
+      for (int64_t i = begin; i < end; ++i) {
+        gin[i] += b[i];
+      }
+    }
+  });
+}
+
+Tensor forward_impl(
+    const Tensor& input_,
+    const Tensor& offset_,
+    const Tensor& mask_,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool mask_logits) {
+  const char* name = "timm_internimage::dcnv3_forward (CPU)";
+  STD_TORCH_CHECK(input_.is_cpu() && offset_.is_cpu() && mask_.is_cpu(), name, ": expected CPU tensors");
+  const Geometry g = make_geometry(
+      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, mask_logits);
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset = torch::stable::contiguous(offset_);
+  const Tensor mask = torch::stable::contiguous(mask_);
+  Tensor out = torch::stable::new_empty(input, output_shape(g));
+  if (out.numel() == 0) {
+    return out;
+  }
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    forward_kernel<scalar_t>(
+        g, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_output_,
+    const Tensor& input_,
+    const Tensor& offset_,
+    const Tensor& mask_,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool mask_logits) {
+  const char* name = "timm_internimage::dcnv3_backward (CPU)";
+  STD_TORCH_CHECK(
+      grad_output_.is_cpu() && input_.is_cpu() && offset_.is_cpu() && mask_.is_cpu(), name, ": expected CPU tensors");
+  const Geometry g = make_geometry(
+      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, mask_logits);
+  check_grad_output(name, grad_output_, input_, g);
+  const Tensor grad_output = torch::stable::contiguous(grad_output_);
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset = torch::stable::contiguous(offset_);
+  const Tensor mask = torch::stable::contiguous(mask_);
+  Tensor grad_input = torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C});
+  Tensor grad_offset = torch::stable::new_zeros(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2});
+  Tensor grad_mask = torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P});
+  if (grad_output.numel() == 0 || input.numel() == 0) {
+    return std::make_tuple(grad_input, grad_offset, grad_mask);
+  }
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = opmath_t<scalar_t>;
+    acc_t* gin = nullptr;
+    std::vector<acc_t> gin_acc;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      gin = grad_input.mutable_data_ptr<scalar_t>();
+    } else {
+      gin_acc.assign(grad_input.numel(), acc_t(0));
+      gin = gin_acc.data();
+    }
+    backward_kernel<scalar_t>(
+        g, grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+        offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), gin,
+        grad_offset.mutable_data_ptr<scalar_t>(), grad_mask.mutable_data_ptr<scalar_t>());
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      scalar_t* dst = grad_input.mutable_data_ptr<scalar_t>();
+      torch::stable::parallel_for(0, grad_input.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          dst[i] = static_cast<scalar_t>(gin[i]);
+        }
+      });
+    }
+  });
+  return std::make_tuple(grad_input, grad_offset, grad_mask);
+}
+
+template <bool kLogits>
+Tensor forward_entry(
+    Tensor input,
+    Tensor offset,
+    Tensor mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center) {
+  return forward_impl(
+      input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+      group_channels, offset_scale, remove_center, kLogits);
+}
+
+template <bool kLogits>
+std::tuple<Tensor, Tensor, Tensor> backward_entry(
+    Tensor grad_output,
+    Tensor input,
+    Tensor offset,
+    Tensor mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center) {
+  return backward_impl(
+      grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+      dilation_w, group, group_channels, offset_scale, remove_center, kLogits);
+}
+
+}  // namespace
+}  // namespace dcnv3
+
+STABLE_TORCH_LIBRARY_IMPL(timm_internimage, CPU, m) {
+  m.impl("dcnv3_forward", TORCH_BOX(&dcnv3::forward_entry<false>));
+  m.impl("dcnv3_backward", TORCH_BOX(&dcnv3::backward_entry<false>));
+  m.impl("dcnv3_softmax_forward", TORCH_BOX(&dcnv3::forward_entry<true>));
+  m.impl("dcnv3_softmax_backward", TORCH_BOX(&dcnv3::backward_entry<true>));
+}

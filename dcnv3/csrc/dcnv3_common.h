@@ -1,0 +1,178 @@
+// Host-side helpers shared by the CPU and CUDA entry points: argument
+// validation, geometry, dtype dispatch. Uses only the torch stable ABI.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "dcnv3_sampling.h"
+
+namespace dcnv3 {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+// Accumulation type: float for the half types and float, double for double.
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<scalar_t>{}) for the floating dtypes the op supports.
+template <typename F>
+void dispatch_floating(ScalarType st, const char* name, F&& f) {
+  switch (st) {
+    case ScalarType::Float:
+      f(TypeTag<float>{});
+      break;
+    case ScalarType::Double:
+      f(TypeTag<double>{});
+      break;
+    case ScalarType::Half:
+      f(TypeTag<c10::Half>{});
+      break;
+    case ScalarType::BFloat16:
+      f(TypeTag<c10::BFloat16>{});
+      break;
+    default:
+      STD_TORCH_CHECK(
+          false,
+          name,
+          ": unsupported dtype (expected float32, float64, float16 or bfloat16)");
+  }
+}
+
+inline int64_t out_size(int64_t in, int64_t pad, int64_t dil, int64_t k, int64_t stride) {
+  return (in + 2 * pad - (dil * (k - 1) + 1)) / stride + 1;
+}
+
+// Validates the arguments of one op call and returns its geometry.
+inline Geometry make_geometry(
+    const char* name,
+    const Tensor& input,
+    const Tensor& offset,
+    const Tensor& mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool mask_logits) {
+  STD_TORCH_CHECK(input.dim() == 4, name, ": input must be (N, H, W, group*group_channels)");
+  STD_TORCH_CHECK(offset.dim() == 4, name, ": offset must be (N, Ho, Wo, group*P*2)");
+  STD_TORCH_CHECK(mask.dim() == 4, name, ": mask must be (N, Ho, Wo, group*P)");
+  STD_TORCH_CHECK(
+      input.scalar_type() == offset.scalar_type() && input.scalar_type() == mask.scalar_type(),
+      name,
+      ": input, offset and mask must have the same dtype");
+  STD_TORCH_CHECK(
+      input.get_device() == offset.get_device() && input.get_device() == mask.get_device() &&
+          input.is_cuda() == offset.is_cuda() && input.is_cuda() == mask.is_cuda(),
+      name,
+      ": input, offset and mask must be on the same device");
+  STD_TORCH_CHECK(kernel_h > 0 && kernel_w > 0, name, ": kernel size must be positive");
+  STD_TORCH_CHECK(stride_h > 0 && stride_w > 0, name, ": stride must be positive");
+  STD_TORCH_CHECK(pad_h >= 0 && pad_w >= 0, name, ": padding must be non-negative");
+  STD_TORCH_CHECK(dilation_h > 0 && dilation_w > 0, name, ": dilation must be positive");
+  STD_TORCH_CHECK(group > 0 && group_channels > 0, name, ": group and group_channels must be positive");
+  STD_TORCH_CHECK(
+      !remove_center || (kernel_h % 2 == 1 && kernel_w % 2 == 1),
+      name,
+      ": remove_center needs an odd kernel size");
+
+  Geometry g;
+  g.N = input.size(0);
+  g.H = input.size(1);
+  g.W = input.size(2);
+  g.G = group;
+  g.C = group_channels;
+  g.kh = kernel_h;
+  g.kw = kernel_w;
+  g.sh = stride_h;
+  g.sw = stride_w;
+  g.ph = pad_h;
+  g.pw = pad_w;
+  g.dh = dilation_h;
+  g.dw = dilation_w;
+  g.half_h = (dilation_h * (kernel_h - 1)) / 2;
+  g.half_w = (dilation_w * (kernel_w - 1)) / 2;
+  g.center = remove_center ? (kernel_w / 2) * kernel_h + kernel_h / 2 : -1;
+  g.P = kernel_h * kernel_w - (remove_center ? 1 : 0);
+  g.offset_scale = offset_scale;
+  g.mask_logits = mask_logits;
+  g.Ho = out_size(g.H, pad_h, dilation_h, kernel_h, stride_h);
+  g.Wo = out_size(g.W, pad_w, dilation_w, kernel_w, stride_w);
+
+  STD_TORCH_CHECK(
+      input.size(3) == group * group_channels,
+      name,
+      ": input has ",
+      input.size(3),
+      " channels but group*group_channels = ",
+      group * group_channels);
+  STD_TORCH_CHECK(g.Ho > 0 && g.Wo > 0, name, ": output size would be empty");
+  STD_TORCH_CHECK(
+      offset.size(0) == g.N && offset.size(1) == g.Ho && offset.size(2) == g.Wo &&
+          offset.size(3) == group * g.P * 2,
+      name,
+      ": offset must have shape (",
+      g.N, ", ", g.Ho, ", ", g.Wo, ", ", group * g.P * 2, ")");
+  STD_TORCH_CHECK(
+      mask.size(0) == g.N && mask.size(1) == g.Ho && mask.size(2) == g.Wo &&
+          mask.size(3) == group * g.P,
+      name,
+      ": mask must have shape (",
+      g.N, ", ", g.Ho, ", ", g.Wo, ", ", group * g.P, ")");
+  STD_TORCH_CHECK(
+      !mask_logits || g.P <= kMaxSoftmaxPoints,
+      name,
+      ": the fused softmax supports at most ",
+      kMaxSoftmaxPoints,
+      " kernel points");
+  return g;
+}
+
+inline std::vector<int64_t> output_shape(const Geometry& g) {
+  return {g.N, g.Ho, g.Wo, g.G * g.C};
+}
+
+inline void check_grad_output(const char* name, const Tensor& grad_output, const Tensor& input, const Geometry& g) {
+  STD_TORCH_CHECK(grad_output.dim() == 4, name, ": grad_output must be 4-D");
+  STD_TORCH_CHECK(
+      grad_output.size(0) == g.N && grad_output.size(1) == g.Ho && grad_output.size(2) == g.Wo &&
+          grad_output.size(3) == g.G * g.C,
+      name,
+      ": grad_output has the wrong shape");
+  STD_TORCH_CHECK(
+      grad_output.scalar_type() == input.scalar_type(), name, ": grad_output must have the input dtype");
+}
+
+}  // namespace dcnv3

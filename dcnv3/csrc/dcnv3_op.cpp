@@ -1,0 +1,21 @@
+// The one schema registration of the DCNv3 operators (namespace
+// timm_internimage). Kernels are registered per device in cpu/ and cuda/;
+// fake kernels and autograd are registered from Python (_ops.py).
+#include <torch/csrc/stable/library.h>
+
+#define DCNV3_ARGS                                                                                    \
+  "int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, " \
+  "int dilation_w, int group, int group_channels, float offset_scale, bool remove_center"
+
+STABLE_TORCH_LIBRARY(timm_internimage, m) {
+  m.def("dcnv3_forward(Tensor input, Tensor offset, Tensor mask, " DCNV3_ARGS ") -> Tensor");
+  m.def(
+      "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, " DCNV3_ARGS
+      ") -> (Tensor, Tensor, Tensor)");
+  // Same op with `mask` holding logits; the softmax over the P points of each
+  // group is computed inside the kernel (and differentiated there).
+  m.def("dcnv3_softmax_forward(Tensor input, Tensor offset, Tensor mask_logits, " DCNV3_ARGS ") -> Tensor");
+  m.def(
+      "dcnv3_softmax_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask_logits, " DCNV3_ARGS
+      ") -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,12 @@
+"""Compiled DCNv3 operator (CPU and CUDA) for timm-internimage.
+
+Importing this package loads the kernels and registers the ops
+``torch.ops.timm_internimage.dcnv3_forward`` / ``dcnv3_backward`` (and the
+fused-softmax ``dcnv3_softmax_forward`` / ``dcnv3_softmax_backward``).
+"""
+
+from ._ops import built_with_cuda, cuda_loaded, dcnv3, supports
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "built_with_cuda", "cuda_loaded", "dcnv3", "supports"]

@@ -1,0 +1,175 @@
+"""Loading of the compiled DCNv3 library and its Python-side registrations.
+
+The C++ library defines the schemas (``timm_internimage::dcnv3_forward`` and
+friends) and the CPU/CUDA kernels on PyTorch's stable ABI. This module adds the
+fake (meta) kernels and the autograd formulas, so the ops work under
+``torch.compile(fullgraph=True)`` and ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any, Sequence
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+_NS = "timm_internimage"
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _load(module: str) -> str | None:
+    spec = importlib.util.find_spec(f"{__package__}.{module}")
+    if spec is None or spec.origin is None:
+        return None
+    torch.ops.load_library(spec.origin)
+    return spec.origin
+
+
+_CPU_LIBRARY = _load("_C")
+if _CPU_LIBRARY is None:
+    raise ImportError(
+        "timm_internimage_dcnv3: the compiled library _C is missing; reinstall the wheel or rebuild it "
+        "(see dcnv3/README.md)"
+    )
+
+_CUDA_LIBRARY: str | None = None
+_CUDA_LOAD_ERROR: str | None = None
+if importlib.util.find_spec(f"{__package__}._C_cuda") is not None:
+    try:
+        _CUDA_LIBRARY = _load("_C_cuda")
+    except OSError as exc:  # CPU-only torch or missing CUDA runtime
+        _CUDA_LOAD_ERROR = str(exc)
+        _logger.debug("timm_internimage_dcnv3: CUDA kernels not loaded: %s", exc)
+
+
+def built_with_cuda() -> bool:
+    """Whether this build ships CUDA kernels (regardless of a GPU being present)."""
+    return importlib.util.find_spec(f"{__package__}._C_cuda") is not None
+
+
+def cuda_loaded() -> bool:
+    """Whether the CUDA kernels are loaded in this process."""
+    return _CUDA_LIBRARY is not None
+
+
+def _out_size(size: Any, pad: int, dil: int, k: int, stride: int) -> Any:
+    return (size + 2 * pad - (dil * (k - 1) + 1)) // stride + 1
+
+
+def _fake_forward(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> torch.Tensor:
+    torch._check(input.dim() == 4, lambda: "dcnv3: input must be 4-D (N, H, W, C)")
+    torch._check(input.shape[3] == group * group_channels, lambda: "dcnv3: channels != group*group_channels")
+    n, h, w, _ = input.shape
+    ho = _out_size(h, pad_h, dilation_h, kernel_h, stride_h)
+    wo = _out_size(w, pad_w, dilation_w, kernel_w, stride_w)
+    return input.new_empty((n, ho, wo, group * group_channels))
+
+
+def _fake_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    *args: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+
+
+def _setup_context(ctx: Any, inputs: Sequence[Any], output: torch.Tensor) -> None:
+    input, offset, mask = inputs[:3]
+    ctx.save_for_backward(input, offset, mask)
+    ctx.args = tuple(inputs[3:])
+
+
+def _make_backward(backward_op: Any) -> Any:
+    def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        input, offset, mask = ctx.saved_tensors
+        grad_input, grad_offset, grad_mask = backward_op(grad_output.contiguous(), input, offset, mask, *ctx.args)
+        return (grad_input, grad_offset, grad_mask) + (None,) * len(ctx.args)
+
+    return _backward
+
+
+for _fwd, _bwd in (("dcnv3_forward", "dcnv3_backward"), ("dcnv3_softmax_forward", "dcnv3_softmax_backward")):
+    torch.library.register_fake(f"{_NS}::{_fwd}")(_fake_forward)
+    torch.library.register_fake(f"{_NS}::{_bwd}")(_fake_backward)
+    torch.library.register_autograd(
+        f"{_NS}::{_fwd}", _make_backward(getattr(torch.ops.timm_internimage, _bwd).default), setup_context=_setup_context
+    )
+
+
+def supports(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the compiled op can run on ``device`` with ``dtype``."""
+    device = torch.device(device)
+    if dtype not in _FLOAT_DTYPES:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return _CUDA_LIBRARY is not None and torch.cuda.is_available()
+    return False
+
+
+def dcnv3(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool | int,
+    mask_is_logits: bool = False,
+) -> torch.Tensor:
+    """DCNv3 sampling (autograd-enabled), NHWC in and out.
+
+    ``input`` is (N, H, W, group*group_channels), ``offset`` (N, Ho, Wo,
+    group*P*2) as (x, y) pairs with x slowest over the kernel, ``mask`` (N, Ho,
+    Wo, group*P) with P = kernel_h*kernel_w - remove_center. ``mask`` is taken
+    as already normalised, or, with ``mask_is_logits=True``, as logits whose
+    softmax over the P points of each group is computed inside the kernel.
+    """
+    op = torch.ops.timm_internimage.dcnv3_softmax_forward if mask_is_logits else torch.ops.timm_internimage.dcnv3_forward
+    return op(
+        input,
+        offset,
+        mask,
+        int(kernel_h),
+        int(kernel_w),
+        int(stride_h),
+        int(stride_w),
+        int(pad_h),
+        int(pad_w),
+        int(dilation_h),
+        int(dilation_w),
+        int(group),
+        int(group_channels),
+        float(offset_scale),
+        bool(remove_center),
+    )
