@@ -87,7 +87,7 @@ def _torch_target_hex() -> str:
     return f"0x{int(major):02x}{int(minor):02x}000000000000"
 
 
-def _extensions() -> list:
+def _extensions(use_cuda: bool) -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     target = _torch_target_hex()
@@ -102,7 +102,7 @@ def _extensions() -> list:
             py_limited_api=True,
         )
     ]
-    if _want_cuda():
+    if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
         arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
         archs_macro = "-DDCNV3_CUDA_ARCHS=\"" + arch_list.replace(" ", "").replace('"', "") + "\""
@@ -122,10 +122,12 @@ def _extensions() -> list:
 
 
 def main() -> None:
+    # Must run before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
+    use_cuda = _want_cuda()
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        ext_modules=_extensions(),
+        ext_modules=_extensions(use_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )

@@ -115,8 +115,9 @@ DCNV3_UNROLL
     b.wy[k] = acc_t(0);
   }
   b.any = false;
-  // Written so that NaN positions also take the early exit.
-  if (!(px > acc_t(-1) && py > acc_t(-1) && px < static_cast<acc_t>(W) &&
+  // No corner inside the image (written so that NaN positions also exit).
+  // px == -1 stays: corner x0+1 = 0 has zero weight but a nonzero derivative.
+  if (!(px >= acc_t(-1) && py >= acc_t(-1) && px < static_cast<acc_t>(W) &&
         py < static_cast<acc_t>(H))) {
     return b;
   }
@@ -220,6 +221,22 @@ DCNV3_HD void softmax_inplace(acc_t* v, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
     v[k] *= inv;
   }
+}
+
+// Max and reciprocal sum of exp for an on-the-fly softmax over n logits:
+// prob[k] = exp(logit[k] - mx) * inv_sum.
+template <typename acc_t, typename scalar_t>
+DCNV3_HD void softmax_stats(const scalar_t* logits, int64_t n, acc_t& mx, acc_t& inv_sum) {
+  mx = static_cast<acc_t>(logits[0]);
+  for (int64_t k = 1; k < n; ++k) {
+    const acc_t v = static_cast<acc_t>(logits[k]);
+    mx = v > mx ? v : mx;
+  }
+  acc_t s = acc_t(0);
+  for (int64_t k = 0; k < n; ++k) {
+    s += exp_(static_cast<acc_t>(logits[k]) - mx);
+  }
+  inv_sum = acc_t(1) / s;
 }
 
 // Turns d loss / d softmax(prob) into d loss / d logits, in place.

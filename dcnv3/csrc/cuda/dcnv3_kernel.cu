@@ -1,0 +1,379 @@
+// CUDA kernels of DCNv3 (forward and backward), on the torch stable ABI.
+//
+// Forward: one thread per (output pixel, group, channel), so neighbouring
+// threads read neighbouring channels (coalesced NHWC loads).
+// Backward: one thread per (output pixel, group), looping over points and
+// channels; grad_input is accumulated with atomics in the accumulation type
+// (float for half/bfloat16/float, double for double).
+#include <cuda_runtime.h>
+
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/macros.h>
+
+#include <algorithm>
+
+#include "../dcnv3_common.h"
+
+#ifndef DCNV3_CUDA_ARCHS
+#define DCNV3_CUDA_ARCHS "unknown"
+#endif
+
+namespace dcnv3 {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct AtomicAdd {
+  template <typename T>
+  DCNV3_HD void operator()(T* dst, T v) const {
+#if defined(__CUDA_ARCH__)
+    atomicAdd(dst, v);
+#else
+    *dst += v;
+#endif
+  }
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    const Geometry g,
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ off,
+    const scalar_t* __restrict__ mask,
+    scalar_t* __restrict__ out,
+    const int64_t total) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t GC = g.G * g.C;
+  const int64_t row = g.W * GC;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += step) {
+    const int64_t c = t % g.C;
+    const int64_t pg = t / g.C;  // (pos, group) index
+    const int64_t gi = pg % g.G;
+    const int64_t pos = pg / g.G;
+    const int64_t wo = pos % g.Wo;
+    const int64_t ho = (pos / g.Wo) % g.Ho;
+    const int64_t n = pos / (g.Wo * g.Ho);
+    const scalar_t* xg = x + n * g.H * row + gi * g.C + c;
+    const scalar_t* offp = off + pg * g.P * 2;
+    const scalar_t* mp = mask + pg * g.P;
+    acc_t mx = acc_t(0), inv = acc_t(1);
+    if (g.mask_logits) {
+      softmax_stats<acc_t>(mp, g.P, mx, inv);
+    }
+    acc_t acc = acc_t(0);
+    for (int64_t p = 0; p < g.P; ++p) {
+      acc_t px, py;
+      sample_position<acc_t>(
+          g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+      const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
+      if (b.any) {
+        acc_t m = static_cast<acc_t>(mp[p]);
+        if (g.mask_logits) {
+          m = exp_(m - mx) * inv;
+        }
+        acc += m * sample_value<acc_t>(xg, b);
+      }
+    }
+    out[t] = static_cast<scalar_t>(acc);
+  }
+}
+
+template <typename scalar_t, bool kLogits>
+__global__ void __launch_bounds__(kThreads) backward_kernel(
+    const Geometry g,
+    const scalar_t* __restrict__ grad_out,
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ off,
+    const scalar_t* __restrict__ mask,
+    opmath_t<scalar_t>* __restrict__ gin,
+    scalar_t* __restrict__ grad_off,
+    scalar_t* __restrict__ grad_mask,
+    const int64_t total) {
+  using acc_t = opmath_t<scalar_t>;
+  const int64_t GC = g.G * g.C;
+  const int64_t row = g.W * GC;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t pg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pg < total; pg += step) {
+    const int64_t gi = pg % g.G;
+    const int64_t pos = pg / g.G;
+    const int64_t wo = pos % g.Wo;
+    const int64_t ho = (pos / g.Wo) % g.Ho;
+    const int64_t n = pos / (g.Wo * g.Ho);
+    const int64_t x_off = n * g.H * row + gi * g.C;
+    const scalar_t* xg = x + x_off;
+    acc_t* ging = gin + x_off;
+    const scalar_t* go = grad_out + pos * GC + gi * g.C;
+    const scalar_t* offp = off + pg * g.P * 2;
+    const scalar_t* mp = mask + pg * g.P;
+    acc_t mx = acc_t(0), inv = acc_t(1);
+    // Only used with kLogits (P <= kMaxSoftmaxPoints is checked on the host).
+    acc_t prob[kLogits ? kMaxSoftmaxPoints : 1];
+    acc_t gm[kLogits ? kMaxSoftmaxPoints : 1];
+    if (kLogits) {
+      softmax_stats<acc_t>(mp, g.P, mx, inv);
+    }
+    for (int64_t p = 0; p < g.P; ++p) {
+      acc_t m = static_cast<acc_t>(mp[p]);
+      if (kLogits) {
+        m = exp_(m - mx) * inv;
+        prob[p] = m;
+      }
+      acc_t px, py;
+      sample_position<acc_t>(
+          g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+      const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
+      acc_t s_v = acc_t(0), s_x = acc_t(0), s_y = acc_t(0);
+      if (b.any) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          acc_t v, dx, dy;
+          sample_value_grad<acc_t>(xg + c, b, v, dx, dy);
+          const acc_t gc = static_cast<acc_t>(go[c]);
+          s_v += gc * v;
+          s_x += gc * dx;
+          s_y += gc * dy;
+          scatter_grad<acc_t>(ging + c, b, m * gc, AtomicAdd{});
+        }
+      }
+      acc_t gox, goy;
+      offset_grad<acc_t>(g, m * s_x, m * s_y, gox, goy);
+      grad_off[pg * g.P * 2 + 2 * p] = static_cast<scalar_t>(gox);
+      grad_off[pg * g.P * 2 + 2 * p + 1] = static_cast<scalar_t>(goy);
+      if (kLogits) {
+        gm[p] = s_v;
+      } else {
+        grad_mask[pg * g.P + p] = static_cast<scalar_t>(s_v);
+      }
+    }
+    if (kLogits) {
+      softmax_backward_inplace(prob, gm, g.P);
+      for (int64_t p = 0; p < g.P; ++p) {
+        grad_mask[pg * g.P + p] = static_cast<scalar_t>(gm[p]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) cast_kernel(const acc_t* __restrict__ src, scalar_t* __restrict__ dst, const int64_t total) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+unsigned int blocks_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t(1) << 30));
+}
+
+cudaStream_t current_stream(int32_t device_index) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// Raises a clear error when this build has no kernel image for the current
+// GPU, instead of failing (or, as the official op did, returning zeros).
+void check_kernel_image(const void* kernel, int32_t device_index) {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction ||
+      err == cudaErrorUnsupportedPtxVersion || err == cudaErrorInvalidPtx) {
+    (void)cudaGetLastError();
+    int major = 0, minor = 0;
+    (void)cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_index);
+    (void)cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_index);
+    STD_TORCH_CHECK(
+        false,
+        "timm_internimage_dcnv3: this build has no CUDA kernel for the GPU (compute capability ",
+        major,
+        ".",
+        minor,
+        "); it was built for TORCH_CUDA_ARCH_LIST=",
+        DCNV3_CUDA_ARCHS,
+        ". Rebuild the extension for this GPU or use the pure-PyTorch backend (",
+        cudaGetErrorString(err),
+        ")");
+  }
+  STD_CUDA_CHECK(err);
+}
+
+void check_cuda(const char* name, const Tensor& t) {
+  STD_TORCH_CHECK(t.is_cuda(), name, ": expected CUDA tensors");
+}
+
+Tensor forward_impl(
+    const Tensor& input_,
+    const Tensor& offset_,
+    const Tensor& mask_,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool mask_logits) {
+  const char* name = "timm_internimage::dcnv3_forward (CUDA)";
+  check_cuda(name, input_);
+  check_cuda(name, offset_);
+  check_cuda(name, mask_);
+  const Geometry g = make_geometry(
+      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, mask_logits);
+  const int32_t device = input_.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset = torch::stable::contiguous(offset_);
+  const Tensor mask = torch::stable::contiguous(mask_);
+  Tensor out = torch::stable::new_empty(input, output_shape(g));
+  const int64_t total = out.numel();
+  if (total == 0) {
+    return out;
+  }
+  const cudaStream_t stream = current_stream(device);
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    auto kernel = forward_kernel<scalar_t>;
+    check_kernel_image(reinterpret_cast<const void*>(kernel), device);
+    kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+        g, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), total);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_impl(
+    const Tensor& grad_output_,
+    const Tensor& input_,
+    const Tensor& offset_,
+    const Tensor& mask_,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool mask_logits) {
+  const char* name = "timm_internimage::dcnv3_backward (CUDA)";
+  check_cuda(name, grad_output_);
+  check_cuda(name, input_);
+  check_cuda(name, offset_);
+  check_cuda(name, mask_);
+  const Geometry g = make_geometry(
+      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, mask_logits);
+  check_grad_output(name, grad_output_, input_, g);
+  const int32_t device = input_.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  const Tensor grad_output = torch::stable::contiguous(grad_output_);
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset = torch::stable::contiguous(offset_);
+  const Tensor mask = torch::stable::contiguous(mask_);
+  const std::vector<int64_t> in_shape = {g.N, g.H, g.W, g.G * g.C};
+  Tensor grad_input = torch::stable::new_zeros(input, in_shape);
+  Tensor grad_offset = torch::stable::new_zeros(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2});
+  Tensor grad_mask = torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P});
+  const int64_t total = g.positions() * g.G;
+  if (total == 0 || input.numel() == 0) {
+    return std::make_tuple(grad_input, grad_offset, grad_mask);
+  }
+  const cudaStream_t stream = current_stream(device);
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = opmath_t<scalar_t>;
+    constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+    // Half types accumulate grad_input in a float buffer, then cast.
+    Tensor gin_buf = kSame ? grad_input : torch::stable::new_zeros(input, in_shape, ScalarType::Float);
+    acc_t* gin = gin_buf.mutable_data_ptr<acc_t>();
+    auto launch = [&](auto kernel) {
+      check_kernel_image(reinterpret_cast<const void*>(kernel), device);
+      kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+          g, grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+          offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), gin,
+          grad_offset.mutable_data_ptr<scalar_t>(), grad_mask.mutable_data_ptr<scalar_t>(), total);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (mask_logits) {
+      launch(backward_kernel<scalar_t, true>);
+    } else {
+      launch(backward_kernel<scalar_t, false>);
+    }
+    if constexpr (!kSame) {
+      const int64_t n_in = grad_input.numel();
+      auto kernel = cast_kernel<scalar_t, acc_t>;
+      check_kernel_image(reinterpret_cast<const void*>(kernel), device);
+      kernel<<<blocks_for(n_in), kThreads, 0, stream>>>(gin, grad_input.mutable_data_ptr<scalar_t>(), n_in);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return std::make_tuple(grad_input, grad_offset, grad_mask);
+}
+
+template <bool kLogits>
+Tensor forward_entry(
+    Tensor input,
+    Tensor offset,
+    Tensor mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center) {
+  return forward_impl(
+      input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+      group_channels, offset_scale, remove_center, kLogits);
+}
+
+template <bool kLogits>
+std::tuple<Tensor, Tensor, Tensor> backward_entry(
+    Tensor grad_output,
+    Tensor input,
+    Tensor offset,
+    Tensor mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center) {
+  return backward_impl(
+      grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+      dilation_w, group, group_channels, offset_scale, remove_center, kLogits);
+}
+
+}  // namespace
+}  // namespace dcnv3
+
+STABLE_TORCH_LIBRARY_IMPL(timm_internimage, CUDA, m) {
+  m.impl("dcnv3_forward", TORCH_BOX(&dcnv3::forward_entry<false>));
+  m.impl("dcnv3_backward", TORCH_BOX(&dcnv3::backward_entry<false>));
+  m.impl("dcnv3_softmax_forward", TORCH_BOX(&dcnv3::forward_entry<true>));
+  m.impl("dcnv3_softmax_backward", TORCH_BOX(&dcnv3::backward_entry<true>));
+}
