@@ -1,0 +1,765 @@
+"""InternImage: large-scale vision foundation models with deformable convolutions (DCNv3).
+
+Paper: `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions`
+    - https://arxiv.org/abs/2211.05778 (CVPR 2023)
+
+A timm-style port of the official classification models (OpenGVLab/InternImage), numerically
+identical to them. Stages run channels-last (NHWC) internally; everything a user sees
+(``forward_features``, intermediates, feature maps) is NCHW.
+
+Heads:
+    T/S/B/L/XL: ``forward_features`` returns the last stage (``num_features = 8 * channels``); the head
+    is the official 1x1 conv (to ``cls_scale`` times the width) + BatchNorm + GELU, global pooling, fc.
+    H/G: the official head fuses stages 2 and 3 (1x1 conv + pixel shuffle on stage 3, 1x1 conv on
+    stage 2) into a 1024-channel map at stride 16; ``forward_features`` returns that map
+    (``num_features = 1024``), and ``forward_head`` applies the attention pooling, LayerNorm and fc.
+    Since the two maps must align, H/G inputs need ``ceil(side / 16)`` even (any multiple of 32 works).
+"""
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_, get_act_layer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+from ._manifest import pretrained_cfgs
+from .ops import DCNv3
+
+__all__ = ['InternImage', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
+
+_LN_EPS = 1e-6
+_ATTN_POOL_DIM = 1024
+_ATTN_POOL_HEADS = 16
+_ATTN_POOL_OUT_DIM = 768
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale (the official ``gamma1``/``gamma2``)."""
+
+    def __init__(self, dim: int, init_value: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        if not self.gamma.is_meta:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Stem(nn.Module):
+    """Two stride-2 3x3 convs (NCHW in, NHWC out)."""
+
+    def __init__(self, in_chans: int, out_chans: int, act_layer: type, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, out_chans // 2, 3, stride=2, padding=1, **dd)
+        self.norm1 = nn.LayerNorm(out_chans // 2, eps=_LN_EPS, **dd)
+        self.act = act_layer()
+        self.conv2 = nn.Conv2d(out_chans // 2, out_chans, 3, stride=2, padding=1, **dd)
+        self.norm2 = nn.LayerNorm(out_chans, eps=_LN_EPS, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The activation runs on the NCHW view, as in the official model: same values, same float rounding.
+        x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv doubling the channels, then LayerNorm (NHWC in and out)."""
+
+    def __init__(self, in_chans: int, out_chans: int, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=False, **dd)
+        self.norm = nn.LayerNorm(out_chans, eps=_LN_EPS, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, act_layer: type, drop: float, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class InternImageBlock(nn.Module):
+    """DCNv3 + MLP residual block (NHWC).
+
+    Norm placement follows the official flags: ``post_norm`` normalises each branch output instead of its
+    input; ``res_post_norm`` (only when there is neither post_norm nor layer scale) adds a norm after
+    each pre-normed branch; ``out_norm`` is the extra norm the H/G configs apply after selected stage-2 blocks.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            group: int,
+            mlp_ratio: float = 4.0,
+            drop: float = 0.0,
+            drop_path: float = 0.0,
+            act_layer: type = nn.GELU,
+            post_norm: bool = False,
+            layer_scale: Optional[float] = None,
+            offset_scale: float = 1.0,
+            dw_kernel_size: Optional[int] = None,
+            res_post_norm: bool = False,
+            center_feature_scale: bool = False,
+            remove_center: bool = False,
+            out_norm: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.post_norm = post_norm
+        self.norm1 = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
+        self.dcn = DCNv3(
+            dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1, dilation=1, group=group,
+            offset_scale=offset_scale, act_layer=act_layer, norm_eps=_LN_EPS,
+            center_feature_scale=center_feature_scale, remove_center=remove_center, **dd)
+        use_res_post_norm = res_post_norm and not post_norm and layer_scale is None
+        self.res_post_norm1 = nn.LayerNorm(dim, eps=_LN_EPS, **dd) if use_res_post_norm else nn.Identity()
+        self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop, **dd)
+        self.res_post_norm2 = nn.LayerNorm(dim, eps=_LN_EPS, **dd) if use_res_post_norm else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.out_norm = nn.LayerNorm(dim, eps=_LN_EPS, **dd) if out_norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.post_norm:
+            x = x + self.drop_path1(self.ls1(self.norm1(self.dcn(x))))
+            x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))
+        else:
+            x = x + self.drop_path1(self.ls1(self.res_post_norm1(self.dcn(self.norm1(x)))))
+            x = x + self.drop_path2(self.ls2(self.res_post_norm2(self.mlp(self.norm2(x)))))
+        return self.out_norm(x)
+
+
+class InternImageStage(nn.Module):
+    """Optional downsample, then blocks, then the stage norm (NHWC in and out)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            depth: int,
+            group: int,
+            downsample: bool,
+            drop_path_rates: Sequence[float],
+            use_norm: bool,
+            out_norm_block_ids: Sequence[int] = (),
+            device=None,
+            dtype=None,
+            **block_kwargs: Any,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = Downsample(in_chs, out_chs, **dd) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            InternImageBlock(
+                out_chs, group, drop_path=drop_path_rates[i], out_norm=i in out_norm_block_ids, **dd, **block_kwargs)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(out_chs, eps=_LN_EPS, **dd) if use_norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+
+class ConvPoolHead(nn.Module):
+    """T-XL head: 1x1 conv + BatchNorm + act (NCHW), global pooling, dropout, fc."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            hidden_chs: int,
+            num_classes: int,
+            act_layer: type,
+            pool_type: str = 'avg',
+            drop_rate: float = 0.0,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, hidden_chs, 1, bias=False, **dd)
+        self.norm = nn.BatchNorm2d(hidden_chs, **dd)
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop_rate)
+        self.hidden_chs = hidden_chs
+        self.reset(num_classes, pool_type, **dd)
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
+        if pool_type is not None:
+            _check_pool(pool_type, num_classes, ('avg', 'max', 'avgmax', 'catavgmax'))
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+        elif not self.global_pool.pool_type:
+            _check_pool('', num_classes, ())
+        features = self.hidden_chs * self.global_pool.feat_mult()
+        self.fc = nn.Linear(features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.global_pool(self.act(self.norm(self.conv(x))))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class AttentionPool(nn.Module):
+    """Single-query attention pooling of the H/G head (the official ``clip_projector``).
+
+    The query is the mean token; q/k/v have separate bias parameters. Input ``(B, N, dim)``, output ``(B, out_dim)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, out_dim: int, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.norm_q = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
+        self.norm_k = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
+        self.norm_v = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
+        self.q = nn.Linear(dim, dim, bias=False, **dd)
+        self.k = nn.Linear(dim, dim, bias=False, **dd)
+        self.v = nn.Linear(dim, dim, bias=False, **dd)
+        self.q_bias = nn.Parameter(torch.zeros(dim, **dd))
+        self.k_bias = nn.Parameter(torch.zeros(dim, **dd))
+        self.v_bias = nn.Parameter(torch.zeros(dim, **dd))
+        self.proj = nn.Linear(dim, out_dim, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        query = self.norm_q(x.mean(1, keepdim=True))
+        q = F.linear(query, self.q.weight, self.q_bias).reshape(batch, 1, self.num_heads, head_dim).transpose(1, 2)
+        k = F.linear(self.norm_k(x), self.k.weight, self.k_bias)
+        v = F.linear(self.norm_v(x), self.v.weight, self.v_bias)
+        k = k.reshape(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
+        v = v.reshape(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(batch, dim)
+        return self.proj(out)
+
+
+class AttentionPoolHead(nn.Module):
+    """H/G head: attention pooling, LayerNorm, dropout, fc. ``pool_type=''`` removes pooling and norm."""
+
+    def __init__(self, in_chs: int, num_classes: int, pool_type: str = 'attn', drop_rate: float = 0.0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_chs = in_chs
+        self.drop = nn.Dropout(drop_rate)
+        self.pool_type = ''
+        self.reset(num_classes, pool_type, device=device, dtype=dtype)
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        if pool_type is not None:
+            _check_pool(pool_type, num_classes, ('attn',))
+            self.pool_type = pool_type
+            if pool_type:
+                self.attn_pool = AttentionPool(self.in_chs, _ATTN_POOL_HEADS, _ATTN_POOL_OUT_DIM, **dd)
+                self.norm = nn.LayerNorm(_ATTN_POOL_OUT_DIM, eps=_LN_EPS, **dd)
+            else:
+                self.attn_pool = nn.Identity()
+                self.norm = nn.Identity()
+        else:
+            _check_pool(self.pool_type, num_classes, ('attn',))
+        self.fc = nn.Linear(_ATTN_POOL_OUT_DIM, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.pool_type:
+            x = self.norm(self.attn_pool(x.flatten(2).transpose(1, 2)))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+def _check_pool(pool_type: str, num_classes: int, allowed: Sequence[str]) -> None:
+    if pool_type and pool_type not in allowed:
+        raise ValueError(f'global_pool={pool_type!r} is not supported here; use one of {list(allowed) + [""]}')
+    if not pool_type and num_classes > 0:
+        raise ValueError('global_pool="" (no pooling) needs num_classes=0; unpooled maps cannot feed a classifier')
+
+
+class ScaleFusion(nn.Module):
+    """H/G neck: 1x1 conv + pixel shuffle on stage 3, plus 1x1 conv on stage 2 (NCHW, stride 16)."""
+
+    def __init__(self, stage2_chs: int, stage3_chs: int, out_chs: int, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.proj_stage3 = nn.Conv2d(stage3_chs, out_chs * 4, 1, **dd)
+        self.upsample = nn.PixelShuffle(2)
+        self.proj_stage2 = nn.Conv2d(stage2_chs, out_chs, 1, **dd)
+
+    def forward(self, stage2: Tensor, stage3: Tensor) -> Tensor:
+        return self.upsample(self.proj_stage3(stage3)) + self.proj_stage2(stage2)
+
+
+class InternImage(nn.Module):
+    """InternImage classifier / backbone. Constructor arguments keep the official names."""
+
+    def __init__(
+            self,
+            channels: int = 64,
+            depths: Sequence[int] = (4, 4, 18, 4),
+            groups: Sequence[int] = (4, 8, 16, 32),
+            num_classes: int = 1000,
+            mlp_ratio: float = 4.0,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            drop_path_type: str = 'linear',
+            act_layer: Union[str, type] = 'gelu',
+            layer_scale: Optional[float] = None,
+            offset_scale: float = 1.0,
+            post_norm: bool = False,
+            cls_scale: float = 1.5,
+            dw_kernel_size: Optional[int] = None,
+            use_clip_projector: bool = False,
+            level2_post_norm: bool = False,
+            level2_post_norm_block_ids: Optional[Sequence[int]] = None,
+            res_post_norm: bool = False,
+            center_feature_scale: bool = False,
+            remove_center: bool = False,
+            in_chans: int = 3,
+            global_pool: Optional[str] = None,
+            head_drop_rate: float = 0.0,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            channels: width of stage 0; stage ``i`` has ``channels * 2**i``.
+            depths: blocks per stage.
+            groups: DCNv3 groups per stage.
+            num_classes: classifier outputs (0 for none).
+            mlp_ratio: MLP hidden width ratio.
+            drop_rate: dropout after the stem and in the MLPs (official semantics).
+            drop_path_rate: stochastic depth rate, spread linearly over blocks ('linear') or 'uniform'.
+            act_layer: activation name or class.
+            layer_scale: initial value of per-branch layer scale, None for none.
+            offset_scale: DCNv3 offset scale (also scales the base kernel grid).
+            post_norm: normalise branch outputs instead of inputs.
+            cls_scale: T-XL head width as a multiple of the last stage width.
+            dw_kernel_size: kernel of the DCNv3 depthwise conv (default 3).
+            use_clip_projector: H/G head (stage 2+3 fusion and attention pooling).
+            level2_post_norm, level2_post_norm_block_ids: extra norms after these stage-2 blocks.
+            res_post_norm: norm after each pre-normed branch (without post_norm and layer scale).
+            center_feature_scale: DCNv3 centre feature scaling.
+            remove_center: drop the DCNv3 kernel centre.
+            in_chans: input channels.
+            global_pool: 'avg' (also 'max', 'avgmax', 'catavgmax') for T-XL, 'attn' for H/G, '' for none.
+            head_drop_rate: dropout before the classifier.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if len(depths) != 4 or len(groups) != 4:
+            raise ValueError(f'InternImage needs 4 stages: got depths={list(depths)}, groups={list(groups)}')
+        for i, group in enumerate(groups):
+            if (channels * 2 ** i) % group:
+                raise ValueError(
+                    f'stage {i} has {channels * 2 ** i} channels, not divisible by groups[{i}]={group}; '
+                    f'choose groups that divide channels * 2**i')
+        if drop_path_type not in ('linear', 'uniform'):
+            raise ValueError(f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}")
+        act_layer = get_act_layer(act_layer)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.use_clip_projector = use_clip_projector
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        self.stem = Stem(in_chans, channels, act_layer, **dd)
+        self.pos_drop = nn.Dropout(drop_rate)
+        if drop_path_type == 'uniform':
+            dpr = [drop_path_rate] * sum(depths)
+        else:
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        stages = []
+        self.feature_info = []
+        in_chs = channels
+        for i, depth in enumerate(depths):
+            out_chs = channels * 2 ** i
+            first_block = sum(depths[:i])
+            stages.append(InternImageStage(
+                in_chs, out_chs, depth, groups[i],
+                downsample=i > 0,
+                drop_path_rates=dpr[first_block:first_block + depth],
+                use_norm=not post_norm or center_feature_scale,
+                out_norm_block_ids=tuple(level2_post_norm_block_ids or ()) if level2_post_norm and i == 2 else (),
+                mlp_ratio=mlp_ratio,
+                drop=drop_rate,
+                act_layer=act_layer,
+                post_norm=post_norm,
+                layer_scale=layer_scale,
+                offset_scale=offset_scale,
+                dw_kernel_size=dw_kernel_size,
+                res_post_norm=res_post_norm,
+                center_feature_scale=center_feature_scale,
+                remove_center=remove_center,
+                **dd,
+            ))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** (i + 2), module=f'stages.{i}'))
+            in_chs = out_chs
+        self.stages = nn.Sequential(*stages)
+
+        if use_clip_projector:
+            self.neck = ScaleFusion(channels * 4, channels * 8, _ATTN_POOL_DIM, **dd)
+            self.num_features = _ATTN_POOL_DIM
+            self.head_hidden_size = _ATTN_POOL_OUT_DIM
+            self.head = AttentionPoolHead(
+                self.num_features, num_classes, 'attn' if global_pool is None else global_pool, head_drop_rate, **dd)
+        else:
+            self.neck = None
+            self.num_features = channels * 8
+            self.head_hidden_size = int(self.num_features * cls_scale)
+            self.head = ConvPoolHead(
+                self.num_features, self.head_hidden_size, num_classes, act_layer,
+                'avg' if global_pool is None else global_pool, head_drop_rate, **dd)
+            self.head_hidden_size *= self.head.global_pool.feat_mult()
+        if not self.stem.conv1.weight.is_meta:
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """Official initialisation: truncated normal linears, then DCNv3's own reset."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, DCNv3):
+                module.reset_parameters()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Layer-scale gammas and attention-pool q/k/v biases."""
+        return {n for n, _ in self.named_parameters() if n.endswith(('.gamma', '_bias'))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem|^pos_drop',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier; ``global_pool=''`` (with ``num_classes=0``) leaves unpooled NCHW maps."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f'InternImage expects a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'InternImage was built for {self.in_chans} input channels but got {x.shape[1]} '
+                f'(shape {tuple(x.shape)}); create it with in_chans={x.shape[1]} or convert the images')
+        if self.neck is not None and (-(-x.shape[-2] // 16) % 2 or -(-x.shape[-1] // 16) % 2):
+            raise ValueError(
+                f'InternImage-H/G heads fuse stride-16 and stride-32 maps, so ceil(side / 16) must be even; '
+                f'got {x.shape[-2]}x{x.shape[-1]}. Resize or pad to a multiple of 32')
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Forward returning stage outputs (NCHW, after each stage's norm).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            norm: Unused; stage outputs are already normalised where the architecture has norms.
+            stop_early: Stop iterating over stages when the last desired intermediate is hit.
+            output_fmt: Shape of intermediate feature outputs, only 'NCHW'.
+            intermediates_only: Only return intermediate features.
+
+        Returns:
+            List of intermediate features or tuple of (final features, intermediates).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"InternImage intermediates are 'NCHW', got output_fmt={output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.pos_drop(self.stem(x))
+        if torch.jit.is_scripting() or not stop_early:
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        stage_outputs: List[Tensor] = []
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            stage_outputs.append(x)
+            if feat_idx in take_indices:
+                intermediates.append(x.permute(0, 3, 1, 2))
+        if intermediates_only:
+            return intermediates
+        return self._finalize_features(stage_outputs), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head) not needed for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if max_index < 3:
+            self.neck = None
+            self.use_clip_projector = False
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < 3:
+            self.head = nn.Identity()
+            self.num_classes = 0
+        return take_indices
+
+    def _finalize_features(self, stage_outputs: List[Tensor]) -> Tensor:
+        if self.neck is not None:
+            return self.neck(stage_outputs[2].permute(0, 3, 1, 2), stage_outputs[3].permute(0, 3, 1, 2))
+        return stage_outputs[-1].permute(0, 3, 1, 2)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Unpooled NCHW features: the last stage, or for H/G the fused stride-16 map."""
+        self._check_input(x)
+        x = self.pos_drop(self.stem(x))
+        stage_outputs: List[Tensor] = []
+        for stage in self.stages:
+            x = stage(x)
+            stage_outputs.append(x)
+        return self._finalize_features(stage_outputs)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_OFFICIAL_RENAMES = (
+    ('patch_embed.conv1.', 'stem.conv1.'),
+    ('patch_embed.norm1.1.', 'stem.norm1.'),
+    ('patch_embed.conv2.', 'stem.conv2.'),
+    ('patch_embed.norm2.1.', 'stem.norm2.'),
+    ('.norm1.0.', '.norm1.'),
+    ('.norm2.0.', '.norm2.'),
+    ('.res_post_norm1.0.', '.res_post_norm1.'),
+    ('.res_post_norm2.0.', '.res_post_norm2.'),
+    ('.dcn.dw_conv.0.', '.dcn.dw_conv.'),
+    ('.dcn.dw_conv.1.1.', '.dcn.dw_norm.'),
+    ('.dcn.center_feature_scale_proj_weight', '.dcn.center_feature_scale_proj.weight'),
+    ('.dcn.center_feature_scale_proj_bias', '.dcn.center_feature_scale_proj.bias'),
+    ('.gamma1', '.ls1.gamma'),
+    ('.gamma2', '.ls2.gamma'),
+    ('.layer_scale1', '.ls1.gamma'),
+    ('.layer_scale2', '.ls2.gamma'),
+    ('conv_head.0.', 'head.conv.'),
+    ('conv_head.1.0.', 'head.norm.'),
+    ('dcnv3_head_x4.0.', 'neck.proj_stage3.'),
+    ('dcnv3_head_x3.', 'neck.proj_stage2.'),
+    ('clip_projector.norm1_q.0.', 'head.attn_pool.norm_q.'),
+    ('clip_projector.norm1_k.0.', 'head.attn_pool.norm_k.'),
+    ('clip_projector.norm1_v.0.', 'head.attn_pool.norm_v.'),
+    ('clip_projector.cross_dcn.', 'head.attn_pool.'),
+    ('fc_norm.0.', 'head.norm.'),
+)
+
+
+def _convert_official_key(key: str) -> str:
+    """Map one official (or HF ``model.``-prefixed) key to this implementation's name."""
+    if key.startswith('model.'):
+        key = key[len('model.'):]
+    if key.startswith('head.'):
+        return 'head.fc.' + key[len('head.'):]
+    if key.startswith('levels.'):
+        # levels.i.{blocks.j.*, norm.0.*, post_norms.k.0.*} stay in stage i; levels.i.downsample -> stages.(i+1)
+        _, level, rest = key.split('.', 2)
+        level = int(level)
+        if rest.startswith('downsample.'):
+            key = f'stages.{level + 1}.' + rest.replace('norm.1.', 'norm.')
+        elif rest.startswith('norm.0.'):
+            key = f'stages.{level}.norm.' + rest[len('norm.0.'):]
+        elif rest.startswith('post_norms.'):
+            key = f'stages.{level}.post_norms.' + rest[len('post_norms.'):]
+        else:
+            key = f'stages.{level}.' + rest
+    for old, new in _OFFICIAL_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: InternImage) -> Dict[str, Tensor]:
+    """Convert an official (``.pth``, optionally under ``'model'``) or Hugging Face (``model.`` prefix,
+    ``layer_scale1/2``) state dict to this model's keys; this package's own format passes unchanged.
+
+    Raises:
+        KeyError: listing keys that have no place in ``model`` or that ``model`` needs and did not get.
+    """
+    if 'model' in state_dict and isinstance(state_dict['model'], dict):
+        state_dict = state_dict['model']
+    own_keys = set(model.state_dict().keys())
+    stage2_out_norm_ids = _stage2_out_norm_ids(model)
+    out = {}
+    for key, value in state_dict.items():
+        new_key = key if key in own_keys else _convert_official_key(key)
+        if '.post_norms.' in new_key:
+            # stages.2.post_norms.k.0.weight -> stages.2.blocks.<k-th listed block>.out_norm.weight
+            prefix, rest = new_key.split('.post_norms.', 1)
+            index, _, param = rest.split('.', 2)
+            if int(index) >= len(stage2_out_norm_ids):
+                raise KeyError(
+                    f'checkpoint key {key!r} names stage-2 post norm {index}, but the model has '
+                    f'{len(stage2_out_norm_ids)}; check level2_post_norm_block_ids')
+            new_key = f'{prefix}.blocks.{stage2_out_norm_ids[int(index)]}.out_norm.{param}'
+        out[new_key] = value
+    # A model built without classifier or pooling (num_classes=0, global_pool='') has no place for those weights.
+    dropped_head = sorted(k for k in out if k.startswith('head.') and k not in own_keys)
+    if dropped_head:
+        _logger.info('checkpoint_filter_fn: the model has no %d head parameter(s) %s; not loading them',
+                     len(dropped_head), dropped_head[:4])
+        for key in dropped_head:
+            del out[key]
+    unexpected = sorted(k for k in out if k not in own_keys)
+    missing = sorted(k for k in own_keys if k not in out)
+    if unexpected or missing:
+        raise KeyError(
+            'checkpoint does not match the model: '
+            f'{len(unexpected)} unexpected key(s) {_preview(unexpected)}; {len(missing)} missing key(s) {_preview(missing)}')
+    return out
+
+
+def _preview(keys: List[str], limit: int = 8) -> str:
+    return str(keys[:limit])[:-1] + (', ...]' if len(keys) > limit else ']')
+
+
+def _stage2_out_norm_ids(model: InternImage) -> List[int]:
+    if len(model.stages) < 3:
+        return []
+    blocks = model.stages[2].blocks
+    return [i for i, block in enumerate(blocks) if isinstance(block.out_norm, nn.LayerNorm)]
+
+
+def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
+    return build_model_with_cfg(
+        InternImage, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs(pretrained_cfgs())
+
+_VARIANT_ARGS = dict(
+    internimage_t=dict(channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32), offset_scale=1.0),
+    internimage_s=dict(channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1e-5,
+                       offset_scale=1.0, post_norm=True),
+    internimage_b=dict(channels=112, depths=(4, 4, 21, 4), groups=(7, 14, 28, 56), layer_scale=1e-5,
+                       offset_scale=1.0, post_norm=True),
+    internimage_l=dict(channels=160, depths=(5, 5, 22, 5), groups=(10, 20, 40, 80), layer_scale=1e-5,
+                       offset_scale=2.0, post_norm=True),
+    internimage_xl=dict(channels=192, depths=(5, 5, 24, 5), groups=(12, 24, 48, 96), layer_scale=1e-5,
+                        offset_scale=2.0, post_norm=True),
+    internimage_h=dict(channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80), offset_scale=1.0,
+                       dw_kernel_size=5, res_post_norm=True, level2_post_norm=True,
+                       level2_post_norm_block_ids=(5, 11, 17, 23, 29), center_feature_scale=True,
+                       use_clip_projector=True),
+    internimage_g=dict(channels=512, depths=(2, 2, 48, 4), groups=(16, 32, 64, 128), offset_scale=1.0,
+                       dw_kernel_size=5, post_norm=True, level2_post_norm=True,
+                       level2_post_norm_block_ids=(5, 11, 17, 23, 29, 35, 41, 47), center_feature_scale=True,
+                       use_clip_projector=True),
+)
+
+
+def _create_variant(name: str, pretrained: bool, **kwargs: Any) -> InternImage:
+    return _create_internimage(name, pretrained, **dict(_VARIANT_ARGS[name], **kwargs))
+
+
+@register_model
+def internimage_t(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-T (30M params, 83.5% IN-1k top-1)."""
+    return _create_variant('internimage_t', pretrained, **kwargs)
+
+
+@register_model
+def internimage_s(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-S (50M params, 84.2% IN-1k top-1)."""
+    return _create_variant('internimage_s', pretrained, **kwargs)
+
+
+@register_model
+def internimage_b(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-B (97M params, 84.9% IN-1k top-1)."""
+    return _create_variant('internimage_b', pretrained, **kwargs)
+
+
+@register_model
+def internimage_l(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-L (223M params, 87.7% IN-1k top-1 at 384 after IN-22k)."""
+    return _create_variant('internimage_l', pretrained, **kwargs)
+
+
+@register_model
+def internimage_xl(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-XL (335M params, 88.0% IN-1k top-1 at 384 after IN-22k)."""
+    return _create_variant('internimage_xl', pretrained, **kwargs)
+
+
+@register_model
+def internimage_h(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-H (1.08B params, 89.6% IN-1k top-1 at 640)."""
+    return _create_variant('internimage_h', pretrained, **kwargs)
+
+
+@register_model
+def internimage_g(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-G (3B params, 90.1% IN-1k top-1 at 512)."""
+    return _create_variant('internimage_g', pretrained, **kwargs)

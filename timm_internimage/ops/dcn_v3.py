@@ -1,0 +1,270 @@
+"""DCNv3: functional op with backend dispatch, and the DCNv3 module.
+
+Backends:
+    ``torch``: the fast pure-PyTorch implementation (:mod:`.dcnv3_torch`), any device and dtype.
+    ``reference``: pure PyTorch in the official fallback's float arithmetic (:mod:`.dcnv3_reference`),
+    bit-for-bit equal to the official outputs; slower, for verification.
+    ``compiled``: the CPU/CUDA kernels of the optional ``timm-internimage-dcnv3`` wheel.
+    ``auto`` (default): ``compiled`` when installed and able to run the tensor's
+    device and dtype, else ``torch``.
+
+The default is read from ``TIMM_INTERNIMAGE_DCNV3_BACKEND``; a ``backend=`` argument wins over it.
+"""
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from timm.layers import register_notrace_function
+
+from .dcnv3_reference import dcnv3_reference
+from .dcnv3_torch import dcnv3_output_size, dcnv3_torch
+
+__all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'BACKENDS']
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ('auto', 'torch', 'reference', 'compiled')
+_BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
+_EXTENSION_MODULE = 'timm_internimage_dcnv3'
+
+IntOrPair = Union[int, Tuple[int, int]]
+
+
+def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if len(value) != 2:
+        raise ValueError(f'dcnv3: {name} must be an int or a pair of ints, got {value!r}')
+    return int(value[0]), int(value[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension() -> Optional[ModuleType]:
+    """Import the compiled op wheel if installed; a version mismatch is an error."""
+    from timm_internimage import __version__
+    try:
+        extension = importlib.import_module(_EXTENSION_MODULE)
+    except ImportError as error:
+        if getattr(error, 'name', None) != _EXTENSION_MODULE:
+            raise ImportError(
+                f'{_EXTENSION_MODULE} is installed but failed to load ({error}). It was probably built for an '
+                f'incompatible torch; reinstall it with `pip install --force-reinstall timm-internimage[compiled]`, '
+                f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.') from error
+        return None
+    if getattr(extension, '__version__', None) != __version__:
+        raise ImportError(
+            f'{_EXTENSION_MODULE} {getattr(extension, "__version__", "?")} does not match timm-internimage '
+            f'{__version__}; install matching versions with `pip install timm-internimage[compiled]=={__version__}`.')
+    return extension
+
+
+def compiled_backend_available(device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the compiled op is installed and can run ``device``/``dtype`` (CPU if ``device`` is None)."""
+    extension = _load_extension()
+    return extension is not None and bool(extension.supports(torch.device(device or 'cpu'), dtype))
+
+
+def _resolve_backend(backend: Optional[str], input: Tensor) -> str:
+    requested = (backend or os.environ.get(_BACKEND_ENV) or 'auto').lower()
+    if requested not in BACKENDS:
+        raise ValueError(f'dcnv3: unknown backend {requested!r}; choose one of {", ".join(BACKENDS)}')
+    if requested in ('torch', 'reference'):
+        return requested
+    usable = compiled_backend_available(input.device, input.dtype)
+    if requested == 'compiled' and not usable:
+        reason = ('is not installed (`pip install timm-internimage[compiled]`)' if _load_extension() is None
+                  else f'does not support {input.dtype} on {input.device.type}')
+        raise RuntimeError(f'dcnv3: backend "compiled" was forced but the compiled op {reason}.')
+    chosen = 'compiled' if usable else 'torch'
+    _log_choice(chosen, input.device.type, input.dtype)
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(backend: str, device_type: str, dtype: torch.dtype) -> None:
+    _logger.debug('dcnv3: using the %s backend for %s %s', backend, device_type, dtype)
+
+
+@register_notrace_function
+def dcnv3_core(
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: bool,
+        backend: Optional[str] = None,
+) -> Tensor:
+    """DCNv3 with explicit per-axis arguments (the official op's signature), dispatched to a backend."""
+    if torch.jit.is_scripting():
+        return dcnv3_torch(
+            input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+            dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+    chosen = _resolve_backend(backend, input)
+    if chosen == 'compiled':
+        return _load_extension().dcnv3(
+            input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+            dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+    if chosen == 'reference':
+        return dcnv3_reference(
+            input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+            dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+    return dcnv3_torch(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+        dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+
+
+def dcnv3(
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor,
+        kernel_size: IntOrPair = 3,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 1,
+        dilation: IntOrPair = 1,
+        group: int = 1,
+        offset_scale: float = 1.0,
+        remove_center: bool = False,
+        backend: Optional[str] = None,
+) -> Tensor:
+    """Deformable convolution v3 sampling (no input/output projections).
+
+    Args:
+        input: ``(N, H, W, C)`` channels-last features, ``C`` divisible by ``group``.
+        offset: ``(N, H_out, W_out, group * P * 2)`` sampling offsets in pixels as (x, y) pairs,
+            points ordered with x varying slowest; ``P = kh * kw - remove_center``.
+        mask: ``(N, H_out, W_out, group * P)`` point weights, already normalised (e.g. softmax over P).
+        kernel_size, stride, padding, dilation: ints or (h, w) pairs.
+        group: number of groups sharing offsets and mask.
+        offset_scale: scale of both the base kernel grid and the offsets.
+        remove_center: drop the kernel's centre point (needs an odd number of kernel points).
+        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default from
+            ``TIMM_INTERNIMAGE_DCNV3_BACKEND``.
+
+    Returns:
+        ``(N, H_out, W_out, C)`` in the input's dtype.
+    """
+    kernel_h, kernel_w = _pair(kernel_size, 'kernel_size')
+    stride_h, stride_w = _pair(stride, 'stride')
+    pad_h, pad_w = _pair(padding, 'padding')
+    dilation_h, dilation_w = _pair(dilation, 'dilation')
+    if input.dim() != 4 or offset.dim() != 4 or mask.dim() != 4:
+        raise ValueError(
+            f'dcnv3: input, offset and mask must be 4-D channels-last tensors, got shapes '
+            f'{tuple(input.shape)}, {tuple(offset.shape)}, {tuple(mask.shape)}')
+    batch, height, width, channels = input.shape
+    if group < 1 or channels % group != 0:
+        raise ValueError(f'dcnv3: input channels ({channels}) must be divisible by group ({group})')
+    if remove_center and (kernel_h * kernel_w) % 2 == 0:
+        raise ValueError('dcnv3: remove_center needs a kernel with an odd number of points')
+    num_points = kernel_h * kernel_w - int(remove_center)
+    height_out, width_out = dcnv3_output_size(
+        height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    if height_out < 1 or width_out < 1:
+        raise ValueError(f'dcnv3: input of size {height}x{width} is too small for this kernel, stride and padding')
+    expected_offset = (batch, height_out, width_out, group * num_points * 2)
+    expected_mask = (batch, height_out, width_out, group * num_points)
+    if tuple(offset.shape) != expected_offset or tuple(mask.shape) != expected_mask:
+        raise ValueError(
+            f'dcnv3: expected offset {expected_offset} and mask {expected_mask}, '
+            f'got {tuple(offset.shape)} and {tuple(mask.shape)}')
+    return dcnv3_core(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+        dilation_h, dilation_w, group, channels // group, float(offset_scale), bool(remove_center), backend)
+
+
+class DCNv3(nn.Module):
+    """DCNv3 block: input projection, offsets and softmax mask predicted by a depthwise conv branch,
+    deformable sampling, optional centre feature scaling, output projection. Channels-last in and out.
+    """
+
+    def __init__(
+            self,
+            channels: int = 64,
+            kernel_size: int = 3,
+            dw_kernel_size: Optional[int] = None,
+            stride: int = 1,
+            pad: int = 1,
+            dilation: int = 1,
+            group: int = 4,
+            offset_scale: float = 1.0,
+            act_layer: type = nn.GELU,
+            norm_eps: float = 1e-6,
+            center_feature_scale: bool = False,
+            remove_center: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if channels % group != 0:
+            raise ValueError(f'DCNv3: channels ({channels}) must be divisible by group ({group})')
+        dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.pad = pad
+        self.dilation = dilation
+        self.group = group
+        self.group_channels = channels // group
+        self.offset_scale = offset_scale
+        self.remove_center = bool(remove_center)
+        num_points = kernel_size * kernel_size - int(self.remove_center)
+
+        self.dw_conv = nn.Conv2d(
+            channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels, **dd)
+        self.dw_norm = nn.LayerNorm(channels, eps=norm_eps, **dd)
+        self.dw_act = act_layer()
+        self.offset = nn.Linear(channels, group * num_points * 2, **dd)
+        self.mask = nn.Linear(channels, group * num_points, **dd)
+        self.input_proj = nn.Linear(channels, channels, **dd)
+        self.output_proj = nn.Linear(channels, channels, **dd)
+        self.center_feature_scale_proj = nn.Linear(channels, group, **dd) if center_feature_scale else None
+        if not self.offset.weight.is_meta:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero offsets, uniform mask and a neutral centre scale, as the official initialisation."""
+        for layer in (self.offset, self.mask):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        for layer in (self.input_proj, self.output_proj):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        if self.center_feature_scale_proj is not None:
+            nn.init.zeros_(self.center_feature_scale_proj.weight)
+            nn.init.zeros_(self.center_feature_scale_proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, _ = x.shape
+        projected = self.input_proj(x)
+        context = self.dw_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        context = self.dw_act(self.dw_norm(context))
+        offset = self.offset(context)
+        mask = self.mask(context)
+        mask = mask.reshape(batch, height, width, self.group, -1).softmax(-1).reshape(mask.shape)
+        out = dcnv3_core(
+            projected, offset, mask,
+            self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
+            self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center)
+        if self.center_feature_scale_proj is not None:
+            scale = torch.sigmoid(self.center_feature_scale_proj(context))
+            scale = scale.repeat_interleave(self.group_channels, dim=-1)
+            out = out * (1 - scale) + projected * scale
+        return self.output_proj(out)
