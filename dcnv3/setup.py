@@ -92,13 +92,15 @@ def _extensions(use_cuda: bool) -> list:
 
     target = _torch_target_hex()
     common = [f"-DTORCH_TARGET_VERSION={target}"]  # Py_LIMITED_API: added by py_limited_api=True
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", *common]
+    cxx = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", *common]
+    ldflags = ["-s"]  # strip: keeps the wheel small
     exts = [
         CppExtension(
             "timm_internimage_dcnv3._C",
             sources=["csrc/dcnv3_op.cpp", "csrc/cpu/dcnv3_kernel.cpp"],
             include_dirs=[str(HERE / "csrc")],
             extra_compile_args={"cxx": cxx},
+            extra_link_args=ldflags,
             py_limited_api=True,
         )
     ]
@@ -113,8 +115,9 @@ def _extensions(use_cuda: bool) -> list:
                 include_dirs=[str(HERE / "csrc")],
                 extra_compile_args={
                     "cxx": [*cxx, "-DUSE_CUDA"],
-                    "nvcc": ["-O3", "-std=c++17", "-DUSE_CUDA", archs_macro, "-lineinfo", *common],
+                    "nvcc": ["-O3", "-std=c++17", "-DUSE_CUDA", archs_macro, *common],
                 },
+                extra_link_args=ldflags,
                 py_limited_api=True,
             )
         )
