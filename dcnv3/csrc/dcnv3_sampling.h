@@ -121,12 +121,13 @@ DCNV3_UNROLL
         py < static_cast<acc_t>(H))) {
     return b;
   }
-  const acc_t x0f = floor_(px);
-  const acc_t y0f = floor_(py);
-  const int64_t x0 = static_cast<int64_t>(x0f);
-  const int64_t y0 = static_cast<int64_t>(y0f);
-  const acc_t fx = px - x0f;
-  const acc_t fy = py - y0f;
+  // floor() by truncation: px, py >= -1 here, so only -1 < v < 0 needs care.
+  int64_t x0 = static_cast<int64_t>(px);
+  int64_t y0 = static_cast<int64_t>(py);
+  x0 -= static_cast<acc_t>(x0) > px ? 1 : 0;
+  y0 -= static_cast<acc_t>(y0) > py ? 1 : 0;
+  const acc_t fx = px - static_cast<acc_t>(x0);
+  const acc_t fy = py - static_cast<acc_t>(y0);
   const acc_t gx = acc_t(1) - fx;
   const acc_t gy = acc_t(1) - fy;
   const bool vx0 = x0 >= 0;

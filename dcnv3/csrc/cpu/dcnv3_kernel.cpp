@@ -19,6 +19,22 @@ int64_t grain_for(const Geometry& g, int64_t per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, per_item));
 }
 
+// acc[c] += m * sample_value(base + c, b) for c < C, with the corner rows
+// hoisted so that the loop vectorises.
+template <typename acc_t, typename scalar_t>
+inline void accumulate_channels(acc_t* __restrict__ acc, const scalar_t* base, const Bilinear<acc_t>& b, acc_t m, int64_t C) {
+  const scalar_t* __restrict__ x0 = base + b.off[0];
+  const scalar_t* __restrict__ x1 = base + b.off[1];
+  const scalar_t* __restrict__ x2 = base + b.off[2];
+  const scalar_t* __restrict__ x3 = base + b.off[3];
+  const acc_t w0 = m * b.w[0], w1 = m * b.w[1], w2 = m * b.w[2], w3 = m * b.w[3];
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    acc[c] += w0 * static_cast<acc_t>(x0[c]) + w1 * static_cast<acc_t>(x1[c]) + w2 * static_cast<acc_t>(x2[c]) +
+        w3 * static_cast<acc_t>(x3[c]);
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, const scalar_t* mask, scalar_t* out) {
   using acc_t = opmath_t<scalar_t>;
@@ -54,10 +70,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, c
           if (!b.any) {
             continue;
           }
-          const acc_t m = prob[p];
-          for (int64_t c = 0; c < C; ++c) {
-            a[c] += m * sample_value<acc_t>(xg + c, b);
-          }
+          accumulate_channels<acc_t>(a, xg, b, prob[p], C);
         }
         scalar_t* o = out + pos * GC + gi * C;
         for (int64_t c = 0; c < C; ++c) {
@@ -94,7 +107,6 @@ void backward_range(
   const int64_t P = g.P;
   const int64_t C = g.C;
   const scalar_t* xg = x + n * g.H * row + gi * C;
-  auto add = [](acc_t* dst, acc_t v) { *dst += v; };
   for (int64_t hw = hw_begin; hw < hw_end; ++hw) {
     const int64_t pos = n * g.Ho * g.Wo + hw;
     const int64_t wo = hw % g.Wo;
@@ -117,16 +129,34 @@ void backward_range(
       acc_t s_v = 0, s_x = 0, s_y = 0;
       if (b.any) {
         const acc_t m = prob[p];
+        const scalar_t* __restrict__ x0 = xg + b.off[0];
+        const scalar_t* __restrict__ x1 = xg + b.off[1];
+        const scalar_t* __restrict__ x2 = xg + b.off[2];
+        const scalar_t* __restrict__ x3 = xg + b.off[3];
+        // Same arithmetic as sample_value_grad(), with the corner rows hoisted
+        // so the channel loop vectorises (reductions via omp simd).
+#pragma omp simd reduction(+ : s_v, s_x, s_y)
         for (int64_t c = 0; c < C; ++c) {
-          acc_t v, dx, dy;
-          sample_value_grad<acc_t>(xg + c, b, v, dx, dy);
+          const acc_t v0 = static_cast<acc_t>(x0[c]);
+          const acc_t v1 = static_cast<acc_t>(x1[c]);
+          const acc_t v2 = static_cast<acc_t>(x2[c]);
+          const acc_t v3 = static_cast<acc_t>(x3[c]);
           const acc_t gc = static_cast<acc_t>(go[c]);
-          s_v += gc * v;
-          s_x += gc * dx;
-          s_y += gc * dy;
+          s_v += gc * (b.w[0] * v0 + b.w[1] * v1 + b.w[2] * v2 + b.w[3] * v3);
+          s_x += gc * (b.wx[0] * v0 + b.wx[1] * v1 + b.wx[2] * v2 + b.wx[3] * v3);
+          s_y += gc * (b.wy[0] * v0 + b.wy[1] * v1 + b.wy[2] * v2 + b.wy[3] * v3);
         }
-        for (int64_t c = 0; c < C; ++c) {
-          scatter_grad<acc_t>(gin + c, b, m * static_cast<acc_t>(go[c]), add);
+        // scatter_grad(), one corner at a time.
+        for (int k = 0; k < 4; ++k) {
+          if (b.w[k] == acc_t(0)) {
+            continue;
+          }
+          const acc_t wk = m * b.w[k];
+          acc_t* __restrict__ dst = gin + b.off[k];
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            dst[c] += wk * static_cast<acc_t>(go[c]);
+          }
         }
         s_x *= m;
         s_y *= m;
