@@ -1,0 +1,493 @@
+#!/usr/bin/env python3
+"""Throughput and peak-memory benchmark for timm-internimage models and the DCNv3 op.
+
+Model mode (default) times whole-model inference or a training step (forward + backward) and reports
+images/s and peak memory; ``--op`` times the DCNv3 op alone, forward and backward, on the shapes of
+InternImage-T's four stages. Every configuration runs in a fresh subprocess so that its peak memory is
+its own. Results print as a table, or as JSON with ``--json``.
+
+Examples::
+
+    python benchmarks/benchmark.py --model internimage_t --batch-size 8 --img-size 224 --backend torch,reference
+    python benchmarks/benchmark.py --mode train --dtype bfloat16 --json
+    python benchmarks/benchmark.py --op --backend torch,reference,compiled --compile
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the timed loop
+(model, input). On CPU, the peak resident set size of the process above its size before the timed
+loop: the kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` right before
+warmup, so it covers only the benchmarked work (where that reset is not allowed, the mark covers the
+whole run and the number is an upper bound, flagged ``peak_mem_exact: false``).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
+BACKEND_CHOICES = ('auto', 'torch', 'reference', 'compiled')
+DTYPE_CHOICES = ('float32', 'bfloat16', 'float16', 'float64')
+# (height = width, channels, groups) of the DCNv3 layers in InternImage-T's four stages at 224 px.
+OP_SHAPES = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))
+_WORKER_FLAG = '--_worker'
+
+
+# ----------------------------------------------------------------------------------------------------
+# measurement helpers (run inside the worker process)
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the work done between ``start()`` and ``stop()``, in MiB."""
+
+    def __init__(self, device: 'torch.device') -> None:
+        self.device = device
+        self.exact = True
+        self.baseline_kib = 0
+
+    def start(self) -> None:
+        import torch
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # resets VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            self.exact = False
+        self.baseline_kib = _proc_status_kib('VmRSS') or 0
+
+    def stop(self) -> Optional[float]:
+        import torch
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes) / 2 ** 20
+        peak = _proc_status_kib('VmHWM')
+        if peak is None:
+            return None
+        return max(peak - self.baseline_kib, 0) / 1024
+
+
+def _sync(device: 'torch.device') -> None:
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _time_it(fn: Callable[[], Any], device: 'torch.device', warmup: int, iters: int) -> List[float]:
+    """Seconds per call of ``fn`` for ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: List[float]) -> Dict[str, float]:
+    return {
+        'median_ms': 1e3 * statistics.median(times),
+        'min_ms': 1e3 * min(times),
+        'mean_ms': 1e3 * statistics.fmean(times),
+        'iters': len(times),
+    }
+
+
+def _environment(device: 'torch.device') -> Dict[str, Any]:
+    import torch
+    import timm
+    info = {
+        'python': platform.python_version(),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'device': device.type,
+        'threads': torch.get_num_threads(),
+        'cpu_count': os.cpu_count(),
+    }
+    try:
+        import timm_internimage
+        info['timm_internimage'] = getattr(timm_internimage, '__version__', '?')
+    except ImportError:
+        pass
+    if device.type == 'cuda':
+        info['device_name'] = torch.cuda.get_device_name(device)
+    else:
+        info['device_name'] = _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _resolve_device(name: str) -> 'torch.device':
+    import torch
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(name)
+
+
+def _parse_kwargs(items: List[str]) -> Dict[str, Any]:
+    """``key=value`` pairs, values parsed as Python literals where possible (``channels=32``, ``layer_scale=None``)."""
+    import ast
+    out = {}
+    for item in items:
+        if '=' not in item:
+            raise SystemExit(f'--model-kwargs: expected key=value, got {item!r}')
+        key, value = item.split('=', 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# workers: one configuration each, result as a dict
+
+
+def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Benchmark one model configuration in this process."""
+    import torch
+    import timm
+    import timm_internimage  # noqa: F401  registers the models
+
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
+    device = _resolve_device(cfg['device'])
+    dtype = getattr(torch, cfg['dtype'])
+    torch.manual_seed(0)
+
+    model = timm.create_model(cfg['model'], in_chans=cfg['in_chans'], **cfg['model_kwargs'])
+    num_params = sum(p.numel() for p in model.parameters())
+    model.to(device)
+    if not cfg['amp']:
+        model.to(dtype)
+    train = cfg['mode'] == 'train'
+    model.train(train)
+    if cfg['compile']:
+        model = torch.compile(model)
+
+    x = torch.randn(cfg['batch_size'], cfg['in_chans'], cfg['img_size'], cfg['img_size'], device=device)
+    if not cfg['amp']:
+        x = x.to(dtype)
+    if cfg['channels_last']:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg['amp'])
+
+    if train:
+        def step() -> None:
+            with autocast:
+                out = model(x)
+            out.float().mean().backward()
+            model.zero_grad(set_to_none=True)
+        grad_ctx = torch.enable_grad
+    else:
+        def step() -> None:
+            with autocast:
+                model(x)
+        grad_ctx = torch.inference_mode
+
+    memory = PeakMemory(device)
+    with grad_ctx():
+        memory.start()
+        times = _time_it(step, device, cfg['warmup'], cfg['iters'])
+        peak = memory.stop()
+    stats = _summary(times)
+    return {
+        'kind': 'model',
+        'config': cfg,
+        'params_m': num_params / 1e6,
+        'img_per_s': cfg['batch_size'] / (stats['median_ms'] / 1e3),
+        **stats,
+        'peak_mem_mib': peak,
+        'peak_mem_exact': memory.exact,
+        'env': _environment(device),
+    }
+
+
+def _op_inputs(batch: int, size: int, channels: int, group: int, dtype, device, generator):
+    import torch
+    points = 9
+    x = torch.randn(batch, size, size, channels, generator=generator).to(device, dtype)
+    # Offsets of a few pixels, some sampling points leave the map (exercises the border handling).
+    offset = (2 * torch.randn(batch, size, size, group * points * 2, generator=generator)).to(device, dtype)
+    mask = torch.randn(batch, size, size, group, points, generator=generator).softmax(-1)
+    mask = mask.reshape(batch, size, size, group * points).to(device, dtype)
+    return x, offset, mask
+
+
+def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Benchmark the DCNv3 op for one backend on all InternImage-T stage shapes, in this process."""
+    import torch
+    from timm_internimage.ops import dcnv3
+
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
+    device = _resolve_device(cfg['device'])
+    dtype = getattr(torch, cfg['dtype'])
+    backend = cfg['backend']
+
+    def op(x, offset, mask, group: int):
+        return dcnv3(x, offset, mask, kernel_size=3, stride=1, padding=1, dilation=1, group=group,
+                     offset_scale=1.0, backend=backend)
+
+    fn = torch.compile(op, fullgraph=True, dynamic=False) if cfg['compile'] else op
+    rows = []
+    for size, channels, group in OP_SHAPES:
+        generator = torch.Generator().manual_seed(0)
+        x, offset, mask = _op_inputs(cfg['batch_size'], size, channels, group, dtype, device, generator)
+        memory = PeakMemory(device)
+        with torch.inference_mode():
+            memory.start()
+            fwd = _time_it(lambda: fn(x, offset, mask, group), device, cfg['warmup'], cfg['iters'])
+            fwd_peak = memory.stop()
+
+        leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+        grad_out = torch.randn_like(x)
+        bwd = []
+        memory = PeakMemory(device)
+        memory.start()
+        for i in range(cfg['warmup'] + cfg['iters']):
+            out = fn(*leaves, group)
+            _sync(device)
+            start = time.perf_counter()
+            out.backward(grad_out)
+            _sync(device)
+            if i >= cfg['warmup']:
+                bwd.append(time.perf_counter() - start)
+            for leaf in leaves:
+                leaf.grad = None
+            del out
+        train_peak = memory.stop()
+        fwd_stats, bwd_stats = _summary(fwd), _summary(bwd)
+        rows.append({
+            'shape': {'N': cfg['batch_size'], 'H': size, 'W': size, 'C': channels, 'G': group},
+            'fwd_ms': fwd_stats['median_ms'],
+            'bwd_ms': bwd_stats['median_ms'],
+            'fwd': fwd_stats,
+            'bwd': bwd_stats,
+            'fwd_peak_mem_mib': fwd_peak,
+            'fwd_bwd_peak_mem_mib': train_peak,
+        })
+        del x, offset, mask, leaves, grad_out
+    return {'kind': 'op', 'config': cfg, 'shapes': rows, 'peak_mem_exact': memory.exact, 'env': _environment(device)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# driver
+
+
+def _run_in_subprocess(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    env = dict(os.environ)
+    if cfg.get('backend') and cfg['backend'] != 'auto':
+        env[BACKEND_ENV] = cfg['backend']
+    elif cfg.get('backend') == 'auto':
+        env.pop(BACKEND_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), _WORKER_FLAG, json.dumps(cfg)],
+        env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = '\n'.join(proc.stderr.strip().splitlines()[-6:])
+        return {'kind': 'op' if cfg['op'] else 'model', 'config': cfg, 'error': tail or f'exit {proc.returncode}'}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_in_process(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    # The backend goes to the op through its environment variable, as in a subprocess.
+    previous = os.environ.get(BACKEND_ENV)
+    if cfg.get('backend', 'auto') != 'auto':
+        os.environ[BACKEND_ENV] = cfg['backend']
+    else:
+        os.environ.pop(BACKEND_ENV, None)
+    try:
+        return run_op_config(cfg) if cfg['op'] else run_model_config(cfg)
+    except Exception as error:  # reported like a failed subprocess, the other configurations still run
+        return {'kind': 'op' if cfg['op'] else 'model', 'config': cfg, 'error': f'{type(error).__name__}: {error}'}
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = previous
+
+
+def _worker_main(cfg_json: str) -> None:
+    cfg = json.loads(cfg_json)
+    try:
+        import timm_internimage  # noqa: F401
+    except ImportError:  # running from a source checkout without installing it
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = run_op_config(cfg) if cfg['op'] else run_model_config(cfg)
+    sys.stdout.write(json.dumps(result) + '\n')
+
+
+def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    backends = [b.strip() for b in args.backend.split(',') if b.strip()]
+    for b in backends:
+        if b not in BACKEND_CHOICES:
+            raise SystemExit(f'--backend: unknown backend {b!r}; choose from {", ".join(BACKEND_CHOICES)}')
+    dtypes = [d.strip() for d in args.dtype.split(',') if d.strip()]
+    for d in dtypes:
+        if d not in DTYPE_CHOICES:
+            raise SystemExit(f'--dtype: unknown dtype {d!r}; choose from {", ".join(DTYPE_CHOICES)}')
+    modes = [m.strip() for m in args.mode.split(',') if m.strip()]
+    for m in modes:
+        if m not in ('infer', 'train'):
+            raise SystemExit(f'--mode: unknown mode {m!r}; choose infer or train')
+    compile_options = [False, True] if args.compile else [False]
+    common = {
+        'op': args.op, 'device': args.device, 'threads': args.threads, 'warmup': args.warmup, 'iters': args.iters,
+        'batch_size': args.batch_size,
+    }
+    configs = []
+    for dtype in dtypes:
+        for backend in backends:
+            for compiled in compile_options:
+                if args.op:
+                    configs.append({**common, 'dtype': dtype, 'backend': backend, 'compile': compiled})
+                    continue
+                for mode in modes:
+                    configs.append({
+                        **common, 'dtype': dtype, 'backend': backend, 'compile': compiled, 'mode': mode,
+                        'model': args.model, 'img_size': args.img_size, 'in_chans': args.in_chans,
+                        'channels_last': args.channels_last, 'amp': args.amp,
+                        'model_kwargs': _parse_kwargs(args.model_kwargs),
+                    })
+    return configs
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def _print_table(results: List[Dict[str, Any]]) -> None:
+    env = next((r['env'] for r in results if 'env' in r), None)
+    if env:
+        print(f"# {env['device_name']} ({env['device']}, {env['threads']} threads), python {env['python']}, "
+              f"torch {env['torch']}, timm {env['timm']}")
+    model_rows = [r for r in results if r['kind'] == 'model']
+    op_rows = [r for r in results if r['kind'] == 'op']
+    if model_rows:
+        header = ('model', 'mode', 'dtype', 'backend', 'compile', 'batch', 'res', 'img/s', 'ms/iter', 'peak MiB')
+        lines = []
+        for r in model_rows:
+            c = r['config']
+            base = (c['model'], c['mode'], c['dtype'] + ('+amp' if c['amp'] else ''), c['backend'],
+                    'yes' if c['compile'] else 'no', str(c['batch_size']), str(c['img_size']))
+            if 'error' in r:
+                lines.append(base + ('error', '', ''))
+            else:
+                lines.append(base + (f"{r['img_per_s']:.2f}", f"{r['median_ms']:.1f}", _fmt(r['peak_mem_mib'], '.0f')))
+        _print_rows(header, lines)
+    if op_rows:
+        header = ('backend', 'dtype', 'compile', 'N', 'HxW', 'C', 'G', 'fwd ms', 'bwd ms', 'fwd MiB', 'fwd+bwd MiB')
+        lines = []
+        for r in op_rows:
+            c = r['config']
+            base = (c['backend'], c['dtype'], 'yes' if c['compile'] else 'no')
+            if 'error' in r:
+                lines.append(base + ('error',) + ('',) * 7)
+                continue
+            for s in r['shapes']:
+                sh = s['shape']
+                lines.append(base + (str(sh['N']), f"{sh['H']}x{sh['W']}", str(sh['C']), str(sh['G']),
+                                     f"{s['fwd_ms']:.2f}", f"{s['bwd_ms']:.2f}",
+                                     _fmt(s['fwd_peak_mem_mib'], '.0f'), _fmt(s['fwd_bwd_peak_mem_mib'], '.0f')))
+        if model_rows:
+            print()
+        _print_rows(header, lines)
+    for r in results:
+        if 'error' in r:
+            c = r['config']
+            print(f"\nerror ({c.get('model', 'op')}, backend {c['backend']}, {c['dtype']}):\n{r['error']}")
+    if any(not r.get('peak_mem_exact', True) for r in results):
+        print('\nnote: the peak-RSS reset was not allowed here; CPU peak memory is an upper bound.')
+
+
+def _print_rows(header: Tuple[str, ...], lines: List[Tuple[str, ...]]) -> None:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    print('  '.join(h.ljust(w) for h, w in zip(header, widths)))
+    print('  '.join('-' * w for w in widths))
+    for line in lines:
+        print('  '.join(v.ljust(w) for v, w in zip(line, widths)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description='Images/s and peak memory of timm-internimage models, or DCNv3 op timings (--op).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='internimage_t', help='timm model name')
+    p.add_argument('--batch-size', '-b', type=int, default=8, help='batch size (model) or N (--op)')
+    p.add_argument('--img-size', type=int, default=224, help='input resolution (square)')
+    p.add_argument('--in-chans', type=int, default=3, help='input channels')
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra create_model keyword arguments, e.g. channels=32 depths="[2,2,2,2]"')
+    p.add_argument('--dtype', default='float32',
+                   help=f'comma-separated list of: {", ".join(DTYPE_CHOICES)}')
+    p.add_argument('--amp', action='store_true',
+                   help='keep float32 weights and run under torch.autocast(dtype) instead of converting the model')
+    p.add_argument('--mode', default='infer', help='comma-separated list of: infer (inference_mode, eval), '
+                                                   'train (forward + backward, train mode)')
+    p.add_argument('--backend', default='auto',
+                   help=f'comma-separated DCNv3 backends: {", ".join(BACKEND_CHOICES)} (sets {BACKEND_ENV})')
+    p.add_argument('--compile', action='store_true', help='also benchmark each configuration under torch.compile')
+    p.add_argument('--channels-last', action='store_true', help='channels_last input and model memory format')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: torch default)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
+    p.add_argument('--iters', type=int, default=5, help='timed iterations (the median is reported)')
+    p.add_argument('--op', action='store_true',
+                   help='time the DCNv3 op (forward, backward) on InternImage-T stage shapes instead of a model')
+    p.add_argument('--json', action='store_true', help='print one JSON document instead of the table')
+    p.add_argument('--in-process', action='store_true',
+                   help='run the configurations in this process instead of one fresh subprocess each (faster '
+                        'start; peak memory and backend selection are then less isolated)')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [_WORKER_FLAG]:
+        _worker_main(argv[1])
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise SystemExit('--iters must be >= 1, --warmup >= 0, --batch-size >= 1')
+    results = [_run_in_process(cfg) if args.in_process else _run_in_subprocess(cfg) for cfg in _configs(args)]
+    if args.json:
+        print(json.dumps({'results': results}, indent=2))
+    else:
+        _print_table(results)
+    return 1 if any('error' in r for r in results) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Smoke test of benchmarks/benchmark.py: a tiny configuration, one iteration, JSON output (no timing checks)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / 'benchmarks' / 'benchmark.py'
+
+
+def _run(*args: str) -> dict:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), '--json', '--in-process', '--device', 'cpu', '--warmup', '0', '--iters', '1',
+         *args],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_benchmark_model_json():
+    doc = _run('--model', 'internimage_t', '--batch-size', '2', '--img-size', '32', '--mode', 'infer,train',
+               '--backend', 'torch', '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]')
+    results = doc['results']
+    assert [r['config']['mode'] for r in results] == ['infer', 'train']
+    for r in results:
+        assert 'error' not in r
+        assert r['kind'] == 'model'
+        assert r['config']['backend'] == 'torch' and r['config']['dtype'] == 'float32'
+        assert r['img_per_s'] > 0 and r['median_ms'] > 0 and r['iters'] == 1
+        assert r['params_m'] > 0
+        assert r['peak_mem_mib'] is None or r['peak_mem_mib'] >= 0
+        assert r['env']['torch'] and r['env']['device'] == 'cpu'
+
+
+def test_benchmark_op_json():
+    doc = _run('--op', '--batch-size', '1', '--backend', 'torch')
+    (result,) = doc['results']
+    assert 'error' not in result and result['kind'] == 'op'
+    shapes = [(s['shape']['H'], s['shape']['C'], s['shape']['G']) for s in result['shapes']]
+    assert shapes == [(56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32)]
+    for s in result['shapes']:
+        assert s['fwd_ms'] > 0 and s['bwd_ms'] > 0
