@@ -58,31 +58,41 @@ struct Geometry {
 
 // Maps the point index p (0..P-1) to its kernel column i (over kw, slowest)
 // and row j (over kh), skipping the centre when remove_center is set.
+// 32-bit arithmetic: kernels are small, and 64-bit division is slow.
 DCNV3_HD void kernel_point(const Geometry& g, int64_t p, int64_t& i, int64_t& j) {
-  const int64_t q = (g.center >= 0 && p >= g.center) ? p + 1 : p;
-  i = q / g.kh;
-  j = q - i * g.kh;
+  const int32_t pp = static_cast<int32_t>(p);
+  const int32_t q = (g.center >= 0 && pp >= static_cast<int32_t>(g.center)) ? pp + 1 : pp;
+  const int32_t kh = static_cast<int32_t>(g.kh);
+  i = q / kh;
+  j = q - static_cast<int32_t>(i) * kh;
 }
 
-// Sampling position of point p of output pixel (ho, wo) in unpadded input
-// pixel coordinates. offset_scale multiplies the base grid and the offset.
+// Base-grid displacement of point p from the window centre: (kx, ky).
+template <typename acc_t>
+DCNV3_HD void kernel_grid(const Geometry& g, int64_t p, acc_t& kx, acc_t& ky) {
+  int64_t i, j;
+  kernel_point(g, p, i, j);
+  kx = static_cast<acc_t>(i * g.dw - g.half_w);
+  ky = static_cast<acc_t>(j * g.dh - g.half_h);
+}
+
+// Sampling position, in unpadded input pixel coordinates, of the point with
+// base-grid displacement (kx, ky) of output pixel (ho, wo). offset_scale
+// multiplies the base grid as well as the learned offset.
 template <typename acc_t>
 DCNV3_HD void sample_position(
     const Geometry& g,
     int64_t ho,
     int64_t wo,
-    int64_t p,
+    acc_t kx,
+    acc_t ky,
     acc_t off_x,
     acc_t off_y,
     acc_t& px,
     acc_t& py) {
-  int64_t i, j;
-  kernel_point(g, p, i, j);
   const acc_t scale = static_cast<acc_t>(g.offset_scale);
-  px = static_cast<acc_t>(wo * g.sw - g.pw + g.half_w) +
-      (static_cast<acc_t>(i * g.dw - g.half_w) + off_x) * scale;
-  py = static_cast<acc_t>(ho * g.sh - g.ph + g.half_h) +
-      (static_cast<acc_t>(j * g.dh - g.half_h) + off_y) * scale;
+  px = static_cast<acc_t>(wo * g.sw - g.pw + g.half_w) + (kx + off_x) * scale;
+  py = static_cast<acc_t>(ho * g.sh - g.ph + g.half_h) + (ky + off_y) * scale;
 }
 
 // Bilinear stencil of one sampling position. Corners are ordered

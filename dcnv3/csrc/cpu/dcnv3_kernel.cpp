@@ -35,6 +35,15 @@ inline void accumulate_channels(acc_t* __restrict__ acc, const scalar_t* base, c
   }
 }
 
+template <typename acc_t>
+void kernel_grid_table(const Geometry& g, std::vector<acc_t>& kx, std::vector<acc_t>& ky) {
+  kx.resize(g.P);
+  ky.resize(g.P);
+  for (int64_t p = 0; p < g.P; ++p) {
+    kernel_grid<acc_t>(g, p, kx[p], ky[p]);
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, const scalar_t* mask, scalar_t* out) {
   using acc_t = opmath_t<scalar_t>;
@@ -42,6 +51,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, c
   const int64_t row = g.W * GC;
   const int64_t P = g.P;
   const int64_t C = g.C;
+  std::vector<acc_t> kx, ky;
+  kernel_grid_table(g, kx, ky);
   torch::stable::parallel_for(0, g.positions(), grain_for(g, g.G * P * C * 4), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
     std::vector<acc_t> prob(P);
@@ -65,7 +76,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, c
         for (int64_t p = 0; p < P; ++p) {
           acc_t px, py;
           sample_position<acc_t>(
-              g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+              g, ho, wo, kx[p], ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
           const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
           if (!b.any) {
             continue;
@@ -100,6 +111,8 @@ void backward_range(
     scalar_t* grad_off,
     scalar_t* grad_mask,
     std::vector<opmath_t<scalar_t>>& prob,
+    const opmath_t<scalar_t>* kx,
+    const opmath_t<scalar_t>* ky,
     std::vector<opmath_t<scalar_t>>& gm) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t GC = g.G * g.C;
@@ -124,7 +137,7 @@ void backward_range(
     for (int64_t p = 0; p < P; ++p) {
       acc_t px, py;
       sample_position<acc_t>(
-          g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+          g, ho, wo, kx[p], ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
       const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
       acc_t s_v = 0, s_x = 0, s_y = 0;
       if (b.any) {
@@ -192,6 +205,8 @@ void backward_kernel(
   const int64_t tasks = g.N * g.G;
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t work_per_pixel = g.P * g.C * 8;
+  std::vector<acc_t> kx, ky;
+  kernel_grid_table(g, kx, ky);
   if (tasks >= threads || tasks * HWo * work_per_pixel < kGrainWork) {
     // Each (batch element, group) owns a disjoint slice of grad_input.
     torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -200,7 +215,7 @@ void backward_kernel(
         const int64_t n = t / g.G;
         const int64_t gi = t % g.G;
         backward_range<scalar_t>(
-            g, n, gi, 0, HWo, grad_out, x, off, mask, gin + n * in_plane + gi * g.C, grad_off, grad_mask, prob, gm);
+            g, n, gi, 0, HWo, grad_out, x, off, mask, gin + n * in_plane + gi * g.C, grad_off, grad_mask, prob, kx.data(), ky.data(), gm);
       }
     });
     return;
@@ -221,7 +236,7 @@ void backward_kernel(
         for (int64_t gi = 0; gi < g.G; ++gi) {
           backward_range<scalar_t>(
               g, n, gi, lo, hi, grad_out, x, off, mask, buf.data() + n * in_plane + gi * g.C, grad_off, grad_mask,
-              prob, gm);
+              prob, kx.data(), ky.data(), gm);
         }
       }
     }

@@ -63,9 +63,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     }
     acc_t acc = acc_t(0);
     for (int64_t p = 0; p < g.P; ++p) {
-      acc_t px, py;
+      acc_t kx, ky, px, py;
+      kernel_grid<acc_t>(g, p, kx, ky);
       sample_position<acc_t>(
-          g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+          g, ho, wo, kx, ky, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
       const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
       if (b.any) {
         acc_t m = static_cast<acc_t>(mp[p]);
@@ -119,9 +120,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         m = exp_(m - mx) * inv;
         prob[p] = m;
       }
-      acc_t px, py;
+      acc_t kx, ky, px, py;
+      kernel_grid<acc_t>(g, p, kx, ky);
       sample_position<acc_t>(
-          g, ho, wo, p, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+          g, ho, wo, kx, ky, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
       const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
       acc_t s_v = acc_t(0), s_x = acc_t(0), s_y = acc_t(0);
       if (b.any) {
