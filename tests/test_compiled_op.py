@@ -243,6 +243,39 @@ def test_backward_partitions(threads):
         torch.set_num_threads(old)
 
 
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+import test_compiled_op as t
+res = []
+for dtype in (torch.float64, torch.float32, torch.bfloat16):
+    x, off, mask, args = t.random_case(n=2, h=7, w=9, group=2, gc=12, dtype=dtype, seed=21)
+    gout = torch.randn(2, 7, 9, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    res.append(t._run(t.ext.dcnv3, x, off, mask, args, gout))
+torch.save(res, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "auto"])
+def test_cpu_isa_variants(isa, tmp_path):
+    """The baseline-ISA and the AVX2 loops (chosen at run time) both match the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TIMM_INTERNIMAGE_DCNV3_CPU_ISA=isa)
+    out = tmp_path / "res.pt"
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(out), str(Path(__file__).parent)], env=env, check=True)
+    results = torch.load(out)
+    for dtype, got in zip((torch.float64, torch.float32, torch.bfloat16), results):
+        x, off, mask, args = random_case(n=2, h=7, w=9, group=2, gc=12, dtype=dtype, seed=21)
+        gout = torch.randn(2, 7, 9, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+        exp = _reference_in_float64(x, off, mask, args, gout)
+        for a, b in zip(got, exp):
+            scale = max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a.double() / scale, b / scale, **DTYPE_TOL[dtype])
+
+
 def test_non_contiguous_inputs():
     x, off, mask, args = random_case(n=2, h=6, w=7, group=2, gc=4, seed=7)
     xt = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)

@@ -11,6 +11,10 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DCNV3_HD __host__ __device__ __forceinline__
 #define DCNV3_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+// always_inline: the CPU kernels inline these into ISA-specific loops.
+#define DCNV3_HD inline __attribute__((always_inline))
+#define DCNV3_UNROLL
 #else
 #define DCNV3_HD inline
 #define DCNV3_UNROLL

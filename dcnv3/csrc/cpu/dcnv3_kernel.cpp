@@ -5,13 +5,45 @@
 // (output pixel, group, point) and then runs a contiguous, vectorisable loop
 // over the group's channels.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "../dcnv3_common.h"
 
+// The hot loops are compiled twice on x86-64: for the baseline ISA and for
+// AVX2+FMA, chosen at run time. The bodies are always-inline templates, so
+// the AVX2 code exists only inside the target("avx2,fma") wrappers and no
+// shared inline function is ever compiled for AVX2 (no ODR hazard).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DCNV3_X86_DISPATCH 1
+#define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+#if defined(__GNUC__)
+#define DCNV3_INLINE inline __attribute__((always_inline))
+#else
+#define DCNV3_INLINE inline
+#endif
+
 namespace dcnv3 {
 namespace {
+
+// Whether to use the AVX2+FMA loops (set TIMM_INTERNIMAGE_DCNV3_CPU_ISA=baseline to disable).
+bool use_avx2() {
+#if defined(DCNV3_X86_DISPATCH)
+  static const bool enabled = [] {
+    const char* isa = std::getenv("TIMM_INTERNIMAGE_DCNV3_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) {
+      return false;
+    }
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
 
 constexpr int64_t kGrainWork = 1 << 14;  // scalar multiply-adds per task, roughly
 
@@ -22,7 +54,7 @@ int64_t grain_for(const Geometry& g, int64_t per_item) {
 // acc[c] += m * sample_value(base + c, b) for c < C, with the corner rows
 // hoisted so that the loop vectorises.
 template <typename acc_t, typename scalar_t>
-inline void accumulate_channels(acc_t* __restrict__ acc, const scalar_t* base, const Bilinear<acc_t>& b, acc_t m, int64_t C) {
+DCNV3_INLINE void accumulate_channels(acc_t* __restrict__ acc, const scalar_t* base, const Bilinear<acc_t>& b, acc_t m, int64_t C) {
   const scalar_t* __restrict__ x0 = base + b.off[0];
   const scalar_t* __restrict__ x1 = base + b.off[1];
   const scalar_t* __restrict__ x2 = base + b.off[2];
@@ -44,51 +76,90 @@ void kernel_grid_table(const Geometry& g, std::vector<acc_t>& kx, std::vector<ac
   }
 }
 
+// Forward of output pixels [begin, end). Scratch: acc (C), prob (P).
 template <typename scalar_t>
-void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, const scalar_t* mask, scalar_t* out) {
+DCNV3_INLINE void forward_range(
+    const Geometry& g,
+    const scalar_t* x,
+    const scalar_t* off,
+    const scalar_t* mask,
+    scalar_t* out,
+    const opmath_t<scalar_t>* kx,
+    const opmath_t<scalar_t>* ky,
+    int64_t begin,
+    int64_t end,
+    opmath_t<scalar_t>* acc,
+    opmath_t<scalar_t>* prob) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t GC = g.G * g.C;
   const int64_t row = g.W * GC;
   const int64_t P = g.P;
   const int64_t C = g.C;
-  std::vector<acc_t> kx, ky;
-  kernel_grid_table(g, kx, ky);
-  torch::stable::parallel_for(0, g.positions(), grain_for(g, g.G * P * C * 4), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(C);
-    std::vector<acc_t> prob(P);
-    for (int64_t pos = begin; pos < end; ++pos) {
-      const int64_t wo = pos % g.Wo;
-      const int64_t ho = (pos / g.Wo) % g.Ho;
-      const int64_t n = pos / (g.Wo * g.Ho);
-      const scalar_t* xn = x + n * g.H * row;
-      for (int64_t gi = 0; gi < g.G; ++gi) {
-        const scalar_t* offp = off + (pos * g.G + gi) * P * 2;
-        const scalar_t* mp = mask + (pos * g.G + gi) * P;
-        for (int64_t p = 0; p < P; ++p) {
-          prob[p] = static_cast<acc_t>(mp[p]);
+  for (int64_t pos = begin; pos < end; ++pos) {
+    const int64_t wo = pos % g.Wo;
+    const int64_t ho = (pos / g.Wo) % g.Ho;
+    const int64_t n = pos / (g.Wo * g.Ho);
+    const scalar_t* xn = x + n * g.H * row;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const scalar_t* offp = off + (pos * g.G + gi) * P * 2;
+      const scalar_t* mp = mask + (pos * g.G + gi) * P;
+      for (int64_t p = 0; p < P; ++p) {
+        prob[p] = static_cast<acc_t>(mp[p]);
+      }
+      if (g.mask_logits) {
+        softmax_inplace(prob, P);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        acc[c] = acc_t(0);
+      }
+      const scalar_t* xg = xn + gi * C;
+      for (int64_t p = 0; p < P; ++p) {
+        acc_t px, py;
+        sample_position<acc_t>(
+            g, ho, wo, kx[p], ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+        const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
+        if (!b.any) {
+          continue;
         }
-        if (g.mask_logits) {
-          softmax_inplace(prob.data(), P);
-        }
-        acc_t* a = acc.data();
-        std::fill(a, a + C, acc_t(0));
-        const scalar_t* xg = xn + gi * C;
-        for (int64_t p = 0; p < P; ++p) {
-          acc_t px, py;
-          sample_position<acc_t>(
-              g, ho, wo, kx[p], ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
-          const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
-          if (!b.any) {
-            continue;
-          }
-          accumulate_channels<acc_t>(a, xg, b, prob[p], C);
-        }
-        scalar_t* o = out + pos * GC + gi * C;
-        for (int64_t c = 0; c < C; ++c) {
-          o[c] = static_cast<scalar_t>(a[c]);
-        }
+        accumulate_channels<acc_t>(acc, xg, b, prob[p], C);
+      }
+      scalar_t* o = out + pos * GC + gi * C;
+      for (int64_t c = 0; c < C; ++c) {
+        o[c] = static_cast<scalar_t>(acc[c]);
       }
     }
+  }
+}
+
+#define DCNV3_FORWARD_RANGE_ARGS                                                                                 \
+  const Geometry &g, const scalar_t *x, const scalar_t *off, const scalar_t *mask, scalar_t *out,                \
+      const opmath_t<scalar_t> *kx, const opmath_t<scalar_t> *ky, int64_t begin, int64_t end, opmath_t<scalar_t> *acc, \
+      opmath_t<scalar_t> *prob
+template <typename scalar_t>
+void forward_range_baseline(DCNV3_FORWARD_RANGE_ARGS) {
+  forward_range<scalar_t>(g, x, off, mask, out, kx, ky, begin, end, acc, prob);
+}
+#if defined(DCNV3_X86_DISPATCH)
+template <typename scalar_t>
+DCNV3_TARGET_AVX2 void forward_range_avx2(DCNV3_FORWARD_RANGE_ARGS) {
+  forward_range<scalar_t>(g, x, off, mask, out, kx, ky, begin, end, acc, prob);
+}
+#endif
+
+template <typename scalar_t>
+void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, const scalar_t* mask, scalar_t* out) {
+  using acc_t = opmath_t<scalar_t>;
+  std::vector<acc_t> kx, ky;
+  kernel_grid_table(g, kx, ky);
+  auto range_fn = &forward_range_baseline<scalar_t>;
+#if defined(DCNV3_X86_DISPATCH)
+  if (use_avx2()) {
+    range_fn = &forward_range_avx2<scalar_t>;
+  }
+#endif
+  torch::stable::parallel_for(0, g.positions(), grain_for(g, g.G * g.P * g.C * 4), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.C), prob(g.P);
+    range_fn(g, x, off, mask, out, kx.data(), ky.data(), begin, end, acc.data(), prob.data());
   });
 }
 
@@ -97,7 +168,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, c
 // pointing at channel 0 of group gi of batch element n); the caller makes
 // sure no other thread writes the same gin at the same time.
 template <typename scalar_t>
-void backward_range(
+DCNV3_INLINE void backward_range(
     const Geometry& g,
     int64_t n,
     int64_t gi,
@@ -110,10 +181,10 @@ void backward_range(
     opmath_t<scalar_t>* gin,
     scalar_t* grad_off,
     scalar_t* grad_mask,
-    std::vector<opmath_t<scalar_t>>& prob,
+    opmath_t<scalar_t>* prob,
     const opmath_t<scalar_t>* kx,
     const opmath_t<scalar_t>* ky,
-    std::vector<opmath_t<scalar_t>>& gm) {
+    opmath_t<scalar_t>* gm) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t GC = g.G * g.C;
   const int64_t row = g.W * GC;
@@ -132,7 +203,7 @@ void backward_range(
       prob[p] = static_cast<acc_t>(mp[p]);
     }
     if (g.mask_logits) {
-      softmax_inplace(prob.data(), P);
+      softmax_inplace(prob, P);
     }
     for (int64_t p = 0; p < P; ++p) {
       acc_t px, py;
@@ -181,13 +252,31 @@ void backward_range(
       gm[p] = s_v;
     }
     if (g.mask_logits) {
-      softmax_backward_inplace(prob.data(), gm.data(), P);
+      softmax_backward_inplace(prob, gm, P);
     }
     for (int64_t p = 0; p < P; ++p) {
       grad_mask[pg * P + p] = static_cast<scalar_t>(gm[p]);
     }
   }
 }
+
+#define DCNV3_BACKWARD_RANGE_ARGS                                                                               \
+  const Geometry &g, int64_t n, int64_t gi, int64_t hw_begin, int64_t hw_end, const scalar_t *grad_out,         \
+      const scalar_t *x, const scalar_t *off, const scalar_t *mask, opmath_t<scalar_t> *gin, scalar_t *grad_off, \
+      scalar_t *grad_mask, opmath_t<scalar_t> *prob, const opmath_t<scalar_t> *kx, const opmath_t<scalar_t> *ky, \
+      opmath_t<scalar_t> *gm
+#define DCNV3_BACKWARD_RANGE_CALL \
+  backward_range<scalar_t>(g, n, gi, hw_begin, hw_end, grad_out, x, off, mask, gin, grad_off, grad_mask, prob, kx, ky, gm)
+template <typename scalar_t>
+void backward_range_baseline(DCNV3_BACKWARD_RANGE_ARGS) {
+  DCNV3_BACKWARD_RANGE_CALL;
+}
+#if defined(DCNV3_X86_DISPATCH)
+template <typename scalar_t>
+DCNV3_TARGET_AVX2 void backward_range_avx2(DCNV3_BACKWARD_RANGE_ARGS) {
+  DCNV3_BACKWARD_RANGE_CALL;
+}
+#endif
 
 template <typename scalar_t>
 void backward_kernel(
@@ -207,6 +296,12 @@ void backward_kernel(
   const int64_t work_per_pixel = g.P * g.C * 8;
   std::vector<acc_t> kx, ky;
   kernel_grid_table(g, kx, ky);
+  auto range_fn = &backward_range_baseline<scalar_t>;
+#if defined(DCNV3_X86_DISPATCH)
+  if (use_avx2()) {
+    range_fn = &backward_range_avx2<scalar_t>;
+  }
+#endif
   if (tasks >= threads || tasks * HWo * work_per_pixel < kGrainWork) {
     // Each (batch element, group) owns a disjoint slice of grad_input.
     torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -214,8 +309,8 @@ void backward_kernel(
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / g.G;
         const int64_t gi = t % g.G;
-        backward_range<scalar_t>(
-            g, n, gi, 0, HWo, grad_out, x, off, mask, gin + n * in_plane + gi * g.C, grad_off, grad_mask, prob, kx.data(), ky.data(), gm);
+        range_fn(
+            g, n, gi, 0, HWo, grad_out, x, off, mask, gin + n * in_plane + gi * g.C, grad_off, grad_mask, prob.data(), kx.data(), ky.data(), gm.data());
       }
     });
     return;
@@ -234,9 +329,9 @@ void backward_kernel(
       const int64_t hi = HWo * (k + 1) / chunks;
       for (int64_t n = 0; n < g.N; ++n) {
         for (int64_t gi = 0; gi < g.G; ++gi) {
-          backward_range<scalar_t>(
+          range_fn(
               g, n, gi, lo, hi, grad_out, x, off, mask, buf.data() + n * in_plane + gi * g.C, grad_off, grad_mask,
-              prob, kx.data(), ky.data(), gm);
+              prob.data(), kx.data(), ky.data(), gm.data());
         }
       }
     }
