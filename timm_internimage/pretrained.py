@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._manifest import load_manifest
+from ._manifest import load_manifest, weight_filename
 
 __all__ = [
     'PretrainedWeightsError', 'ChecksumMismatchError', 'WeightsNotCachedError',
@@ -73,7 +73,7 @@ def manifest_entry(name_or_cfg: Union[str, Dict[str, Any]]) -> Optional[Dict[str
     if entry is None or entry['hf_hub_id'] != _split_revision(cfg.get('hf_hub_id') or '')[0]:
         return None
     filename = cfg.get('hf_hub_filename')
-    if filename and filename != entry.get('file', entry.get('index_file')):
+    if filename and filename != weight_filename(entry):
         return None
     return entry
 
