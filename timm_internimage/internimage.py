@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_, get_act_layer
+from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -222,7 +222,7 @@ class ConvPoolHead(nn.Module):
     def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
         if pool_type is not None:
             _check_pool(pool_type, num_classes, ('avg', 'max', 'avgmax', 'catavgmax'))
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
         elif not self.global_pool.pool_type:
             _check_pool('', num_classes, ())
         features = self.hidden_chs * self.global_pool.feat_mult()
@@ -322,6 +322,25 @@ class ScaleFusion(nn.Module):
 
     def forward(self, stage2: Tensor, stage3: Tensor) -> Tensor:
         return self.upsample(self.proj_stage3(stage3)) + self.proj_stage2(stage2)
+
+
+@register_notrace_function
+def check_image_input(x: Tensor, in_chans: int, fuses_stride16: bool) -> None:
+    """Raise a ValueError naming the problem and its fix for inputs the model cannot use."""
+    if x.dim() != 4:
+        raise ValueError(f'InternImage expects a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'InternImage was built for {in_chans} input channels but got {x.shape[1]} '
+            f'(shape {tuple(x.shape)}); create it with in_chans={x.shape[1]} or convert the images')
+    if x.shape[-2] < 32 or x.shape[-1] < 32:
+        raise ValueError(
+            f'InternImage needs images of at least 32x32 (its total stride), got {x.shape[-2]}x{x.shape[-1]}; '
+            f'upsample or pad the input')
+    if fuses_stride16 and (-(-x.shape[-2] // 16) % 2 or -(-x.shape[-1] // 16) % 2):
+        raise ValueError(
+            f'InternImage-H/G heads fuse stride-16 and stride-32 maps, so ceil(side / 16) must be even; '
+            f'got {x.shape[-2]}x{x.shape[-1]}. Resize or pad to a multiple of 32')
 
 
 class InternImage(nn.Module):
@@ -490,18 +509,6 @@ class InternImage(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f'InternImage expects a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'InternImage was built for {self.in_chans} input channels but got {x.shape[1]} '
-                f'(shape {tuple(x.shape)}); create it with in_chans={x.shape[1]} or convert the images')
-        if self.neck is not None and (-(-x.shape[-2] // 16) % 2 or -(-x.shape[-1] // 16) % 2):
-            raise ValueError(
-                f'InternImage-H/G heads fuse stride-16 and stride-32 maps, so ceil(side / 16) must be even; '
-                f'got {x.shape[-2]}x{x.shape[-1]}. Resize or pad to a multiple of 32')
-
     def forward_intermediates(
             self,
             x: Tensor,
@@ -526,7 +533,8 @@ class InternImage(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"InternImage intermediates are 'NCHW', got output_fmt={output_fmt!r}")
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, self.neck is not None)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.pos_drop(self.stem(x))
@@ -569,7 +577,8 @@ class InternImage(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Unpooled NCHW features: the last stage, or for H/G the fused stride-16 map."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, self.neck is not None)
         x = self.pos_drop(self.stem(x))
         stage_outputs: List[Tensor] = []
         for stage in self.stages:
@@ -688,12 +697,18 @@ def _stage2_out_norm_ids(model: InternImage) -> List[int]:
 
 
 def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
-    return build_model_with_cfg(
+    filter_fn, finalize = checkpoint_filter_fn, None
+    if pretrained:
+        # Hub download (pinned revision, safetensors only, sha256), local .safetensors/.pth: see pretrained.py.
+        from .pretrained import prepare_pretrained
+        kwargs, filter_fn, finalize = prepare_pretrained(variant, kwargs, checkpoint_filter_fn)
+    model = build_model_with_cfg(
         InternImage, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
     )
+    return finalize(model) if finalize is not None else model
 
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs())

@@ -45,30 +45,36 @@ def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-@functools.lru_cache(maxsize=None)
-def _load_extension() -> Optional[ModuleType]:
-    """Import the compiled op wheel if installed; a version mismatch is an error."""
+def _import_extension() -> Optional[ModuleType]:
+    """Import the compiled op wheel if installed. A broken or mismatched wheel is an import error
+    (unless the pure-PyTorch backends are forced through the environment, which skips the import)."""
+    if os.environ.get(_BACKEND_ENV, '').lower() in ('torch', 'reference'):
+        return None
     from timm_internimage import __version__
     try:
         extension = importlib.import_module(_EXTENSION_MODULE)
     except ImportError as error:
-        if getattr(error, 'name', None) != _EXTENSION_MODULE:
-            raise ImportError(
-                f'{_EXTENSION_MODULE} is installed but failed to load ({error}). It was probably built for an '
-                f'incompatible torch; reinstall it with `pip install --force-reinstall timm-internimage[compiled]`, '
-                f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.') from error
-        return None
+        if getattr(error, 'name', None) == _EXTENSION_MODULE:
+            return None
+        raise ImportError(
+            f'{_EXTENSION_MODULE} is installed but failed to load ({error}). It was probably built for an '
+            f'incompatible torch; reinstall it with `pip install --force-reinstall timm-internimage[compiled]`, '
+            f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.') from error
     if getattr(extension, '__version__', None) != __version__:
         raise ImportError(
             f'{_EXTENSION_MODULE} {getattr(extension, "__version__", "?")} does not match timm-internimage '
-            f'{__version__}; install matching versions with `pip install timm-internimage[compiled]=={__version__}`.')
+            f'{__version__}; install matching versions with `pip install timm-internimage[compiled]=={__version__}`, '
+            f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.')
     return extension
+
+
+# Imported once here (a shared library load, no compilation) so that dispatch stays traceable by torch.compile.
+_EXTENSION = _import_extension()
 
 
 def compiled_backend_available(device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> bool:
     """Whether the compiled op is installed and can run ``device``/``dtype`` (CPU if ``device`` is None)."""
-    extension = _load_extension()
-    return extension is not None and bool(extension.supports(torch.device(device or 'cpu'), dtype))
+    return _EXTENSION is not None and bool(_EXTENSION.supports(torch.device(device or 'cpu'), dtype))
 
 
 def _resolve_backend(backend: Optional[str], input: Tensor) -> str:
@@ -77,13 +83,19 @@ def _resolve_backend(backend: Optional[str], input: Tensor) -> str:
         raise ValueError(f'dcnv3: unknown backend {requested!r}; choose one of {", ".join(BACKENDS)}')
     if requested in ('torch', 'reference'):
         return requested
-    usable = compiled_backend_available(input.device, input.dtype)
+    # ONNX export needs the op as ATen operations, which only the pure-PyTorch backends are.
+    usable = compiled_backend_available(input.device, input.dtype) and not torch.onnx.is_in_onnx_export()
     if requested == 'compiled' and not usable:
-        reason = ('is not installed (`pip install timm-internimage[compiled]`)' if _load_extension() is None
-                  else f'does not support {input.dtype} on {input.device.type}')
+        if _EXTENSION is None:
+            reason = 'is not installed (`pip install timm-internimage[compiled]`)'
+        elif torch.onnx.is_in_onnx_export():
+            reason = 'cannot be exported to ONNX (use the torch backend)'
+        else:
+            reason = f'does not support {input.dtype} on {input.device.type}'
         raise RuntimeError(f'dcnv3: backend "compiled" was forced but the compiled op {reason}.')
     chosen = 'compiled' if usable else 'torch'
-    _log_choice(chosen, input.device.type, input.dtype)
+    if not torch.compiler.is_compiling():
+        _log_choice(chosen, input.device.type, input.dtype)
     return chosen
 
 
@@ -118,7 +130,7 @@ def dcnv3_core(
             dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
     chosen = _resolve_backend(backend, input)
     if chosen == 'compiled':
-        return _load_extension().dcnv3(
+        return _EXTENSION.dcnv3(
             input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
             dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
     if chosen == 'reference':
