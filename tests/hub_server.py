@@ -32,6 +32,7 @@ class FakeRepo:
         self.commit = commit or hashlib.sha1(repo_id.encode() + b''.join(
             name.encode() + data for name, data in sorted(self.files.items()))).hexdigest()
         self.tampered: Dict[str, bytes] = {}
+        self.token: Optional[str] = None  # set to make the repo private: requests need 'Authorization: Bearer <token>'
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
@@ -56,6 +57,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: Dict[str, FakeRepo] = {}
         self.requests: List[Tuple[str, str]] = []
+        self.auth_headers: List[Optional[str]] = []
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -73,6 +75,7 @@ class FakeHub:
     def clear_log(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.auth_headers.clear()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     @property
@@ -146,8 +149,8 @@ class FakeHub:
         if parts[:2] == ['api', 'models']:
             return self._model_info(handler, parts[2:], parse_qs(url.query), head)
         repo, rest = self._find_repo(parts)
-        if repo is None:
-            return self._error(handler, 404, 'RepoNotFound', head)
+        if repo is None or not self._authorized(handler, repo):
+            return self._error(handler, 401 if repo is not None else 404, 'RepoNotFound', head)
         if len(rest) < 3 or rest[0] != 'resolve':
             return self._error(handler, 404, 'EntryNotFound', head, repo.commit)
         revision, filename = rest[1], '/'.join(rest[2:])
@@ -172,10 +175,15 @@ class FakeHub:
             return self._send(handler, 206, chunk, headers)
         self._send(handler, 200, data, headers, head=head, content_length=len(data))
 
+    def _authorized(self, handler, repo: FakeRepo) -> bool:
+        with self._lock:
+            self.auth_headers.append(handler.headers.get('Authorization'))
+        return repo.token is None or handler.headers.get('Authorization') == f'Bearer {repo.token}'
+
     def _model_info(self, handler, parts: List[str], query: Dict[str, List[str]], head: bool) -> None:
         repo, rest = self._find_repo(parts)
-        if repo is None:
-            return self._error(handler, 404, 'RepoNotFound', head)
+        if repo is None or not self._authorized(handler, repo):
+            return self._error(handler, 401 if repo is not None else 404, 'RepoNotFound', head)
         if rest and (rest[0] != 'revision' or len(rest) < 2 or rest[1] not in ('main', repo.commit)):
             return self._error(handler, 404, 'RevisionNotFound', head)
         blobs = query.get('blobs', ['false'])[0].lower() == 'true'

@@ -290,3 +290,68 @@ def test_sharded_load_memory_maps_instead_of_copying(tmp_path):
     touched = sum(float(v[0, 0]) for v in state_dict.values())  # noqa: F841
     assert len(state_dict) == 24
     assert rss_anon() - before < 32 * 2 ** 20
+
+
+_MEMORY_SCRIPT = r'''
+import json, sys, threading, time
+import torch, timm
+import timm_internimage
+
+def anon_mib():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('RssAnon')) / 1024
+
+peak, done = [0.0], [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], anon_mib())
+        time.sleep(0.001)
+
+base = anon_mib()
+thread = threading.Thread(target=sample)
+thread.start()
+model = timm.create_model('internimage_t', pretrained=True, channels=64, depths=(2, 2, 6, 2),
+                          pretrained_cfg_overlay=dict(hf_hub_id=sys.argv[1], hf_hub_filename='model.safetensors.index.json'))
+done[0] = True
+thread.join()
+params = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2 ** 20
+print(json.dumps({'peak_increase_mib': peak[0] - base, 'weights_mib': params,
+                  'checksum': float(sum(t.double().sum() for t in model.state_dict().values()))}))
+'''
+
+
+def test_sharded_hub_load_keeps_one_copy_in_memory(hf_env):
+    """End to end (Hub download, shards, timm's load_pretrained): peak anonymous memory stays ~1x the weights."""
+    import json
+    import subprocess
+    import sys
+    if not os.path.exists('/proc/self/status'):
+        pytest.skip('needs /proc')
+    torch.manual_seed(0)
+    model = timm.create_model('internimage_t', channels=64, depths=(2, 2, 6, 2))
+    state_dict = model.state_dict()
+    checksum = float(sum(t.double().sum() for t in state_dict.values()))
+    hf_env.hub.add_repo('someone/medium-sharded', sharded_repo(state_dict, num_shards=3))
+    del model, state_dict
+    result = subprocess.run([sys.executable, '-c', _MEMORY_SCRIPT, 'someone/medium-sharded'],
+                            env=hf_env.subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['checksum'] == pytest.approx(checksum, rel=1e-9)
+    assert report['weights_mib'] > 50
+    # the model itself is one copy; a loader holding the weights in memory would add a second one
+    assert report["peak_increase_mib"] < 1.4 * report['weights_mib'], report
+
+
+def test_private_repo_uses_hf_token(hf_env, monkeypatch):
+    kwargs, official = tiny_case('tiny_t')
+    repo = hf_env.hub.add_repo('someone/private-tiny', single_file_repo(hf_format(official)))
+    repo.token = 'hf_test_token_123'
+    overlay = dict(hf_hub_id='someone/private-tiny', hf_hub_filename='model.safetensors')
+    with pytest.raises(Exception) as info:
+        timm.create_model('internimage_t', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    assert 'someone/private-tiny' in str(info.value)
+    monkeypatch.setenv('HF_TOKEN', repo.token)
+    model = timm.create_model('internimage_t', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    _assert_same_weights(model, _reference('internimage_t', kwargs, official))
+    assert f'Bearer {repo.token}' in hf_env.hub.auth_headers
