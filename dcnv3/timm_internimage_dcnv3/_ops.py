@@ -55,6 +55,11 @@ def cuda_loaded() -> bool:
     return _CUDA_LIBRARY is not None
 
 
+def cuda_load_error() -> str | None:
+    """Why a CUDA build's kernels could not be loaded (e.g. CPU-only torch), or None."""
+    return _CUDA_LOAD_ERROR
+
+
 def _out_size(size: Any, pad: int, dil: int, k: int, stride: int) -> Any:
     return (size + 2 * pad - (dil * (k - 1) + 1)) // stride + 1
 

@@ -46,6 +46,7 @@ bool use_avx2() {
 }
 
 constexpr int64_t kGrainWork = 1 << 14;  // scalar multiply-adds per task, roughly
+constexpr double kMaxBufferBytes = 256.0 * (1 << 20);  // private grad_input buffers, all threads
 
 int64_t grain_for(const Geometry& g, int64_t per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, per_item));
@@ -302,7 +303,12 @@ void backward_kernel(
     range_fn = &backward_range_avx2<scalar_t>;
   }
 #endif
-  if (tasks >= threads || tasks * HWo * work_per_pixel < kGrainWork) {
+  // Private-buffer strategy only when there are fewer slices than threads
+  // and the buffers stay small; otherwise one thread per slice.
+  const int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(1, HWo / 16));
+  const int64_t total = g.N * in_plane;
+  const bool small_buffers = static_cast<double>(chunks) * static_cast<double>(total) * sizeof(acc_t) <= kMaxBufferBytes;
+  if (tasks >= threads || tasks * HWo * work_per_pixel < kGrainWork || !small_buffers) {
     // Each (batch element, group) owns a disjoint slice of grad_input.
     torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> prob(g.P), gm(g.P);
@@ -317,8 +323,6 @@ void backward_kernel(
   }
   // Few (batch element, group) pairs: split the output pixels into chunks,
   // each accumulating into a private grad_input buffer, then reduce.
-  const int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(1, HWo / 16));
-  const int64_t total = g.N * in_plane;
   std::vector<std::vector<acc_t>> bufs(chunks);
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> prob(g.P), gm(g.P);
