@@ -217,9 +217,8 @@ def test_manifest_refresh_pins_and_verifies(hf_env, tmp_path):
     manifest = json.loads(json.dumps(load_manifest()))
     path = tmp_path / 'weights_manifest.json'
     path.write_text(dump_manifest(manifest))
-    result = _run(['manifest-refresh', '--manifest', str(path), '--tags', T_TAG,
-                   'internimage_g.joint_in22k_ft_in1k_512'], hf_env.subprocess_env())
-    assert result.returncode == 0, result.stderr
+    assert main(['manifest-refresh', '--manifest', str(path), '--tags', T_TAG,
+                 'internimage_g.joint_in22k_ft_in1k_512']) == 0
     refreshed = json.loads(path.read_text())
     t = refreshed['models'][T_TAG]
     assert t['revision'] == t_repo.commit and t['file'] == 'model.safetensors'
