@@ -104,6 +104,12 @@ def _log_choice(backend: str, device_type: str, dtype: torch.dtype) -> None:
     _logger.debug('dcnv3: using the %s backend for %s %s', backend, device_type, dtype)
 
 
+def _softmax_over_points(mask_logits: Tensor, group: int) -> Tensor:
+    """Per-group softmax over the kernel points of ``(N, H, W, group * P)`` logits."""
+    batch, height, width, _ = mask_logits.shape
+    return mask_logits.reshape(batch, height, width, group, -1).softmax(-1).reshape(mask_logits.shape)
+
+
 @register_notrace_function
 def dcnv3_core(
         input: Tensor,
@@ -121,10 +127,17 @@ def dcnv3_core(
         group_channels: int,
         offset_scale: float,
         remove_center: bool,
+        mask_is_logits: bool = False,
         backend: Optional[str] = None,
 ) -> Tensor:
-    """DCNv3 with explicit per-axis arguments (the official op's signature), dispatched to a backend."""
-    if torch.jit.is_scripting():
+    """DCNv3 with explicit per-axis arguments (the official op's signature), dispatched to a backend.
+
+    With ``mask_is_logits`` the mask holds logits and their per-group softmax over the kernel points is
+    part of the op (inside the kernel for the compiled backend).
+    """
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch: the pure-PyTorch op
+        if mask_is_logits:
+            mask = _softmax_over_points(mask, group)
         return dcnv3_torch(
             input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
             dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
@@ -132,12 +145,11 @@ def dcnv3_core(
     if chosen == 'compiled':
         return _EXTENSION.dcnv3(
             input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-            dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
-    if chosen == 'reference':
-        return dcnv3_reference(
-            input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-            dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
-    return dcnv3_torch(
+            dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_is_logits)
+    if mask_is_logits:
+        mask = _softmax_over_points(mask, group)
+    implementation = dcnv3_reference if chosen == 'reference' else dcnv3_torch
+    return implementation(
         input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
         dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
 
@@ -198,7 +210,7 @@ def dcnv3(
             f'got {tuple(offset.shape)} and {tuple(mask.shape)}')
     return dcnv3_core(
         input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-        dilation_h, dilation_w, group, channels // group, float(offset_scale), bool(remove_center), backend)
+        dilation_h, dilation_w, group, channels // group, float(offset_scale), bool(remove_center), backend=backend)
 
 
 class DCNv3(nn.Module):
@@ -264,17 +276,14 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, height, width, _ = x.shape
         projected = self.input_proj(x)
         context = self.dw_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         context = self.dw_act(self.dw_norm(context))
-        offset = self.offset(context)
-        mask = self.mask(context)
-        mask = mask.reshape(batch, height, width, self.group, -1).softmax(-1).reshape(mask.shape)
         out = dcnv3_core(
-            projected, offset, mask,
+            projected, self.offset(context), self.mask(context),
             self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
-            self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center)
+            self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center,
+            mask_is_logits=True)
         if self.center_feature_scale_proj is not None:
             scale = torch.sigmoid(self.center_feature_scale_proj(context))
             scale = scale.repeat_interleave(self.group_channels, dim=-1)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh machine, then run it:
+#   - a virtual environment (.venv, or $VENV) with torch $TORCH_VERSION and this package with its test extras
+#   - the compiled DCNv3 op, built once for the CPU against that torch and installed
+#   - a CUDA compile check of the op's kernels when nvcc is present (no GPU needed)
+#   - a second environment with torch $OLD_TORCH_VERSION running the op tests against the same wheel
+#     (the wheel is built on the torch stable ABI; this proves it loads on an older torch)
+#
+#   bash scripts/test.sh [pytest arguments]
+#
+# Environment: VENV, TORCH_VERSION (default 2.14.1), TORCHVISION_VERSION (0.29.1),
+# OLD_TORCH_VERSION (2.13.0; empty skips that check), PYTHON (python3).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python="${PYTHON:-python3}"
+venv="${VENV:-.venv}"
+torch_version="${TORCH_VERSION:-2.14.1}"
+torchvision_version="${TORCHVISION_VERSION:-0.29.1}"
+old_torch_version="${OLD_TORCH_VERSION-2.13.0}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "environment $venv (torch $torch_version)"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q "torch==$torch_version" "torchvision==$torchvision_version"
+"$venv/bin/python" -m pip install -q -e ".[test]"
+
+step "compiled DCNv3 op: CPU wheel"
+PYTHON="$venv/bin/python" bash dcnv3/build_wheel.sh --cpu --install --outdir dcnv3/dist
+wheel="$(ls -t dcnv3/dist/timm_internimage_dcnv3-*.whl | head -n 1)"
+
+if command -v nvcc >/dev/null 2>&1; then
+  step "compiled DCNv3 op: CUDA compile check"
+  PYTHON="$venv/bin/python" bash dcnv3/tools/cuda_compile_check.sh
+else
+  step "compiled DCNv3 op: no nvcc here, CUDA compile check not run"
+fi
+
+step "test suite"
+"$venv/bin/python" -m pytest -q tests "$@"
+
+if [ -n "$old_torch_version" ]; then
+  step "the same op wheel on torch $old_torch_version"
+  old_venv="$venv-torch$old_torch_version"
+  [ -x "$old_venv/bin/python" ] || "$python" -m venv "$old_venv"
+  "$old_venv/bin/python" -m pip install -q "torch==$old_torch_version" pytest safetensors numpy
+  "$old_venv/bin/python" -m pip install -q --no-deps --force-reinstall "$wheel"
+  # Only the op tests: they need the extension and torch, nothing from this package's other dependencies.
+  (cd tests && "../$old_venv/bin/python" -m pytest -q -p no:cacheprovider test_compiled_op.py)
+fi
