@@ -355,3 +355,26 @@ def test_private_repo_uses_hf_token(hf_env, monkeypatch):
     model = timm.create_model('internimage_t', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     _assert_same_weights(model, _reference('internimage_t', kwargs, official))
     assert f'Bearer {repo.token}' in hf_env.hub.auth_headers
+
+
+def test_unverified_layout_probes_single_file_then_index(hf_env):
+    """H's layout is unverified in the manifest: the loader tries model.safetensors, then the shard index."""
+    tag, repo_id = 'internimage_h.joint_in22k_ft_in1k_640', 'OpenGVLab/internimage_h_22kto1k_640'
+    assert timm.models.get_pretrained_cfg(tag).hf_hub_filename is None
+    kwargs, official = tiny_case('tiny_h')
+    hf_env.hub.add_repo(repo_id, sharded_repo(hf_format(official), num_shards=2))
+    model = timm.create_model(tag, pretrained=True, **kwargs)
+    _assert_same_weights(model, _reference('internimage_h', kwargs, official))
+    paths = [p for _, p in hf_env.hub.requests if '/resolve/' in p]
+    assert paths[0].endswith('/model.safetensors') and any(p.endswith('.index.json') for p in paths)
+    hf_env.set_offline(True)
+    model = timm.create_model(tag, pretrained=True, **kwargs)
+    _assert_same_weights(model, _reference('internimage_h', kwargs, official))
+
+
+def test_cache_dir_argument(t_repo, hf_env, tmp_path):
+    kwargs, official, _ = t_repo
+    cache = tmp_path / 'custom_cache'
+    timm.create_model(T_TAG, pretrained=True, cache_dir=cache, **kwargs)
+    assert list(cache.rglob('snapshots/*/model.safetensors'))
+    assert not hf_env.cache.exists() or not list(hf_env.cache.rglob('*.safetensors'))

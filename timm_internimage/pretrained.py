@@ -152,7 +152,16 @@ def _hub():
 
 def _offline() -> bool:
     from huggingface_hub import constants
-    return bool(constants.is_offline_mode())
+    is_offline = getattr(constants, 'is_offline_mode', None)  # huggingface_hub >= 1.0 reads it at call time
+    return bool(is_offline() if is_offline is not None else constants.HF_HUB_OFFLINE)
+
+
+def _hub_errors():
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:  # huggingface_hub < 0.24
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    return EntryNotFoundError, LocalEntryNotFoundError
 
 
 def _download(
@@ -165,7 +174,7 @@ def _download(
     """``hf_hub_download`` with a clear error when the file is neither cached nor downloadable."""
     hub = _hub()
     from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    _, LocalEntryNotFoundError = _hub_errors()
     try:
         return Path(hub.hf_hub_download(
             repo_id, filename, revision=revision, cache_dir=str(cache_dir) if cache_dir else None))
@@ -196,7 +205,7 @@ def fetch_hub_weights(
     ``model.safetensors.index.json``; pickled checkpoints are never fetched from the Hub.
     ``expected`` maps file names to ``{'sha256': ..., 'size': ...}``; files listed there are verified.
     """
-    from huggingface_hub.errors import EntryNotFoundError
+    EntryNotFoundError, _ = _hub_errors()
     expected = expected or {}
 
     def get(name: str) -> Path:
