@@ -412,11 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(verbose: bool) -> None:
+    """Log records on stderr; huggingface_hub's are left to its own handler (else they would print twice)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(levelname)s %(name)s: %(message)s'))
+    handler.addFilter(lambda record: not record.name.startswith('huggingface_hub'))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format='%(levelname)s %(name)s: %(message)s')
+    _setup_logging(args.verbose)
     from .pretrained import PretrainedWeightsError
     try:
         return args.func(args)
