@@ -235,3 +235,27 @@ def test_manifest_refresh_pins_and_verifies(hf_env, tmp_path):
     assert refreshed['refreshed']['endpoint'] == hf_env.hub.endpoint
     # the refreshed manifest still generates valid cfgs
     assert pretrained_cfgs(refreshed)[T_TAG]['hf_hub_filename'] == 'model.safetensors'
+
+
+def test_predict_with_local_checkpoint(tmp_path, capsys):
+    from PIL import Image
+    kwargs, official = tiny_case('tiny_t')
+    weights = tmp_path / 'tiny.safetensors'
+    from hub_server import safetensors_bytes
+    weights.write_bytes(safetensors_bytes(official))
+    image = tmp_path / 'gradient.jpg'
+    Image.fromarray((torch.linspace(0, 255, 64 * 80 * 3).reshape(64, 80, 3)).byte().numpy()).save(image)
+    assert main(['predict', str(image), '--model', 'internimage_t', '--checkpoint', str(weights), '--json',
+                 '--top-k', '4', '--model-args', _tiny_args(kwargs)]) == 0
+    predictions = json.loads(capsys.readouterr().out)['results'][0]['predictions']
+    want = _expected_top(kwargs, official, image, 4)
+    assert [(p['index'], p['label']) for p in predictions] == [(i, label) for i, label, _ in want]
+
+
+def test_manifest_refresh_unknown_repo_is_a_clear_error(hf_env, tmp_path, capsys):
+    manifest = json.loads(json.dumps(load_manifest()))
+    path = tmp_path / 'weights_manifest.json'
+    path.write_text(dump_manifest(manifest))
+    assert main(['manifest-refresh', '--manifest', str(path), '--tags', 'internimage_b.in1k']) == 1
+    assert 'internimage_b_1k_224' in capsys.readouterr().err
+    assert path.read_text() == dump_manifest(manifest)  # nothing written on failure

@@ -378,3 +378,13 @@ def test_cache_dir_argument(t_repo, hf_env, tmp_path):
     timm.create_model(T_TAG, pretrained=True, cache_dir=cache, **kwargs)
     assert list(cache.rglob('snapshots/*/model.safetensors'))
     assert not hf_env.cache.exists() or not list(hf_env.cache.rglob('*.safetensors'))
+
+
+def test_size_mismatch_is_reported_and_evicted(t_repo, hf_env, manifest_entry):
+    kwargs, _, repo = t_repo
+    good = repo.files['model.safetensors']
+    manifest_entry(T_TAG, files={'model.safetensors': {'size': len(good), 'sha256': repo.sha256('model.safetensors')}})
+    repo.tampered['model.safetensors'] = good[:-1000]  # a truncated transfer the server also reports as complete
+    with pytest.raises(ChecksumMismatchError, match=f'expected {len(good)} bytes, got {len(good) - 1000} bytes'):
+        timm.create_model(T_TAG, pretrained=True, **kwargs)
+    assert not _cached_blobs(hf_env.cache)

@@ -433,6 +433,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (PretrainedWeightsError, KeyError) as e:
         _err(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}')
         return 1
+    except OSError as e:  # includes huggingface_hub's HTTP errors (repo not found, private repo, ...)
+        _err(f'error: {e}')
+        return 1
 
 
 if __name__ == '__main__':  # pragma: no cover
