@@ -28,7 +28,30 @@ def _load(module: str) -> str | None:
     return spec.origin
 
 
-_CPU_LIBRARY = _load("_C")
+# The libraries target the torch stable ABI of this version (TORCH_TARGET_VERSION).
+MIN_TORCH = (2, 10)
+
+
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return MIN_TORCH
+
+
+if _torch_version() < MIN_TORCH:
+    raise ImportError(
+        f"timm_internimage_dcnv3 needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (its stable ABI); "
+        f"found torch {torch.__version__}. Upgrade torch or use the pure-PyTorch op."
+    )
+
+try:
+    _CPU_LIBRARY = _load("_C")
+except OSError as exc:
+    raise ImportError(
+        f"timm_internimage_dcnv3: the compiled library failed to load with torch {torch.__version__}: {exc}"
+    ) from exc
 if _CPU_LIBRARY is None:
     raise ImportError(
         "timm_internimage_dcnv3: the compiled library _C is missing; reinstall the wheel or rebuild it "

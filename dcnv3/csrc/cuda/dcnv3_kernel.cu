@@ -286,9 +286,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   const Tensor offset = torch::stable::contiguous(offset_);
   const Tensor mask = torch::stable::contiguous(mask_);
   const std::vector<int64_t> in_shape = {g.N, g.H, g.W, g.G * g.C};
-  Tensor grad_input = torch::stable::new_zeros(input, in_shape);
-  Tensor grad_offset = torch::stable::new_zeros(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2});
-  Tensor grad_mask = torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P});
+  // float/double accumulate into grad_input itself (zeroed); the half types
+  // accumulate into a float buffer and grad_input is written by the cast.
+  const bool direct = input.scalar_type() == ScalarType::Float || input.scalar_type() == ScalarType::Double;
+  Tensor grad_input = direct ? torch::stable::new_zeros(input, in_shape) : torch::stable::new_empty(input, in_shape);
+  // Every element of grad_offset and grad_mask is written by the kernels.
+  Tensor grad_offset = torch::stable::new_empty(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2});
+  Tensor grad_mask = torch::stable::new_empty(mask, {g.N, g.Ho, g.Wo, g.G * g.P});
   const int64_t total = g.positions() * g.G;
   if (total == 0 || input.numel() == 0) {
     return std::make_tuple(grad_input, grad_offset, grad_mask);
