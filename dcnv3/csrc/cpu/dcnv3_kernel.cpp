@@ -186,19 +186,19 @@ DCNV3_INLINE void backward_channels_interior(
   acc_t* __restrict__ d1 = gin + b.off[1];
   acc_t* __restrict__ d2 = gin + b.off[2];
   acc_t* __restrict__ d3 = gin + b.off[3];
-  const acc_t w0 = b.w[0], w1 = b.w[1], w2 = b.w[2], w3 = b.w[3];
-  const acc_t mw0 = m * w0, mw1 = m * w1, mw2 = m * w2, mw3 = m * w3;
+  const acc_t fx = b.fx, fy = b.fy;
+  const acc_t mw0 = m * b.w[0], mw1 = m * b.w[1], mw2 = m * b.w[2], mw3 = m * b.w[3];
   acc_t s_v = 0, s_x = 0, s_y = 0;
 #pragma omp simd reduction(+ : s_v, s_x, s_y)
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t v0 = static_cast<acc_t>(x0[c]);
-    const acc_t v1 = static_cast<acc_t>(x1[c]);
-    const acc_t v2 = static_cast<acc_t>(x2[c]);
-    const acc_t v3 = static_cast<acc_t>(x3[c]);
+    acc_t v, dx, dy;
+    bilinear_interior<acc_t>(
+        static_cast<acc_t>(x0[c]), static_cast<acc_t>(x1[c]), static_cast<acc_t>(x2[c]), static_cast<acc_t>(x3[c]), fx,
+        fy, v, dx, dy);
     const acc_t gc = static_cast<acc_t>(go[c]);
-    s_v += gc * (w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3);
-    s_x += gc * (b.wx[0] * v0 + b.wx[1] * v1 + b.wx[2] * v2 + b.wx[3] * v3);
-    s_y += gc * (b.wy[0] * v0 + b.wy[1] * v1 + b.wy[2] * v2 + b.wy[3] * v3);
+    s_v += gc * v;
+    s_x += gc * dx;
+    s_y += gc * dy;
     d0[c] += mw0 * gc;
     d1[c] += mw1 * gc;
     d2[c] += mw2 * gc;
