@@ -8,6 +8,7 @@ fake (meta) kernels and the autograd formulas, so the ops work under
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from typing import Any, Sequence
@@ -145,15 +146,58 @@ for _fwd, _bwd in (("dcnv3_forward", "dcnv3_backward"), ("dcnv3_softmax_forward"
     )
 
 
+def _built_cuda_archs() -> list[tuple[int, int, bool]] | None:
+    """(major, minor, ptx) of each architecture in the build, or None if unknown."""
+    try:
+        from ._build_info import CUDA_ARCH_LIST
+    except ImportError:
+        return None
+    if not CUDA_ARCH_LIST:
+        return None
+    archs = []
+    for item in CUDA_ARCH_LIST.replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        major, _, minor = item.removesuffix("+PTX").partition(".")
+        try:
+            archs.append((int(major), int(minor.rstrip("afAF") or 0), ptx))
+        except ValueError:
+            return None
+    return archs
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_supported(index: int) -> bool:
+    """Whether the build has a kernel image (SASS of the same major, or PTX) for GPU ``index``."""
+    archs = _built_cuda_archs()
+    if archs is None:
+        return True  # unknown build: let the kernel's own check raise if needed
+    major, minor = torch.cuda.get_device_capability(index)
+    for a_major, a_minor, ptx in archs:
+        if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            return True
+    return False
+
+
 def supports(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether the compiled op can run on ``device`` with ``dtype``."""
+    """Whether the compiled op can run on ``device`` with ``dtype``.
+
+    CPU: always for float32/float64/float16/bfloat16. CUDA: when the CUDA kernels
+    are built and loaded, a GPU is available, and the build has code for its
+    architecture.
+    """
     device = torch.device(device)
     if dtype not in _FLOAT_DTYPES:
         return False
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        return _CUDA_LIBRARY is not None and torch.cuda.is_available()
+        if _CUDA_LIBRARY is None or not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_device_supported(index)
     return False
 
 
