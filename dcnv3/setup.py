@@ -56,7 +56,8 @@ def _want_cuda() -> bool:
             os.environ["CUDA_HOME"] = home
     import torch
 
-    have = bool(os.environ.get("CUDA_HOME")) and torch.version.cuda is not None
+    home = os.environ.get("CUDA_HOME", "")
+    have = bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc")) and torch.version.cuda is not None
     if mode in ("1", "true", "yes", "on", "cuda") and not have:
         raise RuntimeError(
             "TIMM_INTERNIMAGE_DCNV3_CUDA=1 but no CUDA build is possible "
