@@ -90,6 +90,10 @@ def _sync(device: 'torch.device') -> None:
         torch.cuda.synchronize(device)
 
 
+_CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
+_clock = time.perf_counter
+
+
 def _time_it(fn: Callable[[], Any], device: 'torch.device', warmup: int, iters: int) -> List[float]:
     """Seconds per call of ``fn`` for ``iters`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -97,10 +101,10 @@ def _time_it(fn: Callable[[], Any], device: 'torch.device', warmup: int, iters: 
     _sync(device)
     times = []
     for _ in range(iters):
-        start = time.perf_counter()
+        start = _clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(_clock() - start)
     return times
 
 
@@ -173,14 +177,21 @@ def _parse_kwargs(items: List[str]) -> Dict[str, Any]:
 # workers: one configuration each, result as a dict
 
 
+def _setup(cfg: Dict[str, Any]) -> None:
+    import torch
+    global _clock
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
+    _clock = _CLOCKS[cfg['clock']]
+
+
 def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Benchmark one model configuration in this process."""
     import torch
     import timm
     import timm_internimage  # noqa: F401  registers the models
 
-    if cfg['threads']:
-        torch.set_num_threads(cfg['threads'])
+    _setup(cfg)
     device = _resolve_device(cfg['device'])
     dtype = getattr(torch, cfg['dtype'])
     torch.manual_seed(0)
@@ -250,8 +261,7 @@ def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     from timm_internimage.ops import dcnv3
 
-    if cfg['threads']:
-        torch.set_num_threads(cfg['threads'])
+    _setup(cfg)
     device = _resolve_device(cfg['device'])
     dtype = getattr(torch, cfg['dtype'])
     backend = cfg['backend']
@@ -279,11 +289,11 @@ def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         for i in range(cfg['warmup'] + cfg['iters']):
             out = fn(*leaves, group)
             _sync(device)
-            start = time.perf_counter()
+            start = _clock()
             out.backward(grad_out)
             _sync(device)
             if i >= cfg['warmup']:
-                bwd.append(time.perf_counter() - start)
+                bwd.append(_clock() - start)
             for leaf in leaves:
                 leaf.grad = None
             del out
@@ -365,7 +375,7 @@ def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
     compile_options = [False, True] if args.compile else [False]
     common = {
         'op': args.op, 'device': args.device, 'threads': args.threads, 'warmup': args.warmup, 'iters': args.iters,
-        'batch_size': args.batch_size,
+        'batch_size': args.batch_size, 'clock': args.clock,
     }
     configs = []
     for dtype in dtypes:
@@ -391,8 +401,9 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def _print_table(results: List[Dict[str, Any]]) -> None:
     env = next((r['env'] for r in results if 'env' in r), None)
     if env:
-        print(f"# {env['device_name']} ({env['device']}, {env['threads']} threads), python {env['python']}, "
-              f"torch {env['torch']}, timm {env['timm']}")
+        clock = next((r['config'].get('clock', 'wall') for r in results), 'wall')
+        print(f"# {env['device_name']} ({env['device']}, {env['threads']} threads, {clock} clock), "
+              f"python {env['python']}, torch {env['torch']}, timm {env['timm']}")
     model_rows = [r for r in results if r['kind'] == 'model']
     op_rows = [r for r in results if r['kind'] == 'op']
     if model_rows:
@@ -462,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--channels-last', action='store_true', help='channels_last input and model memory format')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: torch default)')
+    p.add_argument('--clock', choices=tuple(_CLOCKS), default='wall',
+                   help='wall: elapsed time; cpu: CPU time of the process (with --threads 1 a measure that other '
+                        'load on a shared machine barely disturbs; with more threads it sums their time)')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
     p.add_argument('--iters', type=int, default=5, help='timed iterations (the median is reported)')
     p.add_argument('--op', action='store_true',
