@@ -51,6 +51,15 @@ def _proc_status_kib(field: str) -> Optional[int]:
     return None
 
 
+def _release_free_memory() -> None:
+    """Give memory freed earlier in the process back to the OS (glibc), so that reusing it counts as new."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of the work done between ``start()`` and ``stop()``, in MiB."""
 
@@ -66,6 +75,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
             return
+        _release_free_memory()
         try:
             with open('/proc/self/clear_refs', 'w') as f:
                 f.write('5')  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -272,7 +282,7 @@ def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     fn = torch.compile(op, fullgraph=True, dynamic=False) if cfg['compile'] else op
     rows = []
-    for size, channels, group in OP_SHAPES:
+    for size, channels, group in [OP_SHAPES[i] for i in cfg['shapes']]:
         generator = torch.Generator().manual_seed(0)
         x, offset, mask = _op_inputs(cfg['batch_size'], size, channels, group, dtype, device, generator)
         memory = PeakMemory(device)
@@ -382,7 +392,12 @@ def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
         for backend in backends:
             for compiled in compile_options:
                 if args.op:
-                    configs.append({**common, 'dtype': dtype, 'backend': backend, 'compile': compiled})
+                    # one shape per worker: a fresh process per shape keeps the peak memory of each its own
+                    shape_groups = [[i] for i in range(len(OP_SHAPES))] if not args.in_process else [
+                        list(range(len(OP_SHAPES)))]
+                    for shapes in shape_groups:
+                        configs.append({**common, 'dtype': dtype, 'backend': backend, 'compile': compiled,
+                                        'shapes': shapes})
                     continue
                 for mode in modes:
                     configs.append({
@@ -392,6 +407,29 @@ def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
                         'model_kwargs': _parse_kwargs(args.model_kwargs),
                     })
     return configs
+
+
+def _merge_op_results(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One op result per (dtype, backend, compile), its shapes in order, whatever the workers were."""
+    merged: List[Dict[str, Any]] = []
+    by_key: Dict[Tuple, Dict[str, Any]] = {}
+    for r in results:
+        if r['kind'] != 'op':
+            merged.append(r)
+            continue
+        c = r['config']
+        key = (c['dtype'], c['backend'], c['compile'])
+        if key not in by_key:
+            first = dict(r, config={k: v for k, v in c.items() if k != 'shapes'}, shapes=list(r.get('shapes', [])))
+            by_key[key] = first
+            merged.append(first)
+            continue
+        target = by_key[key]
+        if 'error' in r:
+            target.setdefault('error', r['error'])
+        target['shapes'].extend(r.get('shapes', []))
+        target['peak_mem_exact'] = target.get('peak_mem_exact', True) and r.get('peak_mem_exact', True)
+    return merged
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -424,7 +462,7 @@ def _print_table(results: List[Dict[str, Any]]) -> None:
         for r in op_rows:
             c = r['config']
             base = (c['backend'], c['dtype'], 'yes' if c['compile'] else 'no')
-            if 'error' in r:
+            if 'error' in r and not r['shapes']:
                 lines.append(base + ('error',) + ('',) * 7)
                 continue
             for s in r['shapes']:
@@ -495,7 +533,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         raise SystemExit('--iters must be >= 1, --warmup >= 0, --batch-size >= 1')
-    results = [_run_in_process(cfg) if args.in_process else _run_in_subprocess(cfg) for cfg in _configs(args)]
+    results = _merge_op_results(
+        [_run_in_process(cfg) if args.in_process else _run_in_subprocess(cfg) for cfg in _configs(args)])
     if args.json:
         print(json.dumps({'results': results}, indent=2))
     else:
