@@ -418,10 +418,11 @@ class InternImage(nn.Module):
 
         self.stem = Stem(in_chans, channels, act_layer, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
+        num_blocks = sum(depths)
         if drop_path_type == 'uniform':
-            dpr = [drop_path_rate] * sum(depths)
-        else:
-            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+            dpr = [drop_path_rate] * num_blocks
+        else:  # linear from 0 to drop_path_rate (plain Python: the model may be built on the meta device)
+            dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
         stages = []
         self.feature_info = []
         in_chs = channels

@@ -93,40 +93,42 @@ def dcnv3_torch(
     loc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     device = input.device
 
+    # Sampling location = window origin + (kernel point + offset) * offset_scale, in input pixels.
     point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, device, loc_dtype)
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
-    center_x = torch.arange(width_out, device=device, dtype=loc_dtype) * stride_w + (half_w - pad_w)
-    center_y = torch.arange(height_out, device=device, dtype=loc_dtype) * stride_h + (half_h - pad_h)
-
+    origin_x = torch.arange(width_out, device=device, dtype=loc_dtype) * stride_w + (half_w - pad_w)
+    origin_y = torch.arange(height_out, device=device, dtype=loc_dtype) * stride_h + (half_h - pad_h)
+    base_x = origin_x.view(1, 1, width_out, 1, 1) + point_x * offset_scale
+    base_y = origin_y.view(1, height_out, 1, 1, 1) + point_y * offset_scale
     offset = offset.reshape(batch, height_out, width_out, group, num_points, 2).to(loc_dtype)
-    loc_x = center_x.view(1, 1, width_out, 1, 1) + (point_x + offset[..., 0]) * offset_scale
-    loc_y = center_y.view(1, height_out, 1, 1, 1) + (point_y + offset[..., 1]) * offset_scale
+    loc_x = base_x + offset[..., 0] * offset_scale
+    loc_y = base_y + offset[..., 1] * offset_scale
 
+    # The table gets a border of two zero pixels: clamping the top-left corner to [-2, size] then makes
+    # both corners of an axis read zeros exactly when they lie outside the map, with no validity masks.
     x0 = loc_x.floor()
     y0 = loc_y.floor()
     frac_x = loc_x - x0
     frac_y = loc_y - y0
-    # Corner dimension pairs: (..., 2) for x in {x0, x0 + 1} and y in {y0, y0 + 1}.
-    corner_step = torch.arange(2, device=device, dtype=loc_dtype)
-    corner_x = x0.unsqueeze(-1) + corner_step
-    corner_y = y0.unsqueeze(-1) + corner_step
-    weight_x = torch.stack((1 - frac_x, frac_x), dim=-1) * ((corner_x >= 0) & (corner_x <= width - 1))
-    weight_y = torch.stack((1 - frac_y, frac_y), dim=-1) * ((corner_y >= 0) & (corner_y <= height - 1))
-
     mask = mask.reshape(batch, height_out, width_out, group, num_points).to(loc_dtype)
-    weights = (weight_y * mask.unsqueeze(-1)).unsqueeze(-1) * weight_x.unsqueeze(-2)  # (..., P, 2y, 2x)
+    weight_y = torch.stack((mask - frac_y * mask, frac_y * mask), dim=-1)  # (..., P, 2): mask * (1 - fy, fy)
+    weight_x = torch.stack((1 - frac_x, frac_x), dim=-1)
+    weights = weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)  # (..., P, 2 rows, 2 columns)
 
-    # Row of the (N * H * W * G, C) table each corner reads; out-of-bounds corners read row 0 with weight 0.
-    index_dtype = torch.int32 if batch * height * width * group < 2 ** 31 else torch.int64
-    corner_x = corner_x.clamp(0, width - 1).to(index_dtype)
-    corner_y = corner_y.clamp(0, height - 1).to(index_dtype)
-    batch_base = torch.arange(batch, device=device, dtype=index_dtype).view(batch, 1, 1, 1, 1, 1) * height
-    pixel = ((batch_base + corner_y).unsqueeze(-1) * width + corner_x.unsqueeze(-2))
-    group_index = torch.arange(group, device=device, dtype=index_dtype).view(1, 1, 1, group, 1, 1, 1)
-    rows = pixel * group + group_index
+    border = 2
+    padded_h, padded_w = height + 2 * border, width + 2 * border
+    index_dtype = torch.int32 if batch * padded_h * padded_w * group < 2 ** 31 else torch.int64
+    column = x0.clamp(-border, width).to(index_dtype) + border
+    row = y0.clamp(-border, height).to(index_dtype) + border
+    # Table row of each top-left corner: ((n * padded_h + row) * padded_w + column) * group + g.
+    image_base = torch.arange(batch, device=device, dtype=index_dtype).view(batch, 1, 1, 1, 1) * (padded_h * padded_w * group)
+    group_base = torch.arange(group, device=device, dtype=index_dtype).view(1, 1, 1, group, 1)
+    top_left = (row * padded_w + column) * group + (image_base + group_base)
+    corner_step = torch.tensor([0, group, padded_w * group, (padded_w + 1) * group], device=device, dtype=index_dtype)
+    rows = top_left.unsqueeze(-1) + corner_step  # (..., P, 4) in the same (row, column) order as weights
 
-    table = input.reshape(batch * height * width * group, group_channels)
+    table = F.pad(input, (0, 0, border, border, border, border)).reshape(-1, group_channels)
     bags = batch * height_out * width_out * group
     output = F.embedding_bag(
         rows.reshape(bags, num_points * 4),
