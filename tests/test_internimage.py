@@ -226,8 +226,18 @@ def test_reset_classifier(name):
     assert unpooled.dim() == 4 and unpooled.shape[-2:] == model.forward_features(x).shape[-2:]
     unpooled = tiny_model(name, num_classes=0, global_pool='').eval()
     assert unpooled(x).dim() == 4
-    with pytest.raises(ValueError, match='num_classes=0'):
-        model.reset_classifier(3, '')
+    model.reset_classifier(3)  # keeps the (removed) pooling: classifying unpooled maps is a clear error
+    with pytest.raises(ValueError, match='no global pooling'):
+        model(x)
+
+
+@pytest.mark.parametrize('name', ['internimage_t', 'internimage_h'])
+def test_reset_classifier_keeps_device_dtype_and_mode(name):
+    model = tiny_model(name).eval().to(device='meta', dtype=torch.float64)
+    model.reset_classifier(0, '')
+    model.reset_classifier(7, 'attn' if name == 'internimage_h' else 'avg')
+    assert all(p.device.type == 'meta' and p.dtype == torch.float64 for p in model.head.parameters())
+    assert not any(module.training for module in model.modules())
 
 
 @pytest.mark.parametrize('name', ['internimage_t', 'internimage_g'])

@@ -220,18 +220,20 @@ class ConvPoolHead(nn.Module):
         self.reset(num_classes, pool_type, **dd)
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
+        self.num_classes = num_classes
         if pool_type is not None:
-            _check_pool(pool_type, num_classes, ('avg', 'max', 'avgmax', 'catavgmax'))
+            _check_pool(pool_type, ('avg', 'max', 'avgmax', 'catavgmax'))
             self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
-        elif not self.global_pool.pool_type:
-            _check_pool('', num_classes, ())
         features = self.hidden_chs * self.global_pool.feat_mult()
         self.fc = nn.Linear(features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(self.act(self.norm(self.conv(x))))
         x = self.drop(x)
-        return x if pre_logits else self.fc(x)
+        if pre_logits:
+            return x
+        _check_pooled(self.global_pool.pool_type, self.num_classes)
+        return self.fc(x)
 
 
 class AttentionPool(nn.Module):
@@ -283,8 +285,9 @@ class AttentionPoolHead(nn.Module):
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
         dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
         if pool_type is not None:
-            _check_pool(pool_type, num_classes, ('attn',))
+            _check_pool(pool_type, ('attn',))
             self.pool_type = pool_type
             if pool_type:
                 self.attn_pool = AttentionPool(self.in_chs, _ATTN_POOL_HEADS, _ATTN_POOL_OUT_DIM, **dd)
@@ -292,22 +295,28 @@ class AttentionPoolHead(nn.Module):
             else:
                 self.attn_pool = nn.Identity()
                 self.norm = nn.Identity()
-        else:
-            _check_pool(self.pool_type, num_classes, ('attn',))
         self.fc = nn.Linear(_ATTN_POOL_OUT_DIM, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.pool_type:
             x = self.norm(self.attn_pool(x.flatten(2).transpose(1, 2)))
         x = self.drop(x)
-        return x if pre_logits else self.fc(x)
+        if pre_logits:
+            return x
+        _check_pooled(self.pool_type, self.num_classes)
+        return self.fc(x)
 
 
-def _check_pool(pool_type: str, num_classes: int, allowed: Sequence[str]) -> None:
+def _check_pool(pool_type: str, allowed: Sequence[str]) -> None:
     if pool_type and pool_type not in allowed:
         raise ValueError(f'global_pool={pool_type!r} is not supported here; use one of {list(allowed) + [""]}')
+
+
+def _check_pooled(pool_type: str, num_classes: int) -> None:
     if not pool_type and num_classes > 0:
-        raise ValueError('global_pool="" (no pooling) needs num_classes=0; unpooled maps cannot feed a classifier')
+        raise ValueError(
+            f'the head has no global pooling (global_pool="") but a {num_classes}-class classifier; '
+            f'use reset_classifier(0, "") for unpooled features, or pass a global_pool')
 
 
 class ScaleFusion(nn.Module):
@@ -506,9 +515,12 @@ class InternImage(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier; ``global_pool=''`` (with ``num_classes=0``) leaves unpooled NCHW maps."""
+        """Replace the classifier (on the model's device and dtype, in its train/eval mode); ``global_pool``
+        None keeps the pooling, ``''`` removes it (then use ``num_classes=0``: unpooled NCHW maps)."""
+        reference = self.stem.conv1.weight
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, device=reference.device, dtype=reference.dtype)
+        self.head.train(self.training)
 
     def forward_intermediates(
             self,
