@@ -12,11 +12,13 @@ Examples::
     python benchmarks/benchmark.py --mode train --dtype bfloat16 --json
     python benchmarks/benchmark.py --op --backend torch,reference,compiled --compile
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the timed loop
-(model, input). On CPU, the peak resident set size of the process above its size before the timed
-loop: the kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` right before
-warmup, so it covers only the benchmarked work (where that reset is not allowed, the mark covers the
-whole run and the number is an upper bound, flagged ``peak_mem_exact: false``).
+Peak memory, of the timed iterations (after warmup): on CUDA, ``torch.cuda.max_memory_allocated`` above
+what was allocated before them (model, input). On CPU, the peak resident set size of the process above
+its size before them: freed heap memory is handed back to the OS (``malloc_trim``) and the kernel's
+high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs``, so the number covers only the
+timed work. Where that reset is not allowed, the mark covers the whole run and the number is an upper
+bound, flagged ``peak_mem_exact: false``. ``--clock cpu`` times with the process CPU time instead of
+the wall clock: with ``--threads 1`` it is barely disturbed by other load on a shared machine.
 """
 import argparse
 import json
@@ -104,11 +106,19 @@ _CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
 _clock = time.perf_counter
 
 
-def _time_it(fn: Callable[[], Any], device: 'torch.device', warmup: int, iters: int) -> List[float]:
+def _time_it(
+        fn: Callable[[], Any],
+        device: 'torch.device',
+        warmup: int,
+        iters: int,
+        after_warmup: Optional[Callable[[], None]] = None,
+) -> List[float]:
     """Seconds per call of ``fn`` for ``iters`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     _sync(device)
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(iters):
         start = _clock()
@@ -239,8 +249,8 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     memory = PeakMemory(device)
     with grad_ctx():
-        memory.start()
-        times = _time_it(step, device, cfg['warmup'], cfg['iters'])
+        # steady state: the memory window opens after warmup (first-call caches, torch.compile)
+        times = _time_it(step, device, cfg['warmup'], cfg['iters'], after_warmup=memory.start)
         peak = memory.stop()
     stats = _summary(times)
     return {
@@ -287,16 +297,17 @@ def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         x, offset, mask = _op_inputs(cfg['batch_size'], size, channels, group, dtype, device, generator)
         memory = PeakMemory(device)
         with torch.inference_mode():
-            memory.start()
-            fwd = _time_it(lambda: fn(x, offset, mask, group), device, cfg['warmup'], cfg['iters'])
+            fwd = _time_it(lambda: fn(x, offset, mask, group), device, cfg['warmup'], cfg['iters'],
+                           after_warmup=memory.start)
             fwd_peak = memory.stop()
 
         leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
         grad_out = torch.randn_like(x)
         bwd = []
         memory = PeakMemory(device)
-        memory.start()
         for i in range(cfg['warmup'] + cfg['iters']):
+            if i == cfg['warmup']:
+                memory.start()
             out = fn(*leaves, group)
             _sync(device)
             start = _clock()
