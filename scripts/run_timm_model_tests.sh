@@ -21,6 +21,8 @@
 #   PYTHON      interpreter with torch, torchvision, timm and pytest (default: .venv/bin/python if present)
 #   MODELS      space-separated model names (default: "internimage_t internimage_s internimage_b";
 #               the larger variants need a lot of memory and time on a CPU)
+#   SELECT      extra pytest -k expression, ANDed with the model selection (e.g. "not prune"); a -k among
+#               the extra pytest arguments would replace the model selection instead
 #   PRETRAINED  1 to also run the tests that load pretrained weights (needs network access)
 #   WORKDIR     scratch directory to use (default: mktemp -d; kept afterwards, its path is printed)
 set -euo pipefail
@@ -102,6 +104,9 @@ done
 selection="($selection)"
 if [ "${PRETRAINED:-0}" != "1" ]; then
   selection="$selection and not pretrained"
+fi
+if [ -n "${SELECT:-}" ]; then
+  selection="$selection and ($SELECT)"
 fi
 
 echo "== timm test_models.py from $timm_source, timm $installed_version, models: $models"
