@@ -240,6 +240,14 @@ def test_reset_classifier_keeps_device_dtype_and_mode(name):
     assert not any(module.training for module in model.modules())
 
 
+def test_reset_classifier_keeps_attention_pool_weights():
+    model = tiny_model('internimage_g').eval()
+    pool_weights = {k: v.clone() for k, v in model.head.attn_pool.state_dict().items()}
+    model.reset_classifier(10, 'attn')
+    model.reset_classifier(3)
+    assert all(torch.equal(model.head.attn_pool.state_dict()[k], v) for k, v in pool_weights.items())
+
+
 @pytest.mark.parametrize('name', ['internimage_t', 'internimage_g'])
 def test_prune_intermediate_layers(name):
     model = tiny_model(name).eval()

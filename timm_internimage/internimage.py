@@ -281,12 +281,14 @@ class AttentionPoolHead(nn.Module):
         self.in_chs = in_chs
         self.drop = nn.Dropout(drop_rate)
         self.pool_type = ''
+        self.attn_pool = nn.Identity()
+        self.norm = nn.Identity()
         self.reset(num_classes, pool_type, device=device, dtype=dtype)
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
         dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
-        if pool_type is not None:
+        if pool_type is not None and pool_type != self.pool_type:  # keep (pretrained) pooling weights otherwise
             _check_pool(pool_type, ('attn',))
             self.pool_type = pool_type
             if pool_type:

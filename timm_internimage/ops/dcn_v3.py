@@ -104,10 +104,19 @@ def _log_choice(backend: str, device_type: str, dtype: torch.dtype) -> None:
     _logger.debug('dcnv3: using the %s backend for %s %s', backend, device_type, dtype)
 
 
-def _softmax_over_points(mask_logits: Tensor, group: int) -> Tensor:
-    """Per-group softmax over the kernel points of ``(N, H, W, group * P)`` logits."""
+def _softmax_over_points(mask_logits: Tensor, group: int, exact: bool = True) -> Tensor:
+    """Per-group softmax over the kernel points of ``(N, H, W, group * P)`` logits.
+
+    ``exact=False`` writes the softmax out (max, exp, sum, divide): same value up to float rounding and
+    several times faster on CPU than ATen's softmax over a last dimension of P = 9. The reference backend
+    keeps ATen's, the official model's rounding.
+    """
     batch, height, width, _ = mask_logits.shape
-    return mask_logits.reshape(batch, height, width, group, -1).softmax(-1).reshape(mask_logits.shape)
+    logits = mask_logits.reshape(batch, height, width, group, -1)
+    if exact:
+        return logits.softmax(-1).reshape(mask_logits.shape)
+    exp = (logits - logits.amax(-1, keepdim=True)).exp()
+    return (exp / exp.sum(-1, keepdim=True)).reshape(mask_logits.shape)
 
 
 @register_notrace_function
@@ -137,7 +146,7 @@ def dcnv3_core(
     """
     if torch.jit.is_scripting():  # TorchScript compiles only this branch: the pure-PyTorch op
         if mask_is_logits:
-            mask = _softmax_over_points(mask, group)
+            mask = _softmax_over_points(mask, group, exact=False)
         return dcnv3_torch(
             input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
             dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
@@ -147,7 +156,7 @@ def dcnv3_core(
             input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
             dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_is_logits)
     if mask_is_logits:
-        mask = _softmax_over_points(mask, group)
+        mask = _softmax_over_points(mask, group, exact=chosen == 'reference')
     implementation = dcnv3_reference if chosen == 'reference' else dcnv3_torch
     return implementation(
         input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,

@@ -13,6 +13,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ['dcnv3_torch', 'dcnv3_output_size']
 
@@ -59,6 +60,86 @@ def _kernel_points(
     return point_x, point_y
 
 
+def _corner_rows(top_left: Tensor, group: int, row_stride: int) -> Tensor:
+    """(bags, P) top-left table rows -> (bags, 4 * P) rows of the 4 corners, corner-major within a bag."""
+    rows = torch.stack((top_left, top_left + group, top_left + row_stride, top_left + (row_stride + group)), 1)
+    return rows.view(top_left.shape[0], 4 * top_left.shape[1])
+
+
+class _BilinearGather(torch.autograd.Function):
+    """``embedding_bag`` of the 4 bilinear corners of every point, with a faster backward than ATen's CPU one.
+
+    ATen's dense embedding_bag backward loops over every index, one ``group_channels`` row at a time,
+    after sorting all ``4 * P`` indices of every bag. Here the input gradient is the transposed gather:
+    the points are sorted by their top-left row only (4x fewer keys), one embedding_bag per corner sums
+    ``grad_output`` rows into a bag per table row, and the 4 results are added at their corner shifts.
+    The weight gradient is ATen's per-sample-weights backward (one row dot product per index).
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, top_left: Tensor, weights: Tensor, group: int, row_stride: int) -> Tensor:
+        ctx.save_for_backward(table, top_left, weights)
+        ctx.group, ctx.row_stride = group, row_stride
+        rows = _corner_rows(top_left, group, row_stride)
+        return F.embedding_bag(rows, table, per_sample_weights=weights.reshape(rows.shape), mode='sum')
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        table, top_left, weights = ctx.saved_tensors
+        group, row_stride = ctx.group, ctx.row_stride
+        grad_output = grad_output.contiguous()
+        bags, points = top_left.shape
+        num_rows = table.shape[0]
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            flat = top_left.reshape(-1)
+            order = torch.sort(flat, stable=True)[1]
+            counts = torch.bincount(flat, minlength=num_rows)
+            offsets = counts.cumsum(0) - counts
+            bag_of = torch.arange(bags, device=flat.device, dtype=flat.dtype).view(bags, 1).expand(bags, points)
+            bag_of = bag_of.reshape(-1).index_select(0, order)
+            corner_weights = weights.view(bags, 4, points).transpose(0, 1).reshape(4, bags * points)
+            corner_weights = corner_weights.index_select(1, order)
+            grad_table = F.embedding_bag(
+                bag_of, grad_output, offsets, per_sample_weights=corner_weights[0], mode='sum')
+            for k, shift in enumerate((group, row_stride, row_stride + group), 1):
+                grad_table[shift:] += F.embedding_bag(
+                    bag_of, grad_output, offsets, per_sample_weights=corner_weights[k], mode='sum')[:num_rows - shift]
+        if ctx.needs_input_grad[2]:
+            rows = _corner_rows(top_left, group, row_stride).view(-1)
+            slots = 4 * points
+            offsets = torch.arange(0, bags * slots, slots, device=rows.device, dtype=rows.dtype)
+            offset2bag = torch.arange(bags, device=rows.device, dtype=rows.dtype).view(bags, 1).expand(bags, slots)
+            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_output, table, rows, offsets, offset2bag.reshape(-1), 0, -1).view(weights.shape)
+        return grad_table, None, grad_weights, None, None
+
+
+def _bilinear_gather_plain(table: Tensor, top_left: Tensor, weights: Tensor, group: int, row_stride: int) -> Tensor:
+    rows = _corner_rows(top_left, group, row_stride)
+    return F.embedding_bag(rows, table, per_sample_weights=weights.reshape(rows.shape), mode='sum')
+
+
+@torch.jit.unused
+def _bilinear_gather_autograd(table: Tensor, top_left: Tensor, weights: Tensor, group: int, row_stride: int) -> Tensor:
+    return _BilinearGather.apply(table, top_left, weights, group, row_stride)
+
+
+@torch.jit.unused
+def _use_custom_backward(table: Tensor, weights: Tensor) -> bool:
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False  # exporters see plain ATen ops
+    return torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad)
+
+
+def _bilinear_gather(table: Tensor, top_left: Tensor, weights: Tensor, group: int, row_stride: int) -> Tensor:
+    """Sum over the 4 corners of every point of ``weights * table[row]``: ``(bags, group_channels)``."""
+    if not torch.jit.is_scripting() and _use_custom_backward(table, weights):
+        return _bilinear_gather_autograd(table, top_left, weights, group, row_stride)
+    return _bilinear_gather_plain(table, top_left, weights, group, row_stride)
+
+
 def dcnv3_torch(
         input: Tensor,
         offset: Tensor,
@@ -91,49 +172,48 @@ def dcnv3_torch(
     num_points = kernel_h * kernel_w - int(remove_center)
     # Locations are computed in at least float32: half precision cannot address pixels of large maps.
     loc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    index_dtype = torch.int32 if batch * (height + 3) * (width + 3) * group < 2 ** 31 else torch.int64
     device = input.device
 
-    # Sampling location = window origin + (kernel point + offset) * offset_scale, in input pixels.
+    # The table gets a zero border, 1 pixel before and 2 after each spatial axis. Locations are clamped
+    # to [-1, size] (the corners outside that range have zero weight or read the border anyway), so every
+    # corner is a real row: no validity masks, no index clamping.
+    padded_h, padded_w = height + 3, width + 3
+    table = F.pad(input, (0, 0, 1, 2, 1, 2)).reshape(batch * padded_h * padded_w * group, group_channels)
+
+    # Sampling grid without offsets, in padded coordinates: (H_out, W_out, 1, P, 2) (x, y) pairs.
     point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, device, loc_dtype)
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
-    origin_x = torch.arange(width_out, device=device, dtype=loc_dtype) * stride_w + (half_w - pad_w)
-    origin_y = torch.arange(height_out, device=device, dtype=loc_dtype) * stride_h + (half_h - pad_h)
-    base_x = origin_x.view(1, 1, width_out, 1, 1) + point_x * offset_scale
-    base_y = origin_y.view(1, height_out, 1, 1, 1) + point_y * offset_scale
+    center_x = torch.arange(width_out, device=device, dtype=loc_dtype) * stride_w + (half_w - pad_w + 1)
+    center_y = torch.arange(height_out, device=device, dtype=loc_dtype) * stride_h + (half_h - pad_h + 1)
+    grid = torch.stack((
+        (center_x.view(1, width_out, 1) + point_x * offset_scale).expand(height_out, width_out, num_points),
+        (center_y.view(height_out, 1, 1) + point_y * offset_scale).expand(height_out, width_out, num_points),
+    ), -1).unsqueeze(2)
+
     offset = offset.reshape(batch, height_out, width_out, group, num_points, 2).to(loc_dtype)
-    loc_x = base_x + offset[..., 0] * offset_scale
-    loc_y = base_y + offset[..., 1] * offset_scale
+    loc = grid + offset * offset_scale if offset_scale != 1.0 else grid + offset
+    if height == width:
+        loc = loc.clamp(0, width + 1)
+    else:
+        loc = torch.minimum(loc.clamp_min(0), torch.tensor([width + 1, height + 1], device=device, dtype=loc_dtype))
+    corner = loc.to(index_dtype)  # truncation is floor: loc >= 0
+    frac = loc.frac()
+    frac_x, frac_y = frac[..., 0], frac[..., 1]
 
-    # The table gets a border of two zero pixels: clamping the top-left corner to [-2, size] then makes
-    # both corners of an axis read zeros exactly when they lie outside the map, with no validity masks.
-    x0 = loc_x.floor()
-    y0 = loc_y.floor()
-    frac_x = loc_x - x0
-    frac_y = loc_y - y0
     mask = mask.reshape(batch, height_out, width_out, group, num_points).to(loc_dtype)
-    weight_y = torch.stack((mask - frac_y * mask, frac_y * mask), dim=-1)  # (..., P, 2): mask * (1 - fy, fy)
-    weight_x = torch.stack((1 - frac_x, frac_x), dim=-1)
-    weights = weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)  # (..., P, 2 rows, 2 columns)
-
-    border = 2
-    padded_h, padded_w = height + 2 * border, width + 2 * border
-    index_dtype = torch.int32 if batch * padded_h * padded_w * group < 2 ** 31 else torch.int64
-    column = x0.clamp(-border, width).to(index_dtype) + border
-    row = y0.clamp(-border, height).to(index_dtype) + border
-    # Table row of each top-left corner: ((n * padded_h + row) * padded_w + column) * group + g.
-    image_base = torch.arange(batch, device=device, dtype=index_dtype).view(batch, 1, 1, 1, 1) * (padded_h * padded_w * group)
-    group_base = torch.arange(group, device=device, dtype=index_dtype).view(1, 1, 1, group, 1)
-    top_left = (row * padded_w + column) * group + (image_base + group_base)
-    corner_step = torch.tensor([0, group, padded_w * group, (padded_w + 1) * group], device=device, dtype=index_dtype)
-    rows = top_left.unsqueeze(-1) + corner_step  # (..., P, 4) in the same (row, column) order as weights
-
-    table = F.pad(input, (0, 0, border, border, border, border)).reshape(-1, group_channels)
+    top = (1 - frac_y) * mask
+    bottom = frac_y * mask
+    left = 1 - frac_x
     bags = batch * height_out * width_out * group
-    output = F.embedding_bag(
-        rows.reshape(bags, num_points * 4),
-        table,
-        per_sample_weights=weights.reshape(bags, num_points * 4).to(input.dtype),
-        mode='sum',
-    )
+    # (bags, 4, P): corners top-left, top-right, bottom-left, bottom-right
+    weights = torch.stack((top * left, top * frac_x, bottom * left, bottom * frac_x), -2).to(input.dtype)
+
+    row_stride = padded_w * group
+    base = (torch.arange(batch, device=device, dtype=index_dtype).view(batch, 1, 1, 1, 1) * (padded_h * row_stride)
+            + torch.arange(group, device=device, dtype=index_dtype).view(1, 1, 1, group, 1))
+    top_left = corner[..., 1] * row_stride + corner[..., 0] * group + base
+    output = _bilinear_gather(
+        table, top_left.reshape(bags, num_points), weights.reshape(bags, 4, num_points), group, row_stride)
     return output.view(batch, height_out, width_out, group * group_channels)
