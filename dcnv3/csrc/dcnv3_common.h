@@ -175,4 +175,58 @@ inline void check_grad_output(const char* name, const Tensor& grad_output, const
       grad_output.scalar_type() == input.scalar_type(), name, ": grad_output must have the input dtype");
 }
 
+// Signatures of a device's implementations; the last flag says whether the mask holds softmax logits.
+using ForwardImpl = Tensor (*)(
+    const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+    int64_t, int64_t, int64_t, double, bool, bool);
+using BackwardImpl = std::tuple<Tensor, Tensor, Tensor> (*)(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t,
+    int64_t, int64_t, int64_t, int64_t, int64_t, double, bool, bool);
+
+// Entry points with exactly the schema's arguments (what TORCH_BOX registers), shared by CPU and CUDA.
+template <ForwardImpl kImpl, bool kLogits>
+Tensor forward_entry(
+    Tensor input,
+    Tensor offset,
+    Tensor mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center) {
+  return kImpl(
+      input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+      group_channels, offset_scale, remove_center, kLogits);
+}
+
+template <BackwardImpl kImpl, bool kLogits>
+std::tuple<Tensor, Tensor, Tensor> backward_entry(
+    Tensor grad_output,
+    Tensor input,
+    Tensor offset,
+    Tensor mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center) {
+  return kImpl(
+      grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+      dilation_w, group, group_channels, offset_scale, remove_center, kLogits);
+}
+
 }  // namespace dcnv3

@@ -505,57 +505,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   return std::make_tuple(grad_input, grad_offset, grad_mask);
 }
 
-template <bool kLogits>
-Tensor forward_entry(
-    Tensor input,
-    Tensor offset,
-    Tensor mask,
-    int64_t kernel_h,
-    int64_t kernel_w,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t group,
-    int64_t group_channels,
-    double offset_scale,
-    bool remove_center) {
-  return forward_impl(
-      input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-      group_channels, offset_scale, remove_center, kLogits);
-}
-
-template <bool kLogits>
-std::tuple<Tensor, Tensor, Tensor> backward_entry(
-    Tensor grad_output,
-    Tensor input,
-    Tensor offset,
-    Tensor mask,
-    int64_t kernel_h,
-    int64_t kernel_w,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t group,
-    int64_t group_channels,
-    double offset_scale,
-    bool remove_center) {
-  return backward_impl(
-      grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-      dilation_w, group, group_channels, offset_scale, remove_center, kLogits);
-}
-
 }  // namespace
 }  // namespace dcnv3
 
 STABLE_TORCH_LIBRARY_IMPL(timm_internimage, CPU, m) {
-  m.impl("dcnv3_forward", TORCH_BOX(&dcnv3::forward_entry<false>));
-  m.impl("dcnv3_backward", TORCH_BOX(&dcnv3::backward_entry<false>));
-  m.impl("dcnv3_softmax_forward", TORCH_BOX(&dcnv3::forward_entry<true>));
-  m.impl("dcnv3_softmax_backward", TORCH_BOX(&dcnv3::backward_entry<true>));
+  m.impl("dcnv3_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, false>)));
+  m.impl("dcnv3_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, false>)));
+  m.impl("dcnv3_softmax_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, true>)));
+  m.impl("dcnv3_softmax_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, true>)));
 }
