@@ -1,6 +1,4 @@
 """The pure-PyTorch DCNv3 backends: golden cases, gradients, dtypes, dispatch, tracing and export."""
-import os
-
 import pytest
 import torch
 

@@ -272,7 +272,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from ._manifest import load_manifest, weight_filename
+    from ._manifest import load_manifest
     models = load_manifest()['models']
     if args.json:
         _out(json.dumps(models, indent=2))

@@ -423,8 +423,6 @@ class InternImage(nn.Module):
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.use_clip_projector = use_clip_projector
-        self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, channels, act_layer, **dd)
@@ -578,7 +576,6 @@ class InternImage(nn.Module):
         self.stages = self.stages[:max_index + 1]
         if max_index < 3:
             self.neck = None
-            self.use_clip_projector = False
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or max_index < 3:
             self.head = nn.Identity()
