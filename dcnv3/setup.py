@@ -93,7 +93,7 @@ def _extensions(use_cuda: bool) -> list:
 
     target = _torch_target_hex()
     common = [f"-DTORCH_TARGET_VERSION={target}"]  # Py_LIMITED_API: added by py_limited_api=True
-    cxx = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-fopenmp-simd", *common]
+    cxx = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math", "-fno-loop-unroll-and-jam", "-fopenmp-simd", *common]
     ldflags = ["-s"]  # strip: keeps the wheel small
     exts = [
         CppExtension(

@@ -180,6 +180,9 @@ DTYPE_TOL = {
 }
 RANDOM_CASES = [
     dict(n=2, h=9, w=7, group=4, gc=8),
+    # 16 and 32 channels per group (every InternImage variant) run kernels compiled for that width.
+    dict(n=2, h=6, w=7, group=2, gc=16),
+    dict(n=1, h=5, w=6, group=3, gc=32, remove_center=True, scale=0.5),
     dict(n=1, h=10, w=11, group=2, gc=16, stride=2, pad=1, remove_center=True),
     dict(n=3, h=6, w=8, group=3, gc=5, kh=5, kw=5, pad=2, scale=2.0),
 ]
@@ -245,22 +248,30 @@ def test_backward_partitions(threads):
         torch.set_num_threads(old)
 
 
+_ISA_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+_ISA_WIDTHS = (12, 16, 32)  # run-time width, and the two widths compiled as constants
 _ISA_SCRIPT = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 import test_compiled_op as t
 res = []
-for dtype in (torch.float64, torch.float32, torch.bfloat16):
-    x, off, mask, args = t.random_case(n=2, h=7, w=9, group=2, gc=12, dtype=dtype, seed=21)
-    gout = torch.randn(2, 7, 9, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
-    res.append(t._run(t.ext.dcnv3, x, off, mask, args, gout))
+for gc in t._ISA_WIDTHS:
+    for dtype in t._ISA_DTYPES:
+        res.append(t._run(t.ext.dcnv3, *t._isa_case(gc, dtype)))
 torch.save(res, sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("isa", ["baseline", "auto"])
+def _isa_case(gc, dtype):
+    x, off, mask, args = random_case(n=2, h=7, w=9, group=2, gc=gc, dtype=dtype, seed=21)
+    gout = torch.randn(2, 7, 9, 2 * gc, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    return x, off, mask, args, gout
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
 def test_cpu_isa_variants(isa, tmp_path):
-    """The baseline-ISA and the AVX2 loops (chosen at run time) both match the reference."""
+    """Every CPU loop variant chosen at run time (baseline ISA, AVX2, and the best this CPU has, e.g.
+    AVX-512) matches the reference, for run-time and compiled-in group widths."""
     import os
     import subprocess
     import sys
@@ -268,14 +279,37 @@ def test_cpu_isa_variants(isa, tmp_path):
     env = dict(os.environ, TIMM_INTERNIMAGE_DCNV3_CPU_ISA=isa)
     out = tmp_path / "res.pt"
     subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(out), str(Path(__file__).parent)], env=env, check=True)
-    results = torch.load(out)
-    for dtype, got in zip((torch.float64, torch.float32, torch.bfloat16), results):
-        x, off, mask, args = random_case(n=2, h=7, w=9, group=2, gc=12, dtype=dtype, seed=21)
-        gout = torch.randn(2, 7, 9, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
-        exp = _reference_in_float64(x, off, mask, args, gout)
-        for a, b in zip(got, exp):
-            scale = max(1.0, b.abs().max().item())
-            torch.testing.assert_close(a.double() / scale, b / scale, **DTYPE_TOL[dtype])
+    results = iter(torch.load(out))
+    for gc in _ISA_WIDTHS:
+        for dtype in _ISA_DTYPES:
+            x, off, mask, args, gout = _isa_case(gc, dtype)
+            exp = _reference_in_float64(x, off, mask, args, gout)
+            for a, b in zip(next(results), exp):
+                scale = max(1.0, b.abs().max().item())
+                torch.testing.assert_close(a.double() / scale, b / scale, **DTYPE_TOL[dtype])
+
+
+@pytest.mark.parametrize("gc", [8, 16])
+def test_fused_softmax_float32(gc):
+    """The in-kernel softmax of float32 logits (its own vectorised exp) is accurate to float32 rounding."""
+    x, off, _, args = random_case(n=2, h=6, w=5, group=3, gc=gc, seed=22)
+    logits = torch.randn(2, 6, 5, 3 * 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4
+    got = ext.dcnv3(x.float(), off.float(), logits.float(), *args, mask_is_logits=True)
+    prob = torch.softmax(logits.float().double().reshape(2, 6, 5, 3, 9), -1).reshape(logits.shape)
+    exp = reference_dcnv3(x.float().double(), off.float().double(), prob, *args)
+    torch.testing.assert_close(got.double(), exp, rtol=2e-6, atol=2e-6)
+
+
+def test_nan_logits_propagate():
+    """A NaN logit makes that group's output NaN (as a softmax would), and nothing else."""
+    x, off, _, args = random_case(n=1, h=4, w=4, group=2, gc=16, dtype=torch.float32, seed=23)
+    logits = torch.zeros(1, 4, 4, 2 * 9)
+    logits[0, 1, 2, 3] = float("nan")
+    y = ext.dcnv3(x, off, logits, *args, mask_is_logits=True)
+    assert torch.isnan(y[0, 1, 2, :16]).all()
+    nan = torch.isnan(y)
+    nan[0, 1, 2, :16] = False
+    assert not nan.any()
 
 
 def test_non_contiguous_inputs():

@@ -40,22 +40,6 @@ def golden_expected(case, tensors, index):
 LABELS = ('logits', 'stage0', 'stage1', 'stage2', 'stage3')
 
 
-@pytest.mark.parametrize('name', MODEL_CASES)
-def test_golden_float32_reference_backend(name, monkeypatch):
-    """Logits and the four stage outputs of every golden case within 1e-4 of the official model.
-
-    The reference backend evaluates DCNv3 in the official float operation order, so this holds everywhere
-    (on the machine that made the goldens it is bit for bit).
-    """
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'reference')
-    model, case, tensors = golden_model(name)
-    for index in range(len(case['inputs'])):
-        outputs = golden_outputs(model, tensors[f'input.{index}'])
-        for output, target, label in zip(outputs, golden_expected(case, tensors, index), LABELS):
-            assert output.shape == target.shape, label
-            torch.testing.assert_close(output, target, rtol=0, atol=GOLDEN_ATOL, msg=f'{name} input {index} {label}')
-
-
 def float32_limited_outputs(name, case, tensors, index, monkeypatch):
     """Labels of golden outputs dominated by float32 rounding of the official computation itself.
 
@@ -74,13 +58,16 @@ def float32_limited_outputs(name, case, tensors, index, monkeypatch):
 NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
 
 
-@pytest.mark.parametrize('backend', ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
+@pytest.mark.parametrize('backend', ['reference', 'torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
 @pytest.mark.parametrize('name', MODEL_CASES)
-def test_golden_float32_other_backends(name, backend, monkeypatch):
-    """The fast and compiled backends within 1e-4 of the official model on every golden output that float32 determines.
+def test_golden_float32(name, backend, monkeypatch):
+    """Every backend within 1e-4 of the official model on every golden output that float32 determines.
 
     Outputs that float32 rounding of the official computation itself moves by more than 2.5e-5 (tiny_s
     stage 3, tiny_l stages 2-3) are checked in float64 by test_backend_is_the_same_function_in_float64.
+    The reference backend (the official float operation order) reproduced every output bit for bit on the
+    AVX2 machine that made the goldens; on other CPUs ATen's own GEMM and convolution kernels round
+    differently (seen: 1e-3 on tiny_l stage 3 with AVX-512), so the same rule applies to it.
     """
     model, case, tensors = golden_model(name)
     for index in range(len(case['inputs'])):

@@ -99,138 +99,93 @@ DCNV3_HD void sample_position(
   py = static_cast<acc_t>(ho * g.sh - g.ph + g.half_h) + (ky + off_y) * scale;
 }
 
-// Bilinear stencil of one sampling position. Corners are ordered
-// (y0,x0), (y0,x1), (y1,x0), (y1,x1). Corners outside the image have zero
-// weight and element offset 0, so reads through them stay in bounds and
-// contribute nothing (zero padding).
+// Bilinear stencil of one sampling position, with zero padding. Corner k is
+// (y0,x0), (y0,x1), (y1,x0), (y1,x1) for k = 0..3. The corner coordinates
+// are clamped into the image, so every read through them is in bounds; a
+// corner outside the image has zero weight and zero derivatives and so
+// contributes nothing. Written without branches so that the CPU kernels can
+// compute the stencils of many kernel points in one vectorised loop.
 template <typename acc_t>
-struct Bilinear {
-  int64_t off[4];  // element offset of the corner pixel (channel 0 of group)
-  acc_t w[4];      // interpolation weight
-  acc_t wx[4];     // d w / d px
-  acc_t wy[4];     // d w / d py
-  acc_t fx, fy;    // fractional position inside the cell
-  bool any;        // at least one corner inside the image
+struct Stencil {
+  int32_t x0, x1, y0, y1;  // clamped corner columns and rows
+  acc_t w[4];              // interpolation weights
+  acc_t wx[4];             // d w / d px
+  acc_t wy[4];             // d w / d py
+  bool interior;           // all four corners inside: four distinct pixels
 };
 
+// v clamped into [0, size - 1].
+DCNV3_HD int32_t clamp_index(int32_t v, int32_t size) {
+  const int32_t low = v < 0 ? 0 : v;
+  return low > size - 1 ? size - 1 : low;
+}
+
 template <typename acc_t>
-DCNV3_HD Bilinear<acc_t> make_bilinear(
-    acc_t px,
-    acc_t py,
-    int64_t H,
-    int64_t W,
-    int64_t row_stride,
-    int64_t col_stride) {
-  Bilinear<acc_t> b;
-DCNV3_UNROLL
-  for (int k = 0; k < 4; ++k) {
-    b.off[k] = 0;
-    b.w[k] = acc_t(0);
-    b.wx[k] = acc_t(0);
-    b.wy[k] = acc_t(0);
-  }
-  b.fx = acc_t(0);
-  b.fy = acc_t(0);
-  b.any = false;
-  // No corner inside the image (written so that NaN positions also exit).
-  // px == -1 stays: corner x0+1 = 0 has zero weight but a nonzero derivative.
-  if (!(px >= acc_t(-1) && py >= acc_t(-1) && px < static_cast<acc_t>(W) &&
-        py < static_cast<acc_t>(H))) {
-    return b;
-  }
-  // floor() by truncation: px, py >= -1 here, so only -1 < v < 0 needs care.
-  int64_t x0 = static_cast<int64_t>(px);
-  int64_t y0 = static_cast<int64_t>(py);
-  x0 -= static_cast<acc_t>(x0) > px ? 1 : 0;
-  y0 -= static_cast<acc_t>(y0) > py ? 1 : 0;
-  const acc_t fx = px - static_cast<acc_t>(x0);
-  const acc_t fy = py - static_cast<acc_t>(y0);
-  b.fx = fx;
-  b.fy = fy;
+DCNV3_HD Stencil<acc_t> make_stencil(acc_t px, acc_t py, int32_t H, int32_t W) {
+  acc_t x0f = floor_(px);
+  acc_t y0f = floor_(py);
+  const acc_t fx = px - x0f;
+  const acc_t fy = py - y0f;
+  // Positions outside [-1, W] have no corner inside the image either way;
+  // clamping keeps huge values and NaN out of the integer conversion.
+  x0f = x0f >= acc_t(-2) ? x0f : acc_t(-2);
+  y0f = y0f >= acc_t(-2) ? y0f : acc_t(-2);
+  x0f = x0f <= static_cast<acc_t>(W) ? x0f : static_cast<acc_t>(W);
+  y0f = y0f <= static_cast<acc_t>(H) ? y0f : static_cast<acc_t>(H);
+  const int32_t x0 = static_cast<int32_t>(x0f);
+  const int32_t y0 = static_cast<int32_t>(y0f);
+  // Bitwise & (not &&) and plain selects keep the function free of branches.
+  const bool vx0 = (x0 >= 0) & (x0 < W);
+  const bool vx1 = (x0 + 1 >= 0) & (x0 + 1 < W);
+  const bool vy0 = (y0 >= 0) & (y0 < H);
+  const bool vy1 = (y0 + 1 >= 0) & (y0 + 1 < H);
+  const bool v00 = vy0 & vx0, v01 = vy0 & vx1, v10 = vy1 & vx0, v11 = vy1 & vx1;
   const acc_t gx = acc_t(1) - fx;
   const acc_t gy = acc_t(1) - fy;
-  const bool vx0 = x0 >= 0;
-  const bool vx1 = x0 + 1 <= W - 1;
-  const bool vy0 = y0 >= 0;
-  const bool vy1 = y0 + 1 <= H - 1;
-  const acc_t w[4] = {gy * gx, gy * fx, fy * gx, fy * fx};
-  const acc_t wx[4] = {-gy, gy, -fy, fy};
-  const acc_t wy[4] = {-gx, -fx, gx, fx};
-  const bool v[4] = {vy0 && vx0, vy0 && vx1, vy1 && vx0, vy1 && vx1};
-  const int64_t yy[4] = {y0, y0, y0 + 1, y0 + 1};
-  const int64_t xx[4] = {x0, x0 + 1, x0, x0 + 1};
-DCNV3_UNROLL
-  for (int k = 0; k < 4; ++k) {
-    if (v[k]) {
-      b.off[k] = yy[k] * row_stride + xx[k] * col_stride;
-      b.w[k] = w[k];
-      b.wx[k] = wx[k];
-      b.wy[k] = wy[k];
-      b.any = true;
-    }
-  }
-  return b;
+  const acc_t zero = acc_t(0);
+  Stencil<acc_t> s;
+  s.x0 = clamp_index(x0, W);
+  s.x1 = clamp_index(x0 + 1, W);
+  s.y0 = clamp_index(y0, H);
+  s.y1 = clamp_index(y0 + 1, H);
+  s.w[0] = v00 ? gy * gx : zero;
+  s.w[1] = v01 ? gy * fx : zero;
+  s.w[2] = v10 ? fy * gx : zero;
+  s.w[3] = v11 ? fy * fx : zero;
+  s.wx[0] = v00 ? -gy : zero;
+  s.wx[1] = v01 ? gy : zero;
+  s.wx[2] = v10 ? -fy : zero;
+  s.wx[3] = v11 ? fy : zero;
+  s.wy[0] = v00 ? -gx : zero;
+  s.wy[1] = v01 ? -fx : zero;
+  s.wy[2] = v10 ? gx : zero;
+  s.wy[3] = v11 ? fx : zero;
+  s.interior = v00 & v11;
+  return s;
 }
 
-// Interpolated value of one channel; `base` points at that channel of pixel
-// (0, 0) of the current batch element and group.
-template <typename acc_t, typename scalar_t>
-DCNV3_HD acc_t sample_value(const scalar_t* base, const Bilinear<acc_t>& b) {
-  return b.w[0] * static_cast<acc_t>(base[b.off[0]]) +
-      b.w[1] * static_cast<acc_t>(base[b.off[1]]) +
-      b.w[2] * static_cast<acc_t>(base[b.off[2]]) +
-      b.w[3] * static_cast<acc_t>(base[b.off[3]]);
-}
-
-// Interpolated value of one channel and its derivatives w.r.t. px and py.
-template <typename acc_t, typename scalar_t>
-DCNV3_HD void sample_value_grad(
-    const scalar_t* base,
-    const Bilinear<acc_t>& b,
-    acc_t& value,
-    acc_t& d_px,
-    acc_t& d_py) {
-  const acc_t v0 = static_cast<acc_t>(base[b.off[0]]);
-  const acc_t v1 = static_cast<acc_t>(base[b.off[1]]);
-  const acc_t v2 = static_cast<acc_t>(base[b.off[2]]);
-  const acc_t v3 = static_cast<acc_t>(base[b.off[3]]);
-  value = b.w[0] * v0 + b.w[1] * v1 + b.w[2] * v2 + b.w[3] * v3;
-  d_px = b.wx[0] * v0 + b.wx[1] * v1 + b.wx[2] * v2 + b.wx[3] * v3;
-  d_py = b.wy[0] * v0 + b.wy[1] * v1 + b.wy[2] * v2 + b.wy[3] * v3;
-}
-
-// Same as sample_value_grad() when all four corners are inside the image,
-// from the corner values directly (fewer operations, used by the CPU loops).
+// Element offsets of the four corner pixels (channel 0 of the group), in
+// 64-bit arithmetic: a whole input can exceed 2^31 elements.
 template <typename acc_t>
-DCNV3_HD void bilinear_interior(
-    acc_t v0,
-    acc_t v1,
-    acc_t v2,
-    acc_t v3,
-    acc_t fx,
-    acc_t fy,
-    acc_t& value,
-    acc_t& d_px,
-    acc_t& d_py) {
-  const acc_t a = v1 - v0;
-  const acc_t c = v3 - v2;
-  const acc_t top = v0 + fx * a;
-  const acc_t bot = v2 + fx * c;
-  value = top + fy * (bot - top);
-  d_px = a + fy * (c - a);
-  d_py = bot - top;
+DCNV3_HD void stencil_offsets(const Stencil<acc_t>& s, int64_t row_stride, int64_t col_stride, int64_t off[4]) {
+  const int64_t r0 = static_cast<int64_t>(s.y0) * row_stride;
+  const int64_t r1 = static_cast<int64_t>(s.y1) * row_stride;
+  const int64_t c0 = static_cast<int64_t>(s.x0) * col_stride;
+  const int64_t c1 = static_cast<int64_t>(s.x1) * col_stride;
+  off[0] = r0 + c0;
+  off[1] = r0 + c1;
+  off[2] = r1 + c0;
+  off[3] = r1 + c1;
 }
 
-// Scatters `g` (the gradient of the sampled value of one channel) to the four
-// corners through `add(ptr, value)`: a plain add on CPU, an atomic on GPU.
-template <typename acc_t, typename T, typename AddFn>
-DCNV3_HD void scatter_grad(T* base, const Bilinear<acc_t>& b, acc_t g, AddFn add) {
-DCNV3_UNROLL
-  for (int k = 0; k < 4; ++k) {
-    if (b.w[k] != acc_t(0)) {
-      add(base + b.off[k], static_cast<T>(b.w[k] * g));
-    }
-  }
+// The sampled value and its derivatives w.r.t. px and py from the four
+// corner values of one channel.
+template <typename acc_t>
+DCNV3_HD void stencil_value_grad(
+    const Stencil<acc_t>& s, const acc_t v[4], acc_t& value, acc_t& d_px, acc_t& d_py) {
+  value = s.w[0] * v[0] + s.w[1] * v[1] + s.w[2] * v[2] + s.w[3] * v[3];
+  d_px = s.wx[0] * v[0] + s.wx[1] * v[1] + s.wx[2] * v[2] + s.wx[3] * v[3];
+  d_py = s.wy[0] * v[0] + s.wy[1] * v[1] + s.wy[2] * v[2] + s.wy[3] * v[3];
 }
 
 // Gradients of the offset pair from the derivatives of the loss w.r.t. the
@@ -245,24 +200,6 @@ DCNV3_HD void offset_grad(
   const acc_t scale = static_cast<acc_t>(g.offset_scale);
   grad_off_x = grad_px * scale;
   grad_off_y = grad_py * scale;
-}
-
-// In-place numerically stable softmax over n values.
-template <typename acc_t>
-DCNV3_HD void softmax_inplace(acc_t* v, int64_t n) {
-  acc_t mx = v[0];
-  for (int64_t k = 1; k < n; ++k) {
-    mx = v[k] > mx ? v[k] : mx;
-  }
-  acc_t s = acc_t(0);
-  for (int64_t k = 0; k < n; ++k) {
-    v[k] = exp_(v[k] - mx);
-    s += v[k];
-  }
-  const acc_t inv = acc_t(1) / s;
-  for (int64_t k = 0; k < n; ++k) {
-    v[k] *= inv;
-  }
 }
 
 // Max and reciprocal sum of exp for an on-the-fly softmax over n logits:

@@ -1,23 +1,30 @@
 // CPU kernels of DCNv3 (forward and backward), on the torch stable ABI.
 //
-// Layout is NHWC, so the channels of one group are contiguous: every loop
-// computes the sampling position, bilinear stencil and mask once per
-// (output pixel, group, point) and then runs a contiguous, vectorisable loop
-// over the group's channels.
+// Layout is NHWC, so the channels of one group are contiguous. For each
+// output pixel the kernels first compute the bilinear stencils (clamped
+// corners, weights times the mask) of all its kernel points in one
+// branch-free loop that vectorises across points, then run a contiguous,
+// vectorised loop over the group's channels per point. The common group
+// widths (16 and 32 channels) are compiled with the width fixed, so that the
+// accumulator stays in vector registers.
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "../dcnv3_common.h"
 
-// The hot loops are compiled twice on x86-64: for the baseline ISA and for
-// AVX2+FMA, chosen at run time. The bodies are always-inline templates, so
-// the AVX2 code exists only inside the target("avx2,fma") wrappers and no
-// shared inline function is ever compiled for AVX2 (no ODR hazard).
+// The hot loops are compiled three times on x86-64: for the baseline ISA,
+// for AVX2+FMA and for AVX-512, chosen at run time. The bodies are
+// always-inline templates, so the wide-ISA code exists only inside the
+// target(...) wrappers and no shared inline function is ever compiled for
+// them (no ODR hazard).
 #if defined(__GNUC__) && defined(__x86_64__)
 #define DCNV3_X86_DISPATCH 1
 #define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define DCNV3_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #endif
 #if defined(__GNUC__)
 #define DCNV3_INLINE inline __attribute__((always_inline))
@@ -28,306 +35,488 @@
 namespace dcnv3 {
 namespace {
 
-// Whether to use the AVX2+FMA loops (set TIMM_INTERNIMAGE_DCNV3_CPU_ISA=baseline to disable).
-bool use_avx2() {
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The widest usable ISA; TIMM_INTERNIMAGE_DCNV3_CPU_ISA=baseline|avx2 caps it.
+Isa cpu_isa() {
 #if defined(DCNV3_X86_DISPATCH)
-  static const bool enabled = [] {
-    const char* isa = std::getenv("TIMM_INTERNIMAGE_DCNV3_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) {
-      return false;
-    }
+  static const Isa isa = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    Isa best = Isa::kBaseline;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = Isa::kAvx2;
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+        best = Isa::kAvx512;
+      }
+    }
+    const char* cap = std::getenv("TIMM_INTERNIMAGE_DCNV3_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) {
+      return Isa::kBaseline;
+    }
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) {
+      return std::min(best, Isa::kAvx2);
+    }
+    return best;
   }();
-  return enabled;
+  return isa;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
 
 constexpr int64_t kGrainWork = 1 << 14;  // scalar multiply-adds per task, roughly
 constexpr double kMaxBufferBytes = 256.0 * (1 << 20);  // private grad_input buffers, all threads
 
-int64_t grain_for(const Geometry& g, int64_t per_item) {
+int64_t grain_for(int64_t per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, per_item));
 }
 
-// acc[c] += m * sample_value(base + c, b) for c < C, with the corner rows
-// hoisted so that the loop vectorises.
-template <typename acc_t, typename scalar_t>
-DCNV3_INLINE void accumulate_channels(acc_t* __restrict__ acc, const scalar_t* base, const Bilinear<acc_t>& b, acc_t m, int64_t C) {
-  const scalar_t* __restrict__ x0 = base + b.off[0];
-  const scalar_t* __restrict__ x1 = base + b.off[1];
-  const scalar_t* __restrict__ x2 = base + b.off[2];
-  const scalar_t* __restrict__ x3 = base + b.off[3];
-  const acc_t w0 = m * b.w[0], w1 = m * b.w[1], w2 = m * b.w[2], w3 = m * b.w[3];
+// exp() of softmax arguments (x <= 0 after the max is subtracted). float:
+// 2^n * p(r) with a degree-6 polynomial, within 2 ulp, branch-free so that
+// it vectorises; NaN stays NaN. double: the library exp.
+template <typename T>
+DCNV3_INLINE T softmax_exp(T x) {
+  return std::exp(x);
+}
+
+template <>
+DCNV3_INLINE float softmax_exp<float>(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;  // exp(-87) is still a normal float
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  float r = clamped - n * 0.693359375f;  // ln 2 split in two for an exact product
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// prob = per-group softmax over the P logits of each of `groups` groups
+// (or the mask as given when it holds weights, not logits). exps is scratch
+// of the same size.
+template <typename scalar_t, typename acc_t>
+DCNV3_INLINE void point_weights(
+    const scalar_t* __restrict__ mask,
+    int64_t groups,
+    int64_t P,
+    bool logits,
+    acc_t* __restrict__ prob,
+    acc_t* __restrict__ shifted) {
+  const int64_t n = groups * P;
+  if (!logits) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      prob[j] = static_cast<acc_t>(mask[j]);
+    }
+    return;
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const scalar_t* m = mask + gi * P;
+    acc_t mx = static_cast<acc_t>(m[0]);
+    for (int64_t p = 1; p < P; ++p) {
+      const acc_t v = static_cast<acc_t>(m[p]);
+      mx = v > mx ? v : mx;
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      shifted[gi * P + p] = static_cast<acc_t>(m[p]) - mx;
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    prob[j] = softmax_exp(shifted[j]);
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    acc_t* e = prob + gi * P;
+    acc_t sum = acc_t(0);
+    for (int64_t p = 0; p < P; ++p) {
+      sum += e[p];
+    }
+    const acc_t inv = acc_t(1) / sum;
+    for (int64_t p = 0; p < P; ++p) {
+      e[p] *= inv;
+    }
+  }
+}
+
+// Base-grid displacements of the points of `groups` groups: (kx, ky)[g*P+p].
+template <typename acc_t>
+void kernel_grid_table(const Geometry& g, int64_t groups, std::vector<acc_t>& kx, std::vector<acc_t>& ky) {
+  kx.resize(groups * g.P);
+  ky.resize(groups * g.P);
+  for (int64_t j = 0; j < groups * g.P; ++j) {
+    kernel_grid<acc_t>(g, j % g.P, kx[j], ky[j]);
+  }
+}
+
+// Per-output-pixel point data in structure-of-arrays layout (vectorisable).
+template <typename acc_t>
+struct PointArrays {
+  explicit PointArrays(int64_t n) : real(6 * n), index(4 * n), n(n) {}
+  acc_t* prob() { return real.data(); }
+  acc_t* shifted() { return real.data() + n; }
+  acc_t* weight(int k) { return real.data() + (2 + k) * n; }
+  int32_t* coord(int k) { return index.data() + k * n; }  // x0, x1, y0, y1
+  std::vector<acc_t> real;
+  std::vector<int32_t> index;
+  int64_t n;
+};
+
+// acc[c] += a0*v0[c] + a1*v1[c] + a2*v2[c] + a3*v3[c] over the group's C
+// channels (kC when fixed at compile time).
+template <typename acc_t, typename scalar_t, int kC>
+DCNV3_INLINE void accumulate_point(
+    acc_t* __restrict__ acc,
+    const scalar_t* __restrict__ v0,
+    const scalar_t* __restrict__ v1,
+    const scalar_t* __restrict__ v2,
+    const scalar_t* __restrict__ v3,
+    acc_t a0,
+    acc_t a1,
+    acc_t a2,
+    acc_t a3,
+    int64_t C_runtime) {
+  const int64_t C = kC > 0 ? kC : C_runtime;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    acc[c] += w0 * static_cast<acc_t>(x0[c]) + w1 * static_cast<acc_t>(x1[c]) + w2 * static_cast<acc_t>(x2[c]) +
-        w3 * static_cast<acc_t>(x3[c]);
+    acc[c] += a0 * static_cast<acc_t>(v0[c]) + a1 * static_cast<acc_t>(v1[c]) + a2 * static_cast<acc_t>(v2[c]) +
+        a3 * static_cast<acc_t>(v3[c]);
   }
 }
 
-template <typename acc_t>
-void kernel_grid_table(const Geometry& g, std::vector<acc_t>& kx, std::vector<acc_t>& ky) {
-  kx.resize(g.P);
-  ky.resize(g.P);
-  for (int64_t p = 0; p < g.P; ++p) {
-    kernel_grid<acc_t>(g, p, kx[p], ky[p]);
+template <typename acc_t, typename scalar_t, int kC>
+DCNV3_INLINE void store_channels(const acc_t* __restrict__ acc, scalar_t* __restrict__ out, int64_t C_runtime) {
+  const int64_t C = kC > 0 ? kC : C_runtime;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = static_cast<scalar_t>(acc[c]);
   }
 }
 
-// Forward of output pixels [begin, end). Scratch: acc (C), prob (P).
 template <typename scalar_t>
-DCNV3_INLINE void forward_range(
-    const Geometry& g,
-    const scalar_t* x,
-    const scalar_t* off,
-    const scalar_t* mask,
-    scalar_t* out,
-    const opmath_t<scalar_t>* kx,
-    const opmath_t<scalar_t>* ky,
-    int64_t begin,
-    int64_t end,
-    opmath_t<scalar_t>* acc,
-    opmath_t<scalar_t>* prob) {
+struct ForwardArgs {
   using acc_t = opmath_t<scalar_t>;
-  const int64_t GC = g.G * g.C;
+  const Geometry* g;
+  const scalar_t* x;
+  const scalar_t* off;
+  const scalar_t* mask;
+  scalar_t* out;
+  const acc_t* kx;  // per point of all groups
+  const acc_t* ky;
+};
+
+// Forward of output pixels [begin, end); kC is the group width, or 0 when
+// only known at run time.
+template <typename scalar_t, int kC>
+DCNV3_INLINE void forward_range(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = opmath_t<scalar_t>;
+  const Geometry& g = *a.g;
+  const int64_t C = kC > 0 ? kC : g.C;
+  const int64_t GC = g.G * C;
   const int64_t row = g.W * GC;
-  const int64_t P = g.P;
-  const int64_t C = g.C;
+  const int64_t GP = g.G * g.P;
+  const int32_t H = static_cast<int32_t>(g.H);
+  const int32_t W = static_cast<int32_t>(g.W);
+  PointArrays<acc_t> pts(GP);
+  std::vector<acc_t> acc_buf(kC > 0 ? 0 : C);
+  acc_t* __restrict__ w0 = pts.weight(0);
+  acc_t* __restrict__ w1 = pts.weight(1);
+  acc_t* __restrict__ w2 = pts.weight(2);
+  acc_t* __restrict__ w3 = pts.weight(3);
+  int32_t* __restrict__ cx0 = pts.coord(0);
+  int32_t* __restrict__ cx1 = pts.coord(1);
+  int32_t* __restrict__ cy0 = pts.coord(2);
+  int32_t* __restrict__ cy1 = pts.coord(3);
+  acc_t* prob = pts.prob();
+  acc_t* shifted = pts.shifted();
+  const acc_t* __restrict__ kx = a.kx;
+  const acc_t* __restrict__ ky = a.ky;
   for (int64_t pos = begin; pos < end; ++pos) {
     const int64_t wo = pos % g.Wo;
     const int64_t ho = (pos / g.Wo) % g.Ho;
     const int64_t n = pos / (g.Wo * g.Ho);
-    const scalar_t* xn = x + n * g.H * row;
+    const scalar_t* __restrict__ offp = a.off + pos * GP * 2;
+    point_weights<scalar_t, acc_t>(a.mask + pos * GP, g.G, g.P, g.mask_logits, prob, shifted);
+#pragma omp simd
+    for (int64_t j = 0; j < GP; ++j) {
+      acc_t px, py;
+      sample_position<acc_t>(
+          g, ho, wo, kx[j], ky[j], static_cast<acc_t>(offp[2 * j]), static_cast<acc_t>(offp[2 * j + 1]), px, py);
+      const Stencil<acc_t> s = make_stencil<acc_t>(px, py, H, W);
+      const acc_t m = prob[j];
+      w0[j] = m * s.w[0];
+      w1[j] = m * s.w[1];
+      w2[j] = m * s.w[2];
+      w3[j] = m * s.w[3];
+      cx0[j] = s.x0;
+      cx1[j] = s.x1;
+      cy0[j] = s.y0;
+      cy1[j] = s.y1;
+    }
+    const scalar_t* xn = a.x + n * g.H * row;
     for (int64_t gi = 0; gi < g.G; ++gi) {
-      const scalar_t* offp = off + (pos * g.G + gi) * P * 2;
-      const scalar_t* mp = mask + (pos * g.G + gi) * P;
-      for (int64_t p = 0; p < P; ++p) {
-        prob[p] = static_cast<acc_t>(mp[p]);
-      }
-      if (g.mask_logits) {
-        softmax_inplace(prob, P);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        acc[c] = acc_t(0);
-      }
       const scalar_t* xg = xn + gi * C;
-      for (int64_t p = 0; p < P; ++p) {
-        acc_t px, py;
-        sample_position<acc_t>(
-            g, ho, wo, kx[p], ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
-        const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
-        if (!b.any) {
-          continue;
+      scalar_t* o = a.out + pos * GC + gi * C;
+      const int64_t j0 = gi * g.P;
+      if constexpr (kC > 0) {
+        acc_t acc[kC] = {};
+        for (int64_t j = j0; j < j0 + g.P; ++j) {
+          const scalar_t* r0 = xg + static_cast<int64_t>(cy0[j]) * row;
+          const scalar_t* r1 = xg + static_cast<int64_t>(cy1[j]) * row;
+          const int64_t c0 = static_cast<int64_t>(cx0[j]) * GC;
+          const int64_t c1 = static_cast<int64_t>(cx1[j]) * GC;
+          accumulate_point<acc_t, scalar_t, kC>(acc, r0 + c0, r0 + c1, r1 + c0, r1 + c1, w0[j], w1[j], w2[j], w3[j], kC);
         }
-        accumulate_channels<acc_t>(acc, xg, b, prob[p], C);
-      }
-      scalar_t* o = out + pos * GC + gi * C;
-      for (int64_t c = 0; c < C; ++c) {
-        o[c] = static_cast<scalar_t>(acc[c]);
+        store_channels<acc_t, scalar_t, kC>(acc, o, kC);
+      } else {
+        acc_t* acc = acc_buf.data();
+        std::fill(acc, acc + C, acc_t(0));
+        for (int64_t j = j0; j < j0 + g.P; ++j) {
+          const scalar_t* r0 = xg + static_cast<int64_t>(cy0[j]) * row;
+          const scalar_t* r1 = xg + static_cast<int64_t>(cy1[j]) * row;
+          const int64_t c0 = static_cast<int64_t>(cx0[j]) * GC;
+          const int64_t c1 = static_cast<int64_t>(cx1[j]) * GC;
+          accumulate_point<acc_t, scalar_t, 0>(acc, r0 + c0, r0 + c1, r1 + c0, r1 + c1, w0[j], w1[j], w2[j], w3[j], C);
+        }
+        store_channels<acc_t, scalar_t, 0>(acc, o, C);
       }
     }
   }
 }
 
-#define DCNV3_FORWARD_RANGE_ARGS                                                                                 \
-  const Geometry &g, const scalar_t *x, const scalar_t *off, const scalar_t *mask, scalar_t *out,                \
-      const opmath_t<scalar_t> *kx, const opmath_t<scalar_t> *ky, int64_t begin, int64_t end, opmath_t<scalar_t> *acc, \
-      opmath_t<scalar_t> *prob
-template <typename scalar_t>
-void forward_range_baseline(DCNV3_FORWARD_RANGE_ARGS) {
-  forward_range<scalar_t>(g, x, off, mask, out, kx, ky, begin, end, acc, prob);
+template <typename scalar_t, int kC>
+void forward_range_baseline(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_range<scalar_t, kC>(a, begin, end);
 }
 #if defined(DCNV3_X86_DISPATCH)
-template <typename scalar_t>
-DCNV3_TARGET_AVX2 void forward_range_avx2(DCNV3_FORWARD_RANGE_ARGS) {
-  forward_range<scalar_t>(g, x, off, mask, out, kx, ky, begin, end, acc, prob);
+template <typename scalar_t, int kC>
+DCNV3_TARGET_AVX2 void forward_range_avx2(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_range<scalar_t, kC>(a, begin, end);
+}
+template <typename scalar_t, int kC>
+DCNV3_TARGET_AVX512 void forward_range_avx512(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_range<scalar_t, kC>(a, begin, end);
 }
 #endif
+
+template <typename Args>
+using RangeFn = void (*)(const Args&, int64_t, int64_t);
+
+// The range function for this CPU's ISA and the group width C: 16 and 32
+// (all InternImage variants) are compiled with C fixed.
+#if defined(DCNV3_X86_DISPATCH)
+#define DCNV3_PICK_ISA(name, kC)                 \
+  switch (cpu_isa()) {                           \
+    case Isa::kAvx512:                           \
+      return &name##_avx512<scalar_t, kC>;       \
+    case Isa::kAvx2:                             \
+      return &name##_avx2<scalar_t, kC>;         \
+    default:                                     \
+      return &name##_baseline<scalar_t, kC>;     \
+  }
+#else
+#define DCNV3_PICK_ISA(name, kC) return &name##_baseline<scalar_t, kC>;
+#endif
+
+template <typename scalar_t, int kC>
+RangeFn<ForwardArgs<scalar_t>> pick_forward_isa() {
+  DCNV3_PICK_ISA(forward_range, kC)
+}
+
+template <typename scalar_t>
+RangeFn<ForwardArgs<scalar_t>> pick_forward(int64_t C) {
+  return C == 16 ? pick_forward_isa<scalar_t, 16>()
+                 : (C == 32 ? pick_forward_isa<scalar_t, 32>() : pick_forward_isa<scalar_t, 0>());
+}
 
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* x, const scalar_t* off, const scalar_t* mask, scalar_t* out) {
   using acc_t = opmath_t<scalar_t>;
   std::vector<acc_t> kx, ky;
-  kernel_grid_table(g, kx, ky);
-  auto range_fn = &forward_range_baseline<scalar_t>;
-#if defined(DCNV3_X86_DISPATCH)
-  if (use_avx2()) {
-    range_fn = &forward_range_avx2<scalar_t>;
-  }
-#endif
-  torch::stable::parallel_for(0, g.positions(), grain_for(g, g.G * g.P * g.C * 4), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(g.C), prob(g.P);
-    range_fn(g, x, off, mask, out, kx.data(), ky.data(), begin, end, acc.data(), prob.data());
+  kernel_grid_table(g, g.G, kx, ky);
+  const ForwardArgs<scalar_t> args{&g, x, off, mask, out, kx.data(), ky.data()};
+  const RangeFn<ForwardArgs<scalar_t>> range_fn = pick_forward<scalar_t>(g.C);
+  torch::stable::parallel_for(0, g.positions(), grain_for(g.G * g.P * (g.C * 4 + 24)), [&](int64_t begin, int64_t end) {
+    range_fn(args, begin, end);
   });
 }
 
-// One pass over the channels of a sample whose four corners are all inside
-// the image (so the four grad_input rows are distinct): accumulates
-// sum_c go*value, go*d value/d px, go*d value/d py and scatters m*go*w_k.
-template <typename acc_t, typename scalar_t>
-DCNV3_INLINE void backward_channels_interior(
-    const scalar_t* xg,
-    acc_t* gin,
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = opmath_t<scalar_t>;
+  const Geometry* g;
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const scalar_t* off;
+  const scalar_t* mask;
+  scalar_t* grad_off;
+  scalar_t* grad_mask;
+  const acc_t* kx;  // per point of one group
+  const acc_t* ky;
+};
+
+// d[k] = sum_c go[c] * v_k[c] over the four corner rows, and, when kScatter,
+// gin_k[c] += mw[k] * go[c]. Only called with kScatter when the four corners
+// are distinct pixels (restrict).
+template <typename acc_t, typename scalar_t, int kC, bool kScatter>
+DCNV3_INLINE void backward_channels(
     const scalar_t* __restrict__ go,
-    const Bilinear<acc_t>& b,
-    acc_t m,
-    int64_t C,
-    acc_t& s_v_out,
-    acc_t& s_x_out,
-    acc_t& s_y_out) {
-  const scalar_t* __restrict__ x0 = xg + b.off[0];
-  const scalar_t* __restrict__ x1 = xg + b.off[1];
-  const scalar_t* __restrict__ x2 = xg + b.off[2];
-  const scalar_t* __restrict__ x3 = xg + b.off[3];
-  acc_t* __restrict__ d0 = gin + b.off[0];
-  acc_t* __restrict__ d1 = gin + b.off[1];
-  acc_t* __restrict__ d2 = gin + b.off[2];
-  acc_t* __restrict__ d3 = gin + b.off[3];
-  const acc_t fx = b.fx, fy = b.fy;
-  const acc_t mw0 = m * b.w[0], mw1 = m * b.w[1], mw2 = m * b.w[2], mw3 = m * b.w[3];
-  acc_t s_v = 0, s_x = 0, s_y = 0;
-#pragma omp simd reduction(+ : s_v, s_x, s_y)
+    const scalar_t* __restrict__ v0,
+    const scalar_t* __restrict__ v1,
+    const scalar_t* __restrict__ v2,
+    const scalar_t* __restrict__ v3,
+    acc_t* __restrict__ d0,
+    acc_t* __restrict__ d1,
+    acc_t* __restrict__ d2,
+    acc_t* __restrict__ d3,
+    const acc_t mw[4],
+    int64_t C_runtime,
+    acc_t d[4]) {
+  const int64_t C = kC > 0 ? kC : C_runtime;
+  const acc_t m0 = mw[0], m1 = mw[1], m2 = mw[2], m3 = mw[3];
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t c = 0; c < C; ++c) {
-    acc_t v, dx, dy;
-    bilinear_interior<acc_t>(
-        static_cast<acc_t>(x0[c]), static_cast<acc_t>(x1[c]), static_cast<acc_t>(x2[c]), static_cast<acc_t>(x3[c]), fx,
-        fy, v, dx, dy);
     const acc_t gc = static_cast<acc_t>(go[c]);
-    s_v += gc * v;
-    s_x += gc * dx;
-    s_y += gc * dy;
-    d0[c] += mw0 * gc;
-    d1[c] += mw1 * gc;
-    d2[c] += mw2 * gc;
-    d3[c] += mw3 * gc;
+    s0 += gc * static_cast<acc_t>(v0[c]);
+    s1 += gc * static_cast<acc_t>(v1[c]);
+    s2 += gc * static_cast<acc_t>(v2[c]);
+    s3 += gc * static_cast<acc_t>(v3[c]);
+    if (kScatter) {
+      d0[c] += m0 * gc;
+      d1[c] += m1 * gc;
+      d2[c] += m2 * gc;
+      d3[c] += m3 * gc;
+    }
   }
-  s_v_out = s_v;
-  s_x_out = s_x;
-  s_y_out = s_y;
+  d[0] = s0;
+  d[1] = s1;
+  d[2] = s2;
+  d[3] = s3;
 }
 
 // Backward of the output pixels [hw_begin, hw_end) of batch element n, group
 // gi. grad_input contributions go to gin (acc_t, laid out like the input,
 // pointing at channel 0 of group gi of batch element n); the caller makes
 // sure no other thread writes the same gin at the same time.
-template <typename scalar_t>
+template <typename scalar_t, int kC>
 DCNV3_INLINE void backward_range(
-    const Geometry& g,
+    const BackwardArgs<scalar_t>& a,
     int64_t n,
     int64_t gi,
     int64_t hw_begin,
     int64_t hw_end,
-    const scalar_t* grad_out,
-    const scalar_t* x,
-    const scalar_t* off,
-    const scalar_t* mask,
-    opmath_t<scalar_t>* gin,
-    scalar_t* grad_off,
-    scalar_t* grad_mask,
-    opmath_t<scalar_t>* prob,
-    const opmath_t<scalar_t>* kx,
-    const opmath_t<scalar_t>* ky,
-    opmath_t<scalar_t>* gm) {
+    opmath_t<scalar_t>* gin) {
   using acc_t = opmath_t<scalar_t>;
-  const int64_t GC = g.G * g.C;
+  const Geometry& g = *a.g;
+  const int64_t C = kC > 0 ? kC : g.C;
+  const int64_t GC = g.G * C;
   const int64_t row = g.W * GC;
   const int64_t P = g.P;
-  const int64_t C = g.C;
-  const scalar_t* xg = x + n * g.H * row + gi * C;
+  const int32_t H = static_cast<int32_t>(g.H);
+  const int32_t W = static_cast<int32_t>(g.W);
+  const scalar_t* xg = a.x + n * g.H * row + gi * C;
+  std::vector<acc_t> prob(P), shifted(P), gm(P);
+  std::vector<Stencil<acc_t>> stencils(P);
   for (int64_t hw = hw_begin; hw < hw_end; ++hw) {
     const int64_t pos = n * g.Ho * g.Wo + hw;
     const int64_t wo = hw % g.Wo;
     const int64_t ho = hw / g.Wo;
     const int64_t pg = pos * g.G + gi;
-    const scalar_t* offp = off + pg * P * 2;
-    const scalar_t* mp = mask + pg * P;
-    const scalar_t* go = grad_out + pos * GC + gi * C;
-    for (int64_t p = 0; p < P; ++p) {
-      prob[p] = static_cast<acc_t>(mp[p]);
-    }
-    if (g.mask_logits) {
-      softmax_inplace(prob, P);
-    }
+    const scalar_t* offp = a.off + pg * P * 2;
+    const scalar_t* go = a.grad_out + pos * GC + gi * C;
+    point_weights<scalar_t, acc_t>(a.mask + pg * P, 1, P, g.mask_logits, prob.data(), shifted.data());
     for (int64_t p = 0; p < P; ++p) {
       acc_t px, py;
       sample_position<acc_t>(
-          g, ho, wo, kx[p], ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
-      const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
-      acc_t s_v = 0, s_x = 0, s_y = 0;
-      if (b.any) {
-        const acc_t m = prob[p];
-        if (b.w[0] != acc_t(0) && b.w[1] != acc_t(0) && b.w[2] != acc_t(0) && b.w[3] != acc_t(0)) {
-          // Common case, all four corners inside and distinct: one fused pass.
-          backward_channels_interior<acc_t>(xg, gin, go, b, m, C, s_v, s_x, s_y);
-        } else {
-        const scalar_t* __restrict__ x0 = xg + b.off[0];
-        const scalar_t* __restrict__ x1 = xg + b.off[1];
-        const scalar_t* __restrict__ x2 = xg + b.off[2];
-        const scalar_t* __restrict__ x3 = xg + b.off[3];
-        // Same arithmetic as sample_value_grad(), with the corner rows hoisted
-        // so the channel loop vectorises (reductions via omp simd).
-#pragma omp simd reduction(+ : s_v, s_x, s_y)
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v0 = static_cast<acc_t>(x0[c]);
-          const acc_t v1 = static_cast<acc_t>(x1[c]);
-          const acc_t v2 = static_cast<acc_t>(x2[c]);
-          const acc_t v3 = static_cast<acc_t>(x3[c]);
-          const acc_t gc = static_cast<acc_t>(go[c]);
-          s_v += gc * (b.w[0] * v0 + b.w[1] * v1 + b.w[2] * v2 + b.w[3] * v3);
-          s_x += gc * (b.wx[0] * v0 + b.wx[1] * v1 + b.wx[2] * v2 + b.wx[3] * v3);
-          s_y += gc * (b.wy[0] * v0 + b.wy[1] * v1 + b.wy[2] * v2 + b.wy[3] * v3);
-        }
-        // scatter_grad(), one corner at a time.
+          g, ho, wo, a.kx[p], a.ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
+      stencils[p] = make_stencil<acc_t>(px, py, H, W);
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      const Stencil<acc_t>& s = stencils[p];
+      const acc_t m = prob[p];
+      int64_t off[4];
+      stencil_offsets(s, row, GC, off);
+      const acc_t mw[4] = {m * s.w[0], m * s.w[1], m * s.w[2], m * s.w[3]};
+      acc_t d[4];
+      if (s.interior) {
+        backward_channels<acc_t, scalar_t, kC, true>(
+            go, xg + off[0], xg + off[1], xg + off[2], xg + off[3], gin + off[0], gin + off[1], gin + off[2],
+            gin + off[3], mw, C, d);
+      } else {
+        // Clamped corners may coincide: dot products first, then one corner at a time.
+        backward_channels<acc_t, scalar_t, kC, false>(
+            go, xg + off[0], xg + off[1], xg + off[2], xg + off[3], nullptr, nullptr, nullptr, nullptr, mw, C, d);
         for (int k = 0; k < 4; ++k) {
-          if (b.w[k] == acc_t(0)) {
+          if (mw[k] == acc_t(0)) {
             continue;
           }
-          const acc_t wk = m * b.w[k];
-          acc_t* __restrict__ dst = gin + b.off[k];
+          acc_t* __restrict__ dst = gin + off[k];
+          const acc_t wk = mw[k];
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             dst[c] += wk * static_cast<acc_t>(go[c]);
           }
         }
-        }
-        s_x *= m;
-        s_y *= m;
       }
+      // The sampled value is linear in the corner values, so the stencil
+      // applied to the corner dot products gives sum_c go*value and the
+      // position derivatives.
+      acc_t s_v, s_x, s_y;
+      stencil_value_grad<acc_t>(s, d, s_v, s_x, s_y);
       acc_t gox, goy;
-      offset_grad<acc_t>(g, s_x, s_y, gox, goy);
-      grad_off[pg * P * 2 + 2 * p] = static_cast<scalar_t>(gox);
-      grad_off[pg * P * 2 + 2 * p + 1] = static_cast<scalar_t>(goy);
+      offset_grad<acc_t>(g, m * s_x, m * s_y, gox, goy);
+      a.grad_off[pg * P * 2 + 2 * p] = static_cast<scalar_t>(gox);
+      a.grad_off[pg * P * 2 + 2 * p + 1] = static_cast<scalar_t>(goy);
       gm[p] = s_v;
     }
     if (g.mask_logits) {
-      softmax_backward_inplace(prob, gm, P);
+      softmax_backward_inplace(prob.data(), gm.data(), P);
     }
     for (int64_t p = 0; p < P; ++p) {
-      grad_mask[pg * P + p] = static_cast<scalar_t>(gm[p]);
+      a.grad_mask[pg * P + p] = static_cast<scalar_t>(gm[p]);
     }
   }
 }
 
-#define DCNV3_BACKWARD_RANGE_ARGS                                                                               \
-  const Geometry &g, int64_t n, int64_t gi, int64_t hw_begin, int64_t hw_end, const scalar_t *grad_out,         \
-      const scalar_t *x, const scalar_t *off, const scalar_t *mask, opmath_t<scalar_t> *gin, scalar_t *grad_off, \
-      scalar_t *grad_mask, opmath_t<scalar_t> *prob, const opmath_t<scalar_t> *kx, const opmath_t<scalar_t> *ky, \
-      opmath_t<scalar_t> *gm
-#define DCNV3_BACKWARD_RANGE_CALL \
-  backward_range<scalar_t>(g, n, gi, hw_begin, hw_end, grad_out, x, off, mask, gin, grad_off, grad_mask, prob, kx, ky, gm)
 template <typename scalar_t>
+using BackwardRangeFn =
+    void (*)(const BackwardArgs<scalar_t>&, int64_t, int64_t, int64_t, int64_t, opmath_t<scalar_t>*);
+
+#define DCNV3_BACKWARD_RANGE_ARGS \
+  const BackwardArgs<scalar_t>&a, int64_t n, int64_t gi, int64_t hw_begin, int64_t hw_end, opmath_t<scalar_t>*gin
+template <typename scalar_t, int kC>
 void backward_range_baseline(DCNV3_BACKWARD_RANGE_ARGS) {
-  DCNV3_BACKWARD_RANGE_CALL;
+  backward_range<scalar_t, kC>(a, n, gi, hw_begin, hw_end, gin);
 }
 #if defined(DCNV3_X86_DISPATCH)
-template <typename scalar_t>
+template <typename scalar_t, int kC>
 DCNV3_TARGET_AVX2 void backward_range_avx2(DCNV3_BACKWARD_RANGE_ARGS) {
-  DCNV3_BACKWARD_RANGE_CALL;
+  backward_range<scalar_t, kC>(a, n, gi, hw_begin, hw_end, gin);
+}
+template <typename scalar_t, int kC>
+DCNV3_TARGET_AVX512 void backward_range_avx512(DCNV3_BACKWARD_RANGE_ARGS) {
+  backward_range<scalar_t, kC>(a, n, gi, hw_begin, hw_end, gin);
 }
 #endif
+
+template <typename scalar_t, int kC>
+BackwardRangeFn<scalar_t> pick_backward_isa() {
+  DCNV3_PICK_ISA(backward_range, kC)
+}
+
+template <typename scalar_t>
+BackwardRangeFn<scalar_t> pick_backward(int64_t C) {
+  return C == 16 ? pick_backward_isa<scalar_t, 16>()
+                 : (C == 32 ? pick_backward_isa<scalar_t, 32>() : pick_backward_isa<scalar_t, 0>());
+}
 
 template <typename scalar_t>
 void backward_kernel(
@@ -346,13 +535,9 @@ void backward_kernel(
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t work_per_pixel = g.P * g.C * 8;
   std::vector<acc_t> kx, ky;
-  kernel_grid_table(g, kx, ky);
-  auto range_fn = &backward_range_baseline<scalar_t>;
-#if defined(DCNV3_X86_DISPATCH)
-  if (use_avx2()) {
-    range_fn = &backward_range_avx2<scalar_t>;
-  }
-#endif
+  kernel_grid_table(g, 1, kx, ky);
+  const BackwardArgs<scalar_t> args{&g, grad_out, x, off, mask, grad_off, grad_mask, kx.data(), ky.data()};
+  const BackwardRangeFn<scalar_t> range_fn = pick_backward<scalar_t>(g.C);
   // Private-buffer strategy only when there are fewer slices than threads
   // and the buffers stay small; otherwise one thread per slice.
   const int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(1, HWo / 16));
@@ -361,12 +546,10 @@ void backward_kernel(
   if (tasks >= threads || tasks * HWo * work_per_pixel < kGrainWork || !small_buffers) {
     // Each (batch element, group) owns a disjoint slice of grad_input.
     torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> prob(g.P), gm(g.P);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / g.G;
         const int64_t gi = t % g.G;
-        range_fn(
-            g, n, gi, 0, HWo, grad_out, x, off, mask, gin + n * in_plane + gi * g.C, grad_off, grad_mask, prob.data(), kx.data(), ky.data(), gm.data());
+        range_fn(args, n, gi, 0, HWo, gin + n * in_plane + gi * g.C);
       }
     });
     return;
@@ -375,7 +558,6 @@ void backward_kernel(
   // each accumulating into a private grad_input buffer, then reduce.
   std::vector<std::vector<acc_t>> bufs(chunks);
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> prob(g.P), gm(g.P);
     for (int64_t k = begin; k < end; ++k) {
       std::vector<acc_t>& buf = bufs[k];
       buf.assign(total, acc_t(0));
@@ -383,9 +565,7 @@ void backward_kernel(
       const int64_t hi = HWo * (k + 1) / chunks;
       for (int64_t n = 0; n < g.N; ++n) {
         for (int64_t gi = 0; gi < g.G; ++gi) {
-          range_fn(
-              g, n, gi, lo, hi, grad_out, x, off, mask, buf.data() + n * in_plane + gi * g.C, grad_off, grad_mask,
-              prob.data(), kx.data(), ky.data(), gm.data());
+          range_fn(args, n, gi, lo, hi, buf.data() + n * in_plane + gi * g.C);
         }
       }
     }

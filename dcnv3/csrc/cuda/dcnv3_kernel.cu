@@ -23,17 +23,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct AtomicAdd {
-  template <typename T>
-  DCNV3_HD void operator()(T* dst, T v) const {
-#if defined(__CUDA_ARCH__)
-    atomicAdd(dst, v);
-#else
-    *dst += v;
-#endif
-  }
-};
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
     const Geometry g,
@@ -45,6 +34,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   using acc_t = opmath_t<scalar_t>;
   const int64_t GC = g.G * g.C;
   const int64_t row = g.W * GC;
+  const int32_t H = static_cast<int32_t>(g.H);
+  const int32_t W = static_cast<int32_t>(g.W);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += step) {
     const int64_t c = t % g.C;
@@ -67,14 +58,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       kernel_grid<acc_t>(g, p, kx, ky);
       sample_position<acc_t>(
           g, ho, wo, kx, ky, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
-      const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
-      if (b.any) {
-        acc_t m = static_cast<acc_t>(mp[p]);
-        if (g.mask_logits) {
-          m = exp_(m - mx) * inv;
-        }
-        acc += m * sample_value<acc_t>(xg, b);
+      const Stencil<acc_t> s = make_stencil<acc_t>(px, py, H, W);
+      int64_t o[4];
+      stencil_offsets(s, row, GC, o);
+      acc_t m = static_cast<acc_t>(mp[p]);
+      if (g.mask_logits) {
+        m = exp_(m - mx) * inv;
       }
+      acc += m *
+          (s.w[0] * static_cast<acc_t>(xg[o[0]]) + s.w[1] * static_cast<acc_t>(xg[o[1]]) +
+           s.w[2] * static_cast<acc_t>(xg[o[2]]) + s.w[3] * static_cast<acc_t>(xg[o[3]]));
     }
     out[t] = static_cast<scalar_t>(acc);
   }
@@ -94,6 +87,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   using acc_t = opmath_t<scalar_t>;
   const int64_t GC = g.G * g.C;
   const int64_t row = g.W * GC;
+  const int32_t H = static_cast<int32_t>(g.H);
+  const int32_t W = static_cast<int32_t>(g.W);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t pg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pg < total; pg += step) {
     const int64_t gi = pg % g.G;
@@ -124,19 +119,24 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
       kernel_grid<acc_t>(g, p, kx, ky);
       sample_position<acc_t>(
           g, ho, wo, kx, ky, static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
-      const Bilinear<acc_t> b = make_bilinear<acc_t>(px, py, g.H, g.W, row, GC);
-      acc_t s_v = acc_t(0), s_x = acc_t(0), s_y = acc_t(0);
-      if (b.any) {
-        for (int64_t c = 0; c < g.C; ++c) {
-          acc_t v, dx, dy;
-          sample_value_grad<acc_t>(xg + c, b, v, dx, dy);
-          const acc_t gc = static_cast<acc_t>(go[c]);
-          s_v += gc * v;
-          s_x += gc * dx;
-          s_y += gc * dy;
-          scatter_grad<acc_t>(ging + c, b, m * gc, AtomicAdd{});
+      const Stencil<acc_t> s = make_stencil<acc_t>(px, py, H, W);
+      int64_t o[4];
+      stencil_offsets(s, row, GC, o);
+      // d[k] = sum_c go[c] * corner_k[c]; the sampled value is linear in the
+      // corner values, so the stencil applied to d gives sum_c go*value and
+      // the position derivatives (same arithmetic as the CPU kernel).
+      acc_t d[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      for (int64_t c = 0; c < g.C; ++c) {
+        const acc_t gc = static_cast<acc_t>(go[c]);
+        for (int k = 0; k < 4; ++k) {
+          d[k] += gc * static_cast<acc_t>(xg[o[k] + c]);
+          if (s.w[k] != acc_t(0)) {
+            atomicAdd(ging + o[k] + c, m * s.w[k] * gc);
+          }
         }
       }
+      acc_t s_v, s_x, s_y;
+      stencil_value_grad<acc_t>(s, d, s_v, s_x, s_y);
       acc_t gox, goy;
       offset_grad<acc_t>(g, m * s_x, m * s_y, gox, goy);
       grad_off[pg * g.P * 2 + 2 * p] = static_cast<scalar_t>(gox);
