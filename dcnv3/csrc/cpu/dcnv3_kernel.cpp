@@ -159,15 +159,98 @@ void kernel_grid_table(const Geometry& g, int64_t groups, std::vector<acc_t>& kx
 // Per-output-pixel point data in structure-of-arrays layout (vectorisable).
 template <typename acc_t>
 struct PointArrays {
-  explicit PointArrays(int64_t n) : real(6 * n), index(4 * n), n(n) {}
+  explicit PointArrays(int64_t n) : real(14 * n), index(5 * n), n(n) {}
   acc_t* prob() { return real.data(); }
   acc_t* shifted() { return real.data() + n; }
   acc_t* weight(int k) { return real.data() + (2 + k) * n; }
+  acc_t* weight_dx(int k) { return real.data() + (6 + k) * n; }
+  acc_t* weight_dy(int k) { return real.data() + (10 + k) * n; }
   int32_t* coord(int k) { return index.data() + k * n; }  // x0, x1, y0, y1
+  int32_t* interior() { return index.data() + 4 * n; }
   std::vector<acc_t> real;
   std::vector<int32_t> index;
   int64_t n;
 };
+
+// Stencils of the `count` points of output pixel (ho, wo) whose offsets start
+// at offp, in one loop vectorised across points. kBackward: raw weights plus
+// derivatives and interior flags; otherwise weights times prob().
+template <typename scalar_t, bool kBackward>
+DCNV3_INLINE void compute_stencils(
+    const Geometry& g,
+    int64_t ho,
+    int64_t wo,
+    const opmath_t<scalar_t>* __restrict__ kx,
+    const opmath_t<scalar_t>* __restrict__ ky,
+    const scalar_t* __restrict__ offp,
+    int64_t count,
+    PointArrays<opmath_t<scalar_t>>& pts) {
+  using acc_t = opmath_t<scalar_t>;
+  const int32_t H = static_cast<int32_t>(g.H);
+  const int32_t W = static_cast<int32_t>(g.W);
+  const acc_t* __restrict__ prob = pts.prob();
+  acc_t* __restrict__ w0 = pts.weight(0);
+  acc_t* __restrict__ w1 = pts.weight(1);
+  acc_t* __restrict__ w2 = pts.weight(2);
+  acc_t* __restrict__ w3 = pts.weight(3);
+  acc_t* __restrict__ wx0 = pts.weight_dx(0);
+  acc_t* __restrict__ wx1 = pts.weight_dx(1);
+  acc_t* __restrict__ wx2 = pts.weight_dx(2);
+  acc_t* __restrict__ wx3 = pts.weight_dx(3);
+  acc_t* __restrict__ wy0 = pts.weight_dy(0);
+  acc_t* __restrict__ wy1 = pts.weight_dy(1);
+  acc_t* __restrict__ wy2 = pts.weight_dy(2);
+  acc_t* __restrict__ wy3 = pts.weight_dy(3);
+  int32_t* __restrict__ cx0 = pts.coord(0);
+  int32_t* __restrict__ cx1 = pts.coord(1);
+  int32_t* __restrict__ cy0 = pts.coord(2);
+  int32_t* __restrict__ cy1 = pts.coord(3);
+  int32_t* __restrict__ inside = pts.interior();
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) {
+    acc_t px, py;
+    sample_position<acc_t>(
+        g, ho, wo, kx[j], ky[j], static_cast<acc_t>(offp[2 * j]), static_cast<acc_t>(offp[2 * j + 1]), px, py);
+    const Stencil<acc_t> st = make_stencil<acc_t>(px, py, H, W);
+    const acc_t m = kBackward ? acc_t(1) : prob[j];
+    w0[j] = m * st.w[0];
+    w1[j] = m * st.w[1];
+    w2[j] = m * st.w[2];
+    w3[j] = m * st.w[3];
+    cx0[j] = st.x0;
+    cx1[j] = st.x1;
+    cy0[j] = st.y0;
+    cy1[j] = st.y1;
+    if (kBackward) {
+      wx0[j] = st.wx[0];
+      wx1[j] = st.wx[1];
+      wx2[j] = st.wx[2];
+      wx3[j] = st.wx[3];
+      wy0[j] = st.wy[0];
+      wy1[j] = st.wy[1];
+      wy2[j] = st.wy[2];
+      wy3[j] = st.wy[3];
+      inside[j] = st.interior ? 1 : 0;
+    }
+  }
+}
+
+// Point j of pts as a Stencil (for the shared gradient math).
+template <typename acc_t>
+DCNV3_INLINE Stencil<acc_t> stencil_at(PointArrays<acc_t>& pts, int64_t j) {
+  Stencil<acc_t> st;
+  st.x0 = pts.coord(0)[j];
+  st.x1 = pts.coord(1)[j];
+  st.y0 = pts.coord(2)[j];
+  st.y1 = pts.coord(3)[j];
+  for (int k = 0; k < 4; ++k) {
+    st.w[k] = pts.weight(k)[j];
+    st.wx[k] = pts.weight_dx(k)[j];
+    st.wy[k] = pts.weight_dy(k)[j];
+  }
+  st.interior = pts.interior()[j] != 0;
+  return st;
+}
 
 // acc[c] += a0*v0[c] + a1*v1[c] + a2*v2[c] + a3*v3[c] over the group's C
 // channels (kC when fixed at compile time).
@@ -222,44 +305,22 @@ DCNV3_INLINE void forward_range(const ForwardArgs<scalar_t>& a, int64_t begin, i
   const int64_t GC = g.G * C;
   const int64_t row = g.W * GC;
   const int64_t GP = g.G * g.P;
-  const int32_t H = static_cast<int32_t>(g.H);
-  const int32_t W = static_cast<int32_t>(g.W);
   PointArrays<acc_t> pts(GP);
   std::vector<acc_t> acc_buf(kC > 0 ? 0 : C);
-  acc_t* __restrict__ w0 = pts.weight(0);
-  acc_t* __restrict__ w1 = pts.weight(1);
-  acc_t* __restrict__ w2 = pts.weight(2);
-  acc_t* __restrict__ w3 = pts.weight(3);
-  int32_t* __restrict__ cx0 = pts.coord(0);
-  int32_t* __restrict__ cx1 = pts.coord(1);
-  int32_t* __restrict__ cy0 = pts.coord(2);
-  int32_t* __restrict__ cy1 = pts.coord(3);
-  acc_t* prob = pts.prob();
-  acc_t* shifted = pts.shifted();
-  const acc_t* __restrict__ kx = a.kx;
-  const acc_t* __restrict__ ky = a.ky;
+  const acc_t* w0 = pts.weight(0);
+  const acc_t* w1 = pts.weight(1);
+  const acc_t* w2 = pts.weight(2);
+  const acc_t* w3 = pts.weight(3);
+  const int32_t* cx0 = pts.coord(0);
+  const int32_t* cx1 = pts.coord(1);
+  const int32_t* cy0 = pts.coord(2);
+  const int32_t* cy1 = pts.coord(3);
   for (int64_t pos = begin; pos < end; ++pos) {
     const int64_t wo = pos % g.Wo;
     const int64_t ho = (pos / g.Wo) % g.Ho;
     const int64_t n = pos / (g.Wo * g.Ho);
-    const scalar_t* __restrict__ offp = a.off + pos * GP * 2;
-    point_weights<scalar_t, acc_t>(a.mask + pos * GP, g.G, g.P, g.mask_logits, prob, shifted);
-#pragma omp simd
-    for (int64_t j = 0; j < GP; ++j) {
-      acc_t px, py;
-      sample_position<acc_t>(
-          g, ho, wo, kx[j], ky[j], static_cast<acc_t>(offp[2 * j]), static_cast<acc_t>(offp[2 * j + 1]), px, py);
-      const Stencil<acc_t> s = make_stencil<acc_t>(px, py, H, W);
-      const acc_t m = prob[j];
-      w0[j] = m * s.w[0];
-      w1[j] = m * s.w[1];
-      w2[j] = m * s.w[2];
-      w3[j] = m * s.w[3];
-      cx0[j] = s.x0;
-      cx1[j] = s.x1;
-      cy0[j] = s.y0;
-      cy1[j] = s.y1;
-    }
+    point_weights<scalar_t, acc_t>(a.mask + pos * GP, g.G, g.P, g.mask_logits, pts.prob(), pts.shifted());
+    compute_stencils<scalar_t, false>(g, ho, wo, a.kx, a.ky, a.off + pos * GP * 2, GP, pts);
     const scalar_t* xn = a.x + n * g.H * row;
     for (int64_t gi = 0; gi < g.G; ++gi) {
       const scalar_t* xg = xn + gi * C;
@@ -381,6 +442,39 @@ DCNV3_INLINE void backward_channels(
     acc_t d[4]) {
   const int64_t C = kC > 0 ? kC : C_runtime;
   const acc_t m0 = mw[0], m1 = mw[1], m2 = mw[2], m3 = mw[3];
+  if constexpr (kC > 0) {
+    // Fixed width: products in registers, then pairwise (tree) sums; the
+    // compilers otherwise reduce such short loops one lane at a time.
+    acc_t p0[kC], p1[kC], p2[kC], p3[kC];
+#pragma omp simd
+    for (int c = 0; c < kC; ++c) {
+      const acc_t gc = static_cast<acc_t>(go[c]);
+      p0[c] = gc * static_cast<acc_t>(v0[c]);
+      p1[c] = gc * static_cast<acc_t>(v1[c]);
+      p2[c] = gc * static_cast<acc_t>(v2[c]);
+      p3[c] = gc * static_cast<acc_t>(v3[c]);
+      if (kScatter) {
+        d0[c] += m0 * gc;
+        d1[c] += m1 * gc;
+        d2[c] += m2 * gc;
+        d3[c] += m3 * gc;
+      }
+    }
+    for (int width = kC / 2; width >= 1; width /= 2) {
+#pragma omp simd
+      for (int c = 0; c < width; ++c) {
+        p0[c] += p0[c + width];
+        p1[c] += p1[c + width];
+        p2[c] += p2[c + width];
+        p3[c] += p3[c + width];
+      }
+    }
+    d[0] = p0[0];
+    d[1] = p1[0];
+    d[2] = p2[0];
+    d[3] = p3[0];
+    return;
+  }
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t c = 0; c < C; ++c) {
@@ -420,27 +514,20 @@ DCNV3_INLINE void backward_range(
   const int64_t GC = g.G * C;
   const int64_t row = g.W * GC;
   const int64_t P = g.P;
-  const int32_t H = static_cast<int32_t>(g.H);
-  const int32_t W = static_cast<int32_t>(g.W);
   const scalar_t* xg = a.x + n * g.H * row + gi * C;
-  std::vector<acc_t> prob(P), shifted(P), gm(P);
-  std::vector<Stencil<acc_t>> stencils(P);
+  PointArrays<acc_t> pts(P);
+  std::vector<acc_t> gm(P);
+  const acc_t* prob = pts.prob();
   for (int64_t hw = hw_begin; hw < hw_end; ++hw) {
     const int64_t pos = n * g.Ho * g.Wo + hw;
     const int64_t wo = hw % g.Wo;
     const int64_t ho = hw / g.Wo;
     const int64_t pg = pos * g.G + gi;
-    const scalar_t* offp = a.off + pg * P * 2;
     const scalar_t* go = a.grad_out + pos * GC + gi * C;
-    point_weights<scalar_t, acc_t>(a.mask + pg * P, 1, P, g.mask_logits, prob.data(), shifted.data());
+    point_weights<scalar_t, acc_t>(a.mask + pg * P, 1, P, g.mask_logits, pts.prob(), pts.shifted());
+    compute_stencils<scalar_t, true>(g, ho, wo, a.kx, a.ky, a.off + pg * P * 2, P, pts);
     for (int64_t p = 0; p < P; ++p) {
-      acc_t px, py;
-      sample_position<acc_t>(
-          g, ho, wo, a.kx[p], a.ky[p], static_cast<acc_t>(offp[2 * p]), static_cast<acc_t>(offp[2 * p + 1]), px, py);
-      stencils[p] = make_stencil<acc_t>(px, py, H, W);
-    }
-    for (int64_t p = 0; p < P; ++p) {
-      const Stencil<acc_t>& s = stencils[p];
+      const Stencil<acc_t> s = stencil_at(pts, p);
       const acc_t m = prob[p];
       int64_t off[4];
       stencil_offsets(s, row, GC, off);
@@ -478,7 +565,7 @@ DCNV3_INLINE void backward_range(
       gm[p] = s_v;
     }
     if (g.mask_logits) {
-      softmax_backward_inplace(prob.data(), gm.data(), P);
+      softmax_backward_inplace(prob, gm.data(), P);
     }
     for (int64_t p = 0; p < P; ++p) {
       a.grad_mask[pg * P + p] = static_cast<scalar_t>(gm[p]);
