@@ -325,3 +325,57 @@ def test_importing_registers_quietly_and_lazily():
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == '' and result.stderr == ''
+
+
+# ---- the fused CPU path -----------------------------------------------------------------------------------------
+
+
+def _randomised(model):
+    """Nonzero offsets, masks and biases everywhere, so every fused term matters."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize('name', ['internimage_t', 'internimage_s', 'internimage_h'])
+def test_fused_cpu_path_is_the_official_function(name, monkeypatch):
+    """On CPU the torch and compiled backends run the linear layers fused (GEMM then in-place bias and GELU,
+    residual adds folded into each branch's last GEMM); in float64 their outputs and all parameter
+    gradients equal the official layer order (reference backend) to 1e-10."""
+    torch.manual_seed(0)
+    model = _randomised(tiny_model(name).double().train())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    if name == 'internimage_t':
+        assert all(block.fused_residual for stage in model.stages for block in stage.blocks)
+    results = {}
+    for backend in ('torch', 'reference'):
+        monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+        output = model(x)
+        results[backend] = [output] + list(torch.autograd.grad(output.square().sum(), list(model.parameters())))
+    for fused, official in zip(results['torch'], results['reference']):
+        torch.testing.assert_close(fused, official, rtol=0, atol=1e-10)
+
+
+def test_fused_cpu_path_applies_only_where_it_should(monkeypatch):
+    from timm_internimage.ops.dcn_v3 import use_fused_linear
+    x = torch.randn(2, 3)
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'torch')
+    assert use_fused_linear(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not use_fused_linear(x)
+    assert not use_fused_linear(x.to('meta'))
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'reference')
+    assert not use_fused_linear(x)
+
+
+def test_model_under_cpu_autocast():
+    model = tiny_model('internimage_t').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            output = model(x)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), expected, rtol=0.1, atol=0.1)

@@ -24,9 +24,10 @@ from torch import Tensor
 from timm.layers import register_notrace_function
 
 from .dcnv3_reference import dcnv3_reference
+from .fused_linear import linear, linear_residual
 from .dcnv3_torch import dcnv3_output_size, dcnv3_torch
 
-__all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'BACKENDS']
+__all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'use_fused_linear', 'BACKENDS']
 
 _logger = logging.getLogger(__name__)
 
@@ -97,6 +98,18 @@ def _resolve_backend(backend: Optional[str], input: Tensor) -> str:
     if not torch.compiler.is_compiling():
         _log_choice(chosen, input.device.type, input.dtype)
     return chosen
+
+
+def use_fused_linear(x: Tensor) -> bool:
+    """Whether layers around the op use the fused CPU linear helpers (:mod:`.fused_linear`) for ``x``:
+    CPU tensors outside TorchScript, fx tracing and autocast, unless the default backend is ``reference``,
+    which keeps the official float operation order in the whole model."""
+    if torch.jit.is_scripting():
+        return False
+    if isinstance(x, torch.fx.Proxy):
+        return False
+    return (x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu')
+            and (os.environ.get(_BACKEND_ENV) or '').lower() != 'reference')
 
 
 @functools.lru_cache(maxsize=None)
@@ -284,12 +297,22 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj.weight)
             nn.init.zeros_(self.center_feature_scale_proj.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        projected = self.input_proj(x)
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``(N, H, W, C)`` in and out; with ``residual``, returns ``residual + DCNv3(x)`` (fused on CPU)."""
+        fused = use_fused_linear(x)
+        if fused:
+            projected = linear(x, self.input_proj.weight, self.input_proj.bias)
+        else:
+            projected = self.input_proj(x)
         context = self.dw_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         context = self.dw_act(self.dw_norm(context))
+        if fused:
+            offset = linear(context, self.offset.weight, self.offset.bias)
+            mask = linear(context, self.mask.weight, self.mask.bias)
+        else:
+            offset, mask = self.offset(context), self.mask(context)
         out = dcnv3_core(
-            projected, self.offset(context), self.mask(context),
+            projected, offset, mask,
             self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
             self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center,
             mask_is_logits=True)
@@ -297,4 +320,9 @@ class DCNv3(nn.Module):
             scale = torch.sigmoid(self.center_feature_scale_proj(context))
             scale = scale.repeat_interleave(self.group_channels, dim=-1)
             out = out * (1 - scale) + projected * scale
-        return self.output_proj(out)
+        if not fused:
+            out = self.output_proj(out)
+            return out if residual is None else residual + out
+        if residual is None:
+            return linear(out, self.output_proj.weight, self.output_proj.bias)
+        return linear_residual(out, self.output_proj.weight, self.output_proj.bias, residual)
