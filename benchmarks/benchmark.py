@@ -11,6 +11,7 @@ Examples::
     python benchmarks/benchmark.py --model internimage_t --batch-size 8 --img-size 224 --backend torch,reference
     python benchmarks/benchmark.py --mode train --dtype bfloat16 --json
     python benchmarks/benchmark.py --op --backend torch,reference,compiled --compile
+    python benchmarks/benchmark.py --backend reference,compiled --rounds 5   # interleaved, with speedups
 
 Peak memory, of the timed iterations (after warmup): on CUDA, ``torch.cuda.max_memory_allocated`` above
 what was allocated before them (model, input). On CPU, the peak resident set size of the process above
@@ -443,6 +444,29 @@ def _merge_op_results(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return merged
 
 
+def _combine_rounds(rounds: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """One model result per configuration from several interleaved rounds: the median over rounds, and
+    ``speedup``, the median over rounds of each round's time ratio to the first configuration of the
+    same mode (so that slow drifts of a shared machine cancel out)."""
+    combined = []
+    for index, runs in enumerate(zip(*rounds)):
+        errors = [r for r in runs if 'error' in r]
+        if errors:
+            combined.append(errors[0])
+            continue
+        times = [r['median_ms'] for r in runs]
+        row = dict(runs[0], median_ms=statistics.median(times), round_ms=times)
+        row['img_per_s'] = row['config']['batch_size'] / (row['median_ms'] / 1e3)
+        peaks = [r['peak_mem_mib'] for r in runs if r['peak_mem_mib'] is not None]
+        row['peak_mem_mib'] = max(peaks) if peaks else None
+        first = next(i for i, r in enumerate(rounds[0]) if r['config']['mode'] == row['config']['mode'])
+        if all('error' not in round_results[first] for round_results in rounds):
+            row['speedup'] = statistics.median(
+                round_results[first]['median_ms'] / round_results[index]['median_ms'] for round_results in rounds)
+        combined.append(row)
+    return combined
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
@@ -457,15 +481,19 @@ def _print_table(results: List[Dict[str, Any]]) -> None:
     op_rows = [r for r in results if r['kind'] == 'op']
     if model_rows:
         header = ('model', 'mode', 'dtype', 'backend', 'compile', 'batch', 'res', 'img/s', 'ms/iter', 'peak MiB')
+        with_speedup = any('speedup' in r for r in model_rows)
+        if with_speedup:
+            header += ('speedup',)
         lines = []
         for r in model_rows:
             c = r['config']
             base = (c['model'], c['mode'], c['dtype'] + ('+amp' if c['amp'] else ''), c['backend'],
                     'yes' if c['compile'] else 'no', str(c['batch_size']), str(c['img_size']))
             if 'error' in r:
-                lines.append(base + ('error', '', ''))
+                lines.append(base + ('error', '', '') + (('',) if with_speedup else ()))
             else:
-                lines.append(base + (f"{r['img_per_s']:.2f}", f"{r['median_ms']:.1f}", _fmt(r['peak_mem_mib'], '.0f')))
+                line = base + (f"{r['img_per_s']:.2f}", f"{r['median_ms']:.1f}", _fmt(r['peak_mem_mib'], '.0f'))
+                lines.append(line + ((f"{r['speedup']:.2f}x" if 'speedup' in r else '-',) if with_speedup else ()))
         _print_rows(header, lines)
     if op_rows:
         header = ('backend', 'dtype', 'compile', 'N', 'HxW', 'C', 'G', 'fwd ms', 'bwd ms', 'fwd MiB', 'fwd+bwd MiB')
@@ -527,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'load on a shared machine barely disturbs; with more threads it sums their time)')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
     p.add_argument('--iters', type=int, default=5, help='timed iterations (the median is reported)')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='model mode: run all configurations this many times, interleaved, and report medians over '
+                        'rounds plus each configuration\'s speedup over the first (median of per-round ratios)')
     p.add_argument('--op', action='store_true',
                    help='time the DCNv3 op (forward, backward) on InternImage-T stage shapes instead of a model')
     p.add_argument('--json', action='store_true', help='print one JSON document instead of the table')
@@ -542,10 +573,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         _worker_main(argv[1])
         return 0
     args = build_parser().parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
-        raise SystemExit('--iters must be >= 1, --warmup >= 0, --batch-size >= 1')
-    results = _merge_op_results(
-        [_run_in_process(cfg) if args.in_process else _run_in_subprocess(cfg) for cfg in _configs(args)])
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1 or args.rounds < 1:
+        raise SystemExit('--iters and --rounds must be >= 1, --warmup >= 0, --batch-size >= 1')
+    if args.op and args.rounds > 1:
+        raise SystemExit('--rounds applies to model benchmarks, not --op')
+    configs = _configs(args)
+    rounds = [[_run_in_process(cfg) if args.in_process else _run_in_subprocess(cfg) for cfg in configs]
+              for _ in range(args.rounds)]
+    results = _merge_op_results(rounds[0]) if args.rounds == 1 else _combine_rounds(rounds)
     if args.json:
         print(json.dumps({'results': results}, indent=2))
     else:

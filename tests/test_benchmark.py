@@ -43,3 +43,14 @@ def test_benchmark_op_json():
     assert shapes == [(56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32)]
     for s in result['shapes']:
         assert s['fwd_ms'] > 0 and s['bwd_ms'] > 0
+
+
+def test_benchmark_rounds_report_medians_and_speedups():
+    doc = _run('--model', 'internimage_t', '--batch-size', '1', '--img-size', '32', '--backend', 'torch,reference',
+               '--rounds', '3', '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]')
+    first, second = doc['results']
+    assert [r['config']['backend'] for r in (first, second)] == ['torch', 'reference']
+    for r in (first, second):
+        assert len(r['round_ms']) == 3 and r['median_ms'] == sorted(r['round_ms'])[1]
+        assert r['img_per_s'] == 1 / (r['median_ms'] / 1e3)
+    assert first['speedup'] == 1.0 and second['speedup'] > 0
