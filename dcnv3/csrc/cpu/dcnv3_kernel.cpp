@@ -326,28 +326,17 @@ DCNV3_INLINE void forward_range(const ForwardArgs<scalar_t>& a, int64_t begin, i
       const scalar_t* xg = xn + gi * C;
       scalar_t* o = a.out + pos * GC + gi * C;
       const int64_t j0 = gi * g.P;
-      if constexpr (kC > 0) {
-        acc_t acc[kC] = {};
-        for (int64_t j = j0; j < j0 + g.P; ++j) {
-          const scalar_t* r0 = xg + static_cast<int64_t>(cy0[j]) * row;
-          const scalar_t* r1 = xg + static_cast<int64_t>(cy1[j]) * row;
-          const int64_t c0 = static_cast<int64_t>(cx0[j]) * GC;
-          const int64_t c1 = static_cast<int64_t>(cx1[j]) * GC;
-          accumulate_point<acc_t, scalar_t, kC>(acc, r0 + c0, r0 + c1, r1 + c0, r1 + c1, w0[j], w1[j], w2[j], w3[j], kC);
-        }
-        store_channels<acc_t, scalar_t, kC>(acc, o, kC);
-      } else {
-        acc_t* acc = acc_buf.data();
-        std::fill(acc, acc + C, acc_t(0));
-        for (int64_t j = j0; j < j0 + g.P; ++j) {
-          const scalar_t* r0 = xg + static_cast<int64_t>(cy0[j]) * row;
-          const scalar_t* r1 = xg + static_cast<int64_t>(cy1[j]) * row;
-          const int64_t c0 = static_cast<int64_t>(cx0[j]) * GC;
-          const int64_t c1 = static_cast<int64_t>(cx1[j]) * GC;
-          accumulate_point<acc_t, scalar_t, 0>(acc, r0 + c0, r0 + c1, r1 + c0, r1 + c1, w0[j], w1[j], w2[j], w3[j], C);
-        }
-        store_channels<acc_t, scalar_t, 0>(acc, o, C);
+      acc_t acc_fixed[kC > 0 ? kC : 1];
+      acc_t* acc = kC > 0 ? acc_fixed : acc_buf.data();
+      std::fill(acc, acc + C, acc_t(0));
+      for (int64_t j = j0; j < j0 + g.P; ++j) {
+        const scalar_t* r0 = xg + static_cast<int64_t>(cy0[j]) * row;
+        const scalar_t* r1 = xg + static_cast<int64_t>(cy1[j]) * row;
+        const int64_t c0 = static_cast<int64_t>(cx0[j]) * GC;
+        const int64_t c1 = static_cast<int64_t>(cx1[j]) * GC;
+        accumulate_point<acc_t, scalar_t, kC>(acc, r0 + c0, r0 + c1, r1 + c0, r1 + c1, w0[j], w1[j], w2[j], w3[j], C);
       }
+      store_channels<acc_t, scalar_t, kC>(acc, o, C);
     }
   }
 }
