@@ -319,9 +319,12 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(ext.dcnv3(xt, off, mask, *args), ext.dcnv3(x, off, mask, *args), rtol=0, atol=0)
 
 
-def test_far_out_of_bounds_positions():
-    x, off, mask, args = random_case(n=1, h=5, w=5, group=1, gc=4, seed=8)
-    off = torch.full_like(off, 1e30)
+@pytest.mark.parametrize("far", [1e30, -1e30])
+@pytest.mark.parametrize("gc", [4, 16])
+def test_far_out_of_bounds_positions(far, gc):
+    """Positions far outside the image (beyond int32) sample zeros: clamped in floating point, never wrapped."""
+    x, off, mask, args = random_case(n=1, h=5, w=5, group=1, gc=gc, seed=8, dtype=torch.float32)
+    off = torch.full_like(off, far)
     y = ext.dcnv3(x, off, mask, *args)
     assert torch.equal(y, torch.zeros_like(y))
 

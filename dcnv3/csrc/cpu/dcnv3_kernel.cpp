@@ -73,8 +73,9 @@ int64_t grain_for(int64_t per_item) {
 }
 
 // exp() of softmax arguments (x <= 0 after the max is subtracted). float:
-// 2^n * p(r) with a degree-6 polynomial, within 2 ulp, branch-free so that
-// it vectorises; NaN stays NaN. double: the library exp.
+// 2^n * exp(r), |r| <= ln(2)/2, with the Cephes expf polynomial (relative
+// error about 1e-7), branch-free so that it vectorises; NaN stays NaN.
+// double: the library exp.
 template <typename T>
 DCNV3_INLINE T softmax_exp(T x) {
   return std::exp(x);
@@ -100,8 +101,8 @@ DCNV3_INLINE float softmax_exp<float>(float x) {
 }
 
 // prob = per-group softmax over the P logits of each of `groups` groups
-// (or the mask as given when it holds weights, not logits). exps is scratch
-// of the same size.
+// (or the mask as given when it holds weights, not logits). `shifted` is
+// scratch of the same size.
 template <typename scalar_t, typename acc_t>
 DCNV3_INLINE void point_weights(
     const scalar_t* __restrict__ mask,
