@@ -379,3 +379,15 @@ def test_model_under_cpu_autocast():
             output = model(x)
     assert output.dtype == torch.bfloat16
     torch.testing.assert_close(output.float(), expected, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_mlp_residual_form_keeps_dropout(training):
+    """mlp(x, residual) is residual + mlp(x), also with active dropout (then the add is not fused)."""
+    from timm_internimage.internimage import Mlp
+    mlp = Mlp(8, 32, torch.nn.GELU, drop=0.5).train(training)
+    x, residual = torch.randn(2, 3, 3, 8), torch.randn(2, 3, 3, 8)
+    torch.manual_seed(0)
+    fused = mlp(x, residual)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fused, residual + mlp(x))

@@ -104,7 +104,7 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """With ``residual``, returns ``residual + mlp(x)`` (fused on CPU; dropout must then be inactive)."""
+        """With ``residual``, returns ``residual + mlp(x)`` (the add fused into fc2 on CPU)."""
         if not use_fused_linear(x):
             out = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
             return out if residual is None else residual + out
@@ -113,9 +113,10 @@ class Mlp(nn.Module):
         else:
             hidden = self.act(linear(x, self.fc1.weight, self.fc1.bias))
         hidden = self.drop1(hidden)
-        if residual is not None:
+        if residual is not None and not (self.training and self.drop2.p > 0.):
             return linear_residual(hidden, self.fc2.weight, self.fc2.bias, residual)
-        return self.drop2(linear(hidden, self.fc2.weight, self.fc2.bias))
+        out = self.drop2(linear(hidden, self.fc2.weight, self.fc2.bias))
+        return out if residual is None else residual + out
 
 
 class InternImageBlock(nn.Module):
