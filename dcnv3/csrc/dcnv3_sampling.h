@@ -164,18 +164,30 @@ DCNV3_HD Stencil<acc_t> make_stencil(acc_t px, acc_t py, int32_t H, int32_t W) {
   return s;
 }
 
-// Element offsets of the four corner pixels (channel 0 of the group), in
-// 64-bit arithmetic: a whole input can exceed 2^31 elements.
-template <typename acc_t>
-DCNV3_HD void stencil_offsets(const Stencil<acc_t>& s, int64_t row_stride, int64_t col_stride, int64_t off[4]) {
-  const int64_t r0 = static_cast<int64_t>(s.y0) * row_stride;
-  const int64_t r1 = static_cast<int64_t>(s.y1) * row_stride;
-  const int64_t c0 = static_cast<int64_t>(s.x0) * col_stride;
-  const int64_t c1 = static_cast<int64_t>(s.x1) * col_stride;
+// Element offsets of the four corner pixels (channel 0 of the group) with
+// clamped columns x0, x1 and rows y0, y1, in 64-bit arithmetic: a whole
+// input can exceed 2^31 elements.
+DCNV3_HD void corner_offsets(
+    int32_t x0,
+    int32_t x1,
+    int32_t y0,
+    int32_t y1,
+    int64_t row_stride,
+    int64_t col_stride,
+    int64_t off[4]) {
+  const int64_t r0 = static_cast<int64_t>(y0) * row_stride;
+  const int64_t r1 = static_cast<int64_t>(y1) * row_stride;
+  const int64_t c0 = static_cast<int64_t>(x0) * col_stride;
+  const int64_t c1 = static_cast<int64_t>(x1) * col_stride;
   off[0] = r0 + c0;
   off[1] = r0 + c1;
   off[2] = r1 + c0;
   off[3] = r1 + c1;
+}
+
+template <typename acc_t>
+DCNV3_HD void stencil_offsets(const Stencil<acc_t>& s, int64_t row_stride, int64_t col_stride, int64_t off[4]) {
+  corner_offsets(s.x0, s.x1, s.y0, s.y1, row_stride, col_stride, off);
 }
 
 // The sampled value and its derivatives w.r.t. px and py from the four

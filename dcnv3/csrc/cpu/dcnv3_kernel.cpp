@@ -331,11 +331,10 @@ DCNV3_INLINE void forward_range(const ForwardArgs<scalar_t>& a, int64_t begin, i
       acc_t* acc = kC > 0 ? acc_fixed : acc_buf.data();
       std::fill(acc, acc + C, acc_t(0));
       for (int64_t j = j0; j < j0 + g.P; ++j) {
-        const scalar_t* r0 = xg + static_cast<int64_t>(cy0[j]) * row;
-        const scalar_t* r1 = xg + static_cast<int64_t>(cy1[j]) * row;
-        const int64_t c0 = static_cast<int64_t>(cx0[j]) * GC;
-        const int64_t c1 = static_cast<int64_t>(cx1[j]) * GC;
-        accumulate_point<acc_t, scalar_t, kC>(acc, r0 + c0, r0 + c1, r1 + c0, r1 + c1, w0[j], w1[j], w2[j], w3[j], C);
+        int64_t off[4];
+        corner_offsets(cx0[j], cx1[j], cy0[j], cy1[j], row, GC, off);
+        accumulate_point<acc_t, scalar_t, kC>(
+            acc, xg + off[0], xg + off[1], xg + off[2], xg + off[3], w0[j], w1[j], w2[j], w3[j], C);
       }
       store_channels<acc_t, scalar_t, kC>(acc, o, C);
     }
