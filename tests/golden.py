@@ -62,3 +62,22 @@ def load_op_case(case: dict) -> Dict[str, torch.Tensor]:
 def op_args(case: dict) -> tuple:
     """Positional scalar arguments of the official op signature, in order."""
     return tuple(bool(case[k]) if k == 'remove_center' else case[k] for k in OP_ARG_NAMES)
+
+
+CUDA_SEMANTICS_DIR = GOLDEN_DIR / 'cuda_semantics'
+
+
+def cuda_semantics_cases() -> List[dict]:
+    """The official CUDA kernel's behaviour at integer positions, borders and non-finite offsets (float64)."""
+    return json.loads((CUDA_SEMANTICS_DIR / 'cases.json').read_text())
+
+
+def load_cuda_semantics_case(case: dict) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(CUDA_SEMANTICS_DIR / case['file']))
+
+
+def cuda_semantics_kwargs(case: dict) -> dict:
+    """Keyword arguments of ``timm_internimage.ops.dcnv3`` for a cuda_semantics case."""
+    names = ('kernel_size', 'stride', 'padding', 'dilation', 'group', 'offset_scale', 'remove_center')
+    return {name: case[name] for name in names}

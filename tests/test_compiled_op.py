@@ -33,7 +33,7 @@ CUDA = pytest.mark.skipif(
 
 # --------------------------------------------------------------------------- reference
 def reference_dcnv3(x, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, group, gc, scale, remove_center):
-    """Independent gather-based DCNv3 (differentiable through autograd)."""
+    """Independent gather-based DCNv3 in the official CUDA kernel's semantics (differentiable through autograd)."""
     n, h, w, _ = x.shape
     ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
     wo = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
@@ -52,6 +52,10 @@ def reference_dcnv3(x, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, group, gc, 
     kj = torch.tensor([q[1] for q in points], dtype=dt, device=dev)
     px = xo * sw - pw + half_w + (ki * dw - half_w + off[..., 0]) * scale
     py = yo * sh - ph + half_h + (kj * dh - half_h + off[..., 1]) * scale
+    # The official CUDA kernel's rule: a sample counts only if -1 < position < size on both axes.
+    counts = (px > -1) & (px < w) & (py > -1) & (py < h)
+    px, py = torch.where(counts, px, -2.0), torch.where(counts, py, -2.0)
+    m = torch.where(counts, m, 0.0)
     x0, y0 = torch.floor(px), torch.floor(py)
     fx, fy = px - x0, py - y0
     out = x.new_zeros(n, ho, wo, group, gc)

@@ -22,18 +22,6 @@ namespace dcnv3 {
 using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
-// Accumulation type: float for the half types and float, double for double.
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-template <typename T>
-using opmath_t = typename OpMath<T>::type;
-
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -107,6 +95,14 @@ inline Geometry make_geometry(
       !remove_center || (kernel_h % 2 == 1 && kernel_w % 2 == 1),
       name,
       ": remove_center needs an odd kernel size");
+  STD_TORCH_CHECK(
+      kernel_h * kernel_w > (remove_center ? 1 : 0), name, ": remove_center leaves a 1x1 kernel with no points");
+  // The kernels address rows and columns in 32 bits (flat offsets are 64-bit).
+  STD_TORCH_CHECK(
+      input.size(1) > 0 && input.size(2) > 0 && input.size(1) < (int64_t(1) << 31) &&
+          input.size(2) < (int64_t(1) << 31),
+      name,
+      ": input height and width must be between 1 and 2^31 - 1");
 
   Geometry g;
   g.N = input.size(0);
@@ -173,6 +169,10 @@ inline void check_grad_output(const char* name, const Tensor& grad_output, const
       ": grad_output has the wrong shape");
   STD_TORCH_CHECK(
       grad_output.scalar_type() == input.scalar_type(), name, ": grad_output must have the input dtype");
+  STD_TORCH_CHECK(
+      grad_output.get_device() == input.get_device() && grad_output.is_cuda() == input.is_cuda(),
+      name,
+      ": grad_output must be on the input's device");
 }
 
 // Signatures of a device's implementations; the last flag says whether the mask holds softmax logits.

@@ -40,6 +40,18 @@ DCNV3_HD T exp_(T x) {
 #endif
 }
 
+// Accumulation type: float for the half types and float, double for double.
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
+
 // Largest number of kernel points supported by the fused-softmax variant,
 // which keeps one value per point in registers / on the stack.
 constexpr int kMaxSoftmaxPoints = 64;
@@ -56,7 +68,6 @@ struct Geometry {
   double offset_scale;
   bool mask_logits;  // mask holds logits: softmax over P inside the op
 
-  DCNV3_HD int64_t in_channels() const { return G * C; }
   DCNV3_HD int64_t positions() const { return N * Ho * Wo; }
 };
 
@@ -99,12 +110,16 @@ DCNV3_HD void sample_position(
   py = static_cast<acc_t>(ho * g.sh - g.ph + g.half_h) + (ky + off_y) * scale;
 }
 
-// Bilinear stencil of one sampling position, with zero padding. Corner k is
-// (y0,x0), (y0,x1), (y1,x0), (y1,x1) for k = 0..3. The corner coordinates
+// Bilinear stencil of one sampling position, in the official CUDA kernel's
+// semantics: a sample counts only if -1 < px < W and -1 < py < H (strict, so
+// NaN and +-inf fail), and its corners are floor(p) and floor(p) + 1, so the
+// position derivative at an exact integer is the forward difference. Corner k
+// is (y0,x0), (y0,x1), (y1,x0), (y1,x1) for k = 0..3. The corner coordinates
 // are clamped into the image, so every read through them is in bounds; a
-// corner outside the image has zero weight and zero derivatives and so
-// contributes nothing. Written without branches so that the CPU kernels can
-// compute the stencils of many kernel points in one vectorised loop.
+// corner outside the image (or of a sample that does not count) has zero
+// weight and zero derivatives and so contributes nothing. Written without
+// branches so that the CPU kernels can compute the stencils of many kernel
+// points in one vectorised loop.
 template <typename acc_t>
 struct Stencil {
   int32_t x0, x1, y0, y1;  // clamped corner columns and rows
@@ -112,6 +127,7 @@ struct Stencil {
   acc_t wx[4];             // d w / d px
   acc_t wy[4];             // d w / d py
   bool interior;           // all four corners inside: four distinct pixels
+  bool counts;             // -1 < px < W and -1 < py < H: the sample takes part
 };
 
 // v clamped into [0, size - 1].
@@ -122,16 +138,16 @@ DCNV3_HD int32_t clamp_index(int32_t v, int32_t size) {
 
 template <typename acc_t>
 DCNV3_HD Stencil<acc_t> make_stencil(acc_t px, acc_t py, int32_t H, int32_t W) {
-  acc_t x0f = floor_(px);
-  acc_t y0f = floor_(py);
+  // Comparisons with NaN are false, so a NaN position does not count.
+  const bool counts = (px > acc_t(-1)) & (px < static_cast<acc_t>(W)) & (py > acc_t(-1)) & (py < static_cast<acc_t>(H));
+  // A sample that does not count gets a position whose corners are all outside,
+  // which keeps NaN and huge values out of the integer conversion.
+  px = counts ? px : acc_t(-2);
+  py = counts ? py : acc_t(-2);
+  const acc_t x0f = floor_(px);
+  const acc_t y0f = floor_(py);
   const acc_t fx = px - x0f;
   const acc_t fy = py - y0f;
-  // Positions outside [-1, W] have no corner inside the image either way;
-  // clamping keeps huge values and NaN out of the integer conversion.
-  x0f = x0f >= acc_t(-2) ? x0f : acc_t(-2);
-  y0f = y0f >= acc_t(-2) ? y0f : acc_t(-2);
-  x0f = x0f <= static_cast<acc_t>(W) ? x0f : static_cast<acc_t>(W);
-  y0f = y0f <= static_cast<acc_t>(H) ? y0f : static_cast<acc_t>(H);
   const int32_t x0 = static_cast<int32_t>(x0f);
   const int32_t y0 = static_cast<int32_t>(y0f);
   // Bitwise & (not &&) and plain selects keep the function free of branches.
@@ -161,7 +177,15 @@ DCNV3_HD Stencil<acc_t> make_stencil(acc_t px, acc_t py, int32_t H, int32_t W) {
   s.wy[2] = v10 ? gx : zero;
   s.wy[3] = v11 ? fx : zero;
   s.interior = v00 & v11;
+  s.counts = counts;
   return s;
+}
+
+// The mask weight m of a sample, or 0 for a sample that does not count, even
+// when m is NaN: the official kernel skips such a sample entirely.
+template <typename acc_t>
+DCNV3_HD acc_t sample_weight(const Stencil<acc_t>& s, acc_t m) {
+  return s.counts ? m : acc_t(0);
 }
 
 // Element offsets of the four corner pixels (channel 0 of the group) with

@@ -5,10 +5,12 @@ Backends:
     ``reference``: pure PyTorch in the official fallback's float arithmetic (:mod:`.dcnv3_reference`),
     bit-for-bit equal to the official outputs; slower, for verification.
     ``compiled``: the CPU/CUDA kernels of the optional ``timm-internimage-dcnv3`` wheel.
-    ``auto`` (default): ``compiled`` when installed and able to run the tensor's
-    device and dtype, else ``torch``.
+    ``auto`` (default): ``compiled`` when installed and able to run the call, else ``torch``.
 
-The default is read from ``TIMM_INTERNIMAGE_DCNV3_BACKEND``; a ``backend=`` argument wins over it.
+``torch`` and ``compiled`` follow the official CUDA kernel's semantics exactly (integer positions, borders,
+non-finite offsets); ``reference`` follows the official ``grid_sample`` fallback. The backend is chosen per
+call in one place (:func:`requested_backend`): a ``backend=`` argument, else ``TIMM_INTERNIMAGE_DCNV3_BACKEND``
+read at call time, else ``auto``. Arguments are validated once, before any backend runs.
 """
 import functools
 import importlib
@@ -27,30 +29,46 @@ from .dcnv3_reference import dcnv3_reference
 from .fused_linear import linear, linear_residual
 from .dcnv3_torch import dcnv3_output_size, dcnv3_torch
 
-__all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'use_fused_linear', 'BACKENDS']
+__all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'requested_backend', 'use_fused_linear', 'BACKENDS']
 
 _logger = logging.getLogger(__name__)
 
 BACKENDS = ('auto', 'torch', 'reference', 'compiled')
 _BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
 _EXTENSION_MODULE = 'timm_internimage_dcnv3'
+# The compiled kernels address rows and columns in 32 bits; larger maps go to the torch backend.
+_COMPILED_MAX_SIDE = 2 ** 31 - 1
+# The compiled kernels' fused mask softmax keeps one value per point on the stack.
+_COMPILED_MAX_SOFTMAX_POINTS = 64
 
 IntOrPair = Union[int, Tuple[int, int]]
 
 
 def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+        raise ValueError(f'dcnv3: {name} must be an int or a pair of ints, got {value!r}')
     if isinstance(value, int):
         return value, value
-    if len(value) != 2:
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ValueError(f'dcnv3: {name} must be an int or a pair of ints, got {value!r}')
-    return int(value[0]), int(value[1])
+    return value[0], value[1]
 
 
-def _import_extension() -> Optional[ModuleType]:
-    """Import the compiled op wheel if installed. A broken or mismatched wheel is an import error
-    (unless the pure-PyTorch backends are forced through the environment, which skips the import)."""
-    if os.environ.get(_BACKEND_ENV, '').lower() in ('torch', 'reference'):
-        return None
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The backend asked for: ``backend`` if given, else ``TIMM_INTERNIMAGE_DCNV3_BACKEND`` (read now), else
+    ``'auto'``. The one place the setting is read, for the op and for the model's fused layers alike."""
+    requested = (backend or os.environ.get(_BACKEND_ENV) or 'auto').lower()
+    if requested not in BACKENDS:
+        raise ValueError(f'dcnv3: unknown backend {requested!r}; choose one of {", ".join(BACKENDS)}')
+    return requested
+
+
+@functools.lru_cache(maxsize=None)
+def _extension() -> Optional[ModuleType]:
+    """The compiled op wheel, imported on first use (once), or None if it is not installed.
+
+    A broken or mismatched wheel is an ImportError naming the fix: the pure-PyTorch backends never call this.
+    """
     from timm_internimage import __version__
     try:
         extension = importlib.import_module(_EXTENSION_MODULE)
@@ -69,47 +87,59 @@ def _import_extension() -> Optional[ModuleType]:
     return extension
 
 
-# Imported once here (a shared library load, no compilation) so that dispatch stays traceable by torch.compile.
-_EXTENSION = _import_extension()
+@torch.compiler.assume_constant_result
+def _compiled_supports(device_type: str, device_index: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled op is installed and runs this device and dtype (a constant for torch.compile,
+    which evaluates it once while tracing: it imports the wheel on first use)."""
+    extension = _extension()
+    if extension is None:
+        return False
+    device = torch.device(device_type) if device_index < 0 else torch.device(device_type, device_index)
+    return bool(extension.supports(device, dtype))
 
 
 def compiled_backend_available(device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> bool:
     """Whether the compiled op is installed and can run ``device``/``dtype`` (CPU if ``device`` is None)."""
-    return _EXTENSION is not None and bool(_EXTENSION.supports(torch.device(device or 'cpu'), dtype))
+    device = torch.device(device or 'cpu')
+    return _compiled_supports(device.type, -1 if device.index is None else device.index, dtype)
 
 
-def _resolve_backend(backend: Optional[str], input: Tensor) -> str:
-    requested = (backend or os.environ.get(_BACKEND_ENV) or 'auto').lower()
-    if requested not in BACKENDS:
-        raise ValueError(f'dcnv3: unknown backend {requested!r}; choose one of {", ".join(BACKENDS)}')
+def _choose_backend(requested: str, input: Tensor) -> str:
+    """The backend that runs this call: ``auto`` takes ``compiled`` wherever it can run the call."""
     if requested in ('torch', 'reference'):
         return requested
+    device = input.device
     # ONNX export needs the op as ATen operations, which only the pure-PyTorch backends are.
-    usable = compiled_backend_available(input.device, input.dtype) and not torch.onnx.is_in_onnx_export()
-    if requested == 'compiled' and not usable:
-        if _EXTENSION is None:
+    exporting = torch.onnx.is_in_onnx_export()
+    usable = not exporting and _compiled_supports(device.type, -1 if device.index is None else device.index, input.dtype)
+    fits = input.shape[1] <= _COMPILED_MAX_SIDE and input.shape[2] <= _COMPILED_MAX_SIDE
+    if requested == 'compiled' and not (usable and fits):
+        if not usable and _extension() is None:
             reason = 'is not installed (`pip install timm-internimage[compiled]`)'
-        elif torch.onnx.is_in_onnx_export():
+        elif exporting:
             reason = 'cannot be exported to ONNX (use the torch backend)'
+        elif not usable:
+            reason = f'does not support {input.dtype} on {device.type}'
         else:
-            reason = f'does not support {input.dtype} on {input.device.type}'
+            reason = f'addresses at most {_COMPILED_MAX_SIDE} rows and columns (use the torch backend)'
         raise RuntimeError(f'dcnv3: backend "compiled" was forced but the compiled op {reason}.')
-    chosen = 'compiled' if usable else 'torch'
+    chosen = 'compiled' if usable and fits else 'torch'
     if not torch.compiler.is_compiling():
-        _log_choice(chosen, input.device.type, input.dtype)
+        _log_choice(chosen, device.type, input.dtype)
     return chosen
 
 
 def use_fused_linear(x: Tensor) -> bool:
     """Whether layers around the op use the fused CPU linear helpers (:mod:`.fused_linear`) for ``x``:
-    CPU tensors outside TorchScript, fx tracing and autocast, unless the default backend is ``reference``,
-    which keeps the official float operation order in the whole model."""
+    CPU tensors outside TorchScript, fx tracing and autocast, unless the requested backend
+    (:func:`requested_backend`) is ``reference``, which keeps the official float operation order in the whole
+    model."""
     if torch.jit.is_scripting():
         return False
     if isinstance(x, torch.fx.Proxy):
         return False
     return (x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu')
-            and (os.environ.get(_BACKEND_ENV) or '').lower() != 'reference')
+            and requested_backend() != 'reference')
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,12 +154,73 @@ def _softmax_over_points(mask_logits: Tensor, group: int, exact: bool = True) ->
     several times faster on CPU than ATen's softmax over a last dimension of P = 9. The reference backend
     keeps ATen's, the official model's rounding.
     """
-    batch, height, width, _ = mask_logits.shape
-    logits = mask_logits.reshape(batch, height, width, group, -1)
+    batch, height, width, channels = mask_logits.shape
+    logits = mask_logits.reshape(batch, height, width, group, channels // group)
     if exact:
         return logits.softmax(-1).reshape(mask_logits.shape)
     exp = (logits - logits.amax(-1, keepdim=True)).exp()
     return (exp / exp.sum(-1, keepdim=True)).reshape(mask_logits.shape)
+
+
+def _check_arguments(
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        remove_center: bool,
+) -> None:
+    """Raises a ValueError naming the argument and the fix for anything no backend can compute."""
+    shapes = f'{tuple(input.shape)}, {tuple(offset.shape)}, {tuple(mask.shape)}'
+    if input.dim() != 4 or offset.dim() != 4 or mask.dim() != 4:
+        raise ValueError(f'dcnv3: input, offset and mask must be 4-D channels-last tensors, got shapes {shapes}')
+    if not (input.dtype == offset.dtype == mask.dtype) or not input.dtype.is_floating_point:
+        raise ValueError(
+            f'dcnv3: input, offset and mask must have one floating dtype, got {input.dtype}, {offset.dtype} and '
+            f'{mask.dtype}; convert them with .to(input.dtype)')
+    if not (input.device == offset.device == mask.device):
+        raise ValueError(
+            f'dcnv3: input, offset and mask must be on one device, got {input.device}, {offset.device} and '
+            f'{mask.device}; move them with .to(input.device)')
+    for name, value, low in (
+            ('kernel_size', (kernel_h, kernel_w), 1), ('stride', (stride_h, stride_w), 1),
+            ('padding', (pad_h, pad_w), 0), ('dilation', (dilation_h, dilation_w), 1)):
+        if min(value) < low:
+            raise ValueError(f'dcnv3: {name} must be at least {low}, got {value}')
+    if remove_center and (kernel_h * kernel_w) % 2 == 0:
+        raise ValueError('dcnv3: remove_center needs a kernel with an odd number of points')
+    if remove_center and kernel_h * kernel_w == 1:
+        raise ValueError('dcnv3: remove_center on a 1x1 kernel leaves no sampling point; use a larger kernel')
+    batch, height, width, channels = input.shape
+    if height < 1 or width < 1:
+        raise ValueError(f'dcnv3: input height and width must be at least 1, got {height}x{width}')
+    if group < 1 or channels % group != 0:
+        raise ValueError(f'dcnv3: input channels ({channels}) must be divisible by group ({group}), a positive int')
+    if group_channels < 1 or channels != group * group_channels:
+        raise ValueError(
+            f'dcnv3: input channels ({channels}) must equal group ({group}) * group_channels ({group_channels}); '
+            f'pass group_channels = {channels // group}')
+    height_out, width_out = dcnv3_output_size(
+        height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    if height_out < 1 or width_out < 1:
+        raise ValueError(
+            f'dcnv3: input of size {height}x{width} is too small for this kernel, stride, padding and dilation '
+            f'(output {height_out}x{width_out}); pad the input or use more padding')
+    num_points = kernel_h * kernel_w - int(remove_center)
+    expected_offset = (batch, height_out, width_out, group * num_points * 2)
+    expected_mask = (batch, height_out, width_out, group * num_points)
+    if tuple(offset.shape) != expected_offset or tuple(mask.shape) != expected_mask:
+        raise ValueError(
+            f'dcnv3: expected offset {expected_offset} and mask {expected_mask} for input {tuple(input.shape)}, '
+            f'got {tuple(offset.shape)} and {tuple(mask.shape)}')
 
 
 @register_notrace_function
@@ -152,10 +243,11 @@ def dcnv3_core(
         mask_is_logits: bool = False,
         backend: Optional[str] = None,
 ) -> Tensor:
-    """DCNv3 with explicit per-axis arguments (the official op's signature), dispatched to a backend.
+    """DCNv3 with explicit per-axis arguments (the official op's signature), validated, then dispatched to a
+    backend.
 
     With ``mask_is_logits`` the mask holds logits and their per-group softmax over the kernel points is
-    part of the op (inside the kernel for the compiled backend).
+    part of the op (inside the kernel for the compiled backend, up to 64 points).
     """
     if torch.jit.is_scripting():  # TorchScript compiles only this branch: the pure-PyTorch op
         if mask_is_logits:
@@ -163,17 +255,26 @@ def dcnv3_core(
         return dcnv3_torch(
             input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
             dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
-    chosen = _resolve_backend(backend, input)
-    if chosen == 'compiled':
-        return _EXTENSION.dcnv3(
-            input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-            dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_is_logits)
-    if mask_is_logits:
+    requested = requested_backend(backend)
+    _check_arguments(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+        group, group_channels, remove_center)
+    chosen = _choose_backend(requested, input)
+    num_points = kernel_h * kernel_w - int(remove_center)
+    if mask_is_logits and (chosen != 'compiled' or num_points > _COMPILED_MAX_SOFTMAX_POINTS):
         mask = _softmax_over_points(mask, group, exact=chosen == 'reference')
+        mask_is_logits = False
+    args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+            float(offset_scale), bool(remove_center))
+    if chosen == 'compiled':
+        op = torch.ops.timm_internimage.dcnv3_softmax_forward if mask_is_logits else torch.ops.timm_internimage.dcnv3_forward
+        return op(input, offset, mask, *args)
+    if input.shape[0] == 0:
+        # An empty batch: an empty output that still belongs to the autograd graph of all three inputs.
+        empty = input.new_zeros(0, offset.shape[1], offset.shape[2], input.shape[3])
+        return empty + (input.sum() + offset.sum() + mask.sum()) * 0
     implementation = dcnv3_reference if chosen == 'reference' else dcnv3_torch
-    return implementation(
-        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-        dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+    return implementation(input, offset, mask, *args)
 
 
 def dcnv3(
@@ -205,34 +306,19 @@ def dcnv3(
 
     Returns:
         ``(N, H_out, W_out, C)`` in the input's dtype.
+
+    Raises:
+        ValueError: for arguments no backend can compute (the message names the argument and the fix).
     """
     kernel_h, kernel_w = _pair(kernel_size, 'kernel_size')
     stride_h, stride_w = _pair(stride, 'stride')
     pad_h, pad_w = _pair(padding, 'padding')
     dilation_h, dilation_w = _pair(dilation, 'dilation')
-    if input.dim() != 4 or offset.dim() != 4 or mask.dim() != 4:
-        raise ValueError(
-            f'dcnv3: input, offset and mask must be 4-D channels-last tensors, got shapes '
-            f'{tuple(input.shape)}, {tuple(offset.shape)}, {tuple(mask.shape)}')
-    batch, height, width, channels = input.shape
-    if group < 1 or channels % group != 0:
-        raise ValueError(f'dcnv3: input channels ({channels}) must be divisible by group ({group})')
-    if remove_center and (kernel_h * kernel_w) % 2 == 0:
-        raise ValueError('dcnv3: remove_center needs a kernel with an odd number of points')
-    num_points = kernel_h * kernel_w - int(remove_center)
-    height_out, width_out = dcnv3_output_size(
-        height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
-    if height_out < 1 or width_out < 1:
-        raise ValueError(f'dcnv3: input of size {height}x{width} is too small for this kernel, stride and padding')
-    expected_offset = (batch, height_out, width_out, group * num_points * 2)
-    expected_mask = (batch, height_out, width_out, group * num_points)
-    if tuple(offset.shape) != expected_offset or tuple(mask.shape) != expected_mask:
-        raise ValueError(
-            f'dcnv3: expected offset {expected_offset} and mask {expected_mask}, '
-            f'got {tuple(offset.shape)} and {tuple(mask.shape)}')
+    channels = input.shape[-1] if input.dim() > 0 else 0
+    group_channels = channels // group if isinstance(group, int) and group > 0 and channels % group == 0 else 0
     return dcnv3_core(
         input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-        dilation_h, dilation_w, group, channels // group, float(offset_scale), bool(remove_center), backend=backend)
+        dilation_h, dilation_w, group, group_channels, float(offset_scale), bool(remove_center), backend=backend)
 
 
 class DCNv3(nn.Module):
@@ -261,6 +347,13 @@ class DCNv3(nn.Module):
         super().__init__()
         if channels % group != 0:
             raise ValueError(f'DCNv3: channels ({channels}) must be divisible by group ({group})')
+        if stride != 1 or 2 * pad != dilation * (kernel_size - 1):
+            # The offsets and mask are predicted at the input resolution, so the op must keep the size.
+            raise ValueError(
+                f'DCNv3: the module keeps the spatial size, so it needs stride 1 and 2 * pad == dilation * '
+                f'(kernel_size - 1); got stride {stride}, pad {pad}, dilation {dilation}, kernel_size {kernel_size}')
+        if remove_center and kernel_size == 1:
+            raise ValueError('DCNv3: remove_center on a 1x1 kernel leaves no sampling point; use a larger kernel')
         dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
         self.channels = channels
         self.kernel_size = kernel_size

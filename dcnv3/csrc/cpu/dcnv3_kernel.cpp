@@ -157,6 +157,9 @@ void kernel_grid_table(const Geometry& g, int64_t groups, std::vector<acc_t>& kx
   }
 }
 
+constexpr int32_t kInterior = 1;
+constexpr int32_t kCounts = 2;
+
 // Per-output-pixel point data in structure-of-arrays layout (vectorisable).
 template <typename acc_t>
 struct PointArrays {
@@ -167,7 +170,7 @@ struct PointArrays {
   acc_t* weight_dx(int k) { return real.data() + (6 + k) * n; }
   acc_t* weight_dy(int k) { return real.data() + (10 + k) * n; }
   int32_t* coord(int k) { return index.data() + k * n; }  // x0, x1, y0, y1
-  int32_t* interior() { return index.data() + 4 * n; }
+  int32_t* flags() { return index.data() + 4 * n; }  // kInterior | kCounts
   std::vector<acc_t> real;
   std::vector<int32_t> index;
   int64_t n;
@@ -175,7 +178,7 @@ struct PointArrays {
 
 // Stencils of the `count` points of output pixel (ho, wo) whose offsets start
 // at offp, in one loop vectorised across points. kBackward: raw weights plus
-// derivatives and interior flags; otherwise weights times prob().
+// derivatives and flags; otherwise weights times the sample weight.
 template <typename scalar_t, bool kBackward>
 DCNV3_INLINE void compute_stencils(
     const Geometry& g,
@@ -206,14 +209,14 @@ DCNV3_INLINE void compute_stencils(
   int32_t* __restrict__ cx1 = pts.coord(1);
   int32_t* __restrict__ cy0 = pts.coord(2);
   int32_t* __restrict__ cy1 = pts.coord(3);
-  int32_t* __restrict__ inside = pts.interior();
+  int32_t* __restrict__ flags = pts.flags();
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) {
     acc_t px, py;
     sample_position<acc_t>(
         g, ho, wo, kx[j], ky[j], static_cast<acc_t>(offp[2 * j]), static_cast<acc_t>(offp[2 * j + 1]), px, py);
     const Stencil<acc_t> st = make_stencil<acc_t>(px, py, H, W);
-    const acc_t m = kBackward ? acc_t(1) : prob[j];
+    const acc_t m = kBackward ? acc_t(1) : sample_weight(st, prob[j]);
     w0[j] = m * st.w[0];
     w1[j] = m * st.w[1];
     w2[j] = m * st.w[2];
@@ -231,7 +234,7 @@ DCNV3_INLINE void compute_stencils(
       wy1[j] = st.wy[1];
       wy2[j] = st.wy[2];
       wy3[j] = st.wy[3];
-      inside[j] = st.interior ? 1 : 0;
+      flags[j] = (st.interior ? kInterior : 0) | (st.counts ? kCounts : 0);
     }
   }
 }
@@ -249,7 +252,8 @@ DCNV3_INLINE Stencil<acc_t> stencil_at(PointArrays<acc_t>& pts, int64_t j) {
     st.wx[k] = pts.weight_dx(k)[j];
     st.wy[k] = pts.weight_dy(k)[j];
   }
-  st.interior = pts.interior()[j] != 0;
+  st.interior = (pts.flags()[j] & kInterior) != 0;
+  st.counts = (pts.flags()[j] & kCounts) != 0;
   return st;
 }
 
@@ -517,7 +521,7 @@ DCNV3_INLINE void backward_range(
     compute_stencils<scalar_t, true>(g, ho, wo, a.kx, a.ky, a.off + pg * P * 2, P, pts);
     for (int64_t p = 0; p < P; ++p) {
       const Stencil<acc_t> s = stencil_at(pts, p);
-      const acc_t m = prob[p];
+      const acc_t m = sample_weight(s, prob[p]);
       int64_t off[4];
       stencil_offsets(s, row, GC, off);
       const acc_t mw[4] = {m * s.w[0], m * s.w[1], m * s.w[2], m * s.w[3]};
@@ -732,7 +736,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   Tensor grad_offset = torch::stable::new_empty(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2});
   Tensor grad_mask = torch::stable::new_empty(mask, {g.N, g.Ho, g.Wo, g.G * g.P});
   if (grad_output.numel() == 0 || input.numel() == 0) {
-    return std::make_tuple(grad_input, grad_offset, grad_mask);
+    // Nothing to compute (an empty batch): every gradient is zero, whatever its dtype.
+    return std::make_tuple(
+        torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C}),
+        torch::stable::new_zeros(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2}),
+        torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P}));
   }
   dispatch_floating(input.scalar_type(), name, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;

@@ -1,0 +1,282 @@
+"""One DCNv3: the torch and compiled backends follow the official CUDA kernel, every backend validates its
+arguments alike, and the backend setting is read in one place."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from timm_internimage.ops import DCNv3, compiled_backend_available, dcnv3, dcnv3_core
+from golden import cuda_semantics_cases, cuda_semantics_kwargs, load_cuda_semantics_case
+
+NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
+KERNEL_BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
+ALL_BACKENDS = ['torch', 'reference', pytest.param('compiled', marks=NEEDS_COMPILED)]
+GRADIENTS = ('grad_input', 'grad_offset', 'grad_mask')
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(inputs, grad_output, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    output = dcnv3(*leaves, **kwargs)
+    output.backward(grad_output)
+    return [output.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+@pytest.mark.parametrize('case', cuda_semantics_cases(), ids=lambda c: c['name'])
+def test_official_cuda_semantics_float64(case, backend):
+    """Integer positions (forward-difference offset gradients), positions at -1 and at the size (skipped),
+    and NaN/inf offsets (skipped: no output, zero gradients) exactly as the official CUDA kernel."""
+    data = load_cuda_semantics_case(case)
+    got = _run([data[k] for k in ('input', 'offset', 'mask')], data['grad_output'], backend=backend,
+               **cuda_semantics_kwargs(case))
+    for name, value in zip(('output',) + GRADIENTS, got):
+        torch.testing.assert_close(value, data[name], rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+@pytest.mark.parametrize('case', cuda_semantics_cases(), ids=lambda c: c['name'])
+def test_official_cuda_semantics_float32(case, backend):
+    """The same cases in float32. The inputs' integer and half-integer offsets are exact in float32, so only
+    rounding differs: measured at most 2.9e-7 of each tensor's largest magnitude (about 2.5 float32 ulps, sums of
+    up to 36 products), for both backends; the tolerance is 1e-6 of it."""
+    data = load_cuda_semantics_case(case)
+    got = _run([data[k].float() for k in ('input', 'offset', 'mask')], data['grad_output'].float(),
+               backend=backend, **cuda_semantics_kwargs(case))
+    for name, value in zip(('output',) + GRADIENTS, got):
+        expected = data[name]
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+        torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6 * expected.abs().max().item(),
+                                   msg=name)
+
+
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+@pytest.mark.parametrize('case', cuda_semantics_cases(), ids=lambda c: c['name'])
+def test_official_cuda_semantics_with_mask_logits(case, backend):
+    """The model's path: the mask given as logits, softmax inside the op (fused in the compiled kernel).
+    log(mask) are logits whose softmax is the mask, so the expected values follow from the case."""
+    data = load_cuda_semantics_case(case)
+    kwargs = cuda_semantics_kwargs(case)
+    group, kernel = kwargs['group'], kwargs['kernel_size']
+    leaves = [data[k].clone().requires_grad_() for k in ('input', 'offset')] + [data['mask'].log().requires_grad_()]
+    output = dcnv3_core(
+        *leaves, kernel, kernel, kwargs['stride'], kwargs['stride'], kwargs['padding'], kwargs['padding'],
+        kwargs['dilation'], kwargs['dilation'], group, data['input'].shape[-1] // group, kwargs['offset_scale'],
+        kwargs['remove_center'], mask_is_logits=True, backend=backend)
+    output.backward(data['grad_output'])
+    prob = data['mask'].unflatten(-1, (group, -1))
+    grad_prob = data['grad_mask'].unflatten(-1, (group, -1))
+    grad_logits = (prob * (grad_prob - (prob * grad_prob).sum(-1, keepdim=True))).flatten(-2)
+    torch.testing.assert_close(output.detach(), data['output'], rtol=0, atol=1e-12)
+    for leaf, expected in zip(leaves, (data['grad_input'], data['grad_offset'], grad_logits)):
+        torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=1e-12)
+
+
+def _case(batch=1, height=6, width=7, channels=8, group=2, kernel=3, stride=1, padding=1, dilation=1,
+          remove_center=False, dtype=torch.float32):
+    """Inputs whose offset and mask shapes match the geometry, whatever it is (even an invalid one)."""
+    generator = torch.Generator().manual_seed(0)
+    points = kernel * kernel - int(remove_center)
+    if stride > 0:
+        height_out = max((height + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1, 0)
+        width_out = max((width + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1, 0)
+    else:
+        height_out, width_out = height, width
+    input = torch.randn(batch, height, width, channels, generator=generator, dtype=dtype)
+    offset = torch.randn(batch, height_out, width_out, group * points * 2, generator=generator, dtype=dtype)
+    mask = torch.rand(batch, height_out, width_out, group * points, generator=generator, dtype=dtype)
+    kwargs = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, group=group,
+                  remove_center=remove_center)
+    return (input, offset, mask), kwargs
+
+
+INVALID = {
+    'zero_height_with_padding': (dict(height=0, padding=2), 'height and width must be at least 1'),
+    'zero_width': (dict(width=0), 'height and width must be at least 1'),
+    'no_points': (dict(kernel=1, padding=0, remove_center=True), 'no sampling point'),
+    'even_kernel_remove_center': (dict(kernel=2, remove_center=True), 'odd number of points'),
+    'kernel_0': (dict(kernel=0), 'kernel_size must be at least 1'),
+    'stride_0': (dict(stride=0), 'stride must be at least 1'),
+    'stride_negative': (dict(stride=-1), 'stride must be at least 1'),
+    'padding_negative': (dict(padding=-1), 'padding must be at least 0'),
+    'dilation_0': (dict(dilation=0), 'dilation must be at least 1'),
+    'dilation_negative': (dict(dilation=-1), 'dilation must be at least 1'),
+    'output_too_small': (dict(height=1, width=1, kernel=5, padding=0), 'too small'),
+    'channels_not_divisible': (dict(channels=9, group=2), 'divisible by group'),
+}
+
+
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
+@pytest.mark.parametrize('name', sorted(INVALID))
+def test_invalid_geometry_is_the_same_clear_error_on_every_backend(name, backend):
+    """Checked once before any backend runs: no segfault (compiled), no silent result (torch), no bare
+    ZeroDivisionError, the same ValueError everywhere."""
+    overrides, message = INVALID[name]
+    tensors, kwargs = _case(**overrides)
+    with pytest.raises(ValueError, match=message):
+        dcnv3(*tensors, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
+def test_invalid_tensors_are_the_same_clear_error_on_every_backend(backend):
+    (input, offset, mask), kwargs = _case()
+    calls = [
+        ((input, offset[..., :-2], mask), 'expected offset'),
+        ((input, offset, mask[:, :-1]), 'expected offset'),
+        ((input, offset.double(), mask), 'one floating dtype'),
+        ((input, offset, mask.half()), 'one floating dtype'),
+        ((input.int(), offset.int(), mask.int()), 'one floating dtype'),
+        ((input, offset.to('meta'), mask), 'one device'),
+        ((input[0], offset, mask), '4-D'),
+    ]
+    for tensors, message in calls:
+        with pytest.raises(ValueError, match=message):
+            dcnv3(*tensors, backend=backend, **kwargs)
+
+
+def test_module_rejects_geometry_that_changes_the_size():
+    """The module predicts offsets at the input resolution: a stride or padding that changes the output size
+    cannot work, so it is an error when the module is built, not a silently wrong output."""
+    with pytest.raises(ValueError, match='stride 1'):
+        DCNv3(16, stride=2)
+    with pytest.raises(ValueError, match='2 \\* pad'):
+        DCNv3(16, pad=0)
+    DCNv3(16, kernel_size=5, pad=4, dilation=2)
+
+
+@NEEDS_COMPILED
+def test_compiled_op_called_directly_rejects_without_crashing():
+    """The kernels' own checks, for callers of torch.ops directly: no read before the tensor (H = 0 with
+    padding), no empty softmax (P = 0), no 32-bit row or column overflow."""
+    ops = torch.ops.timm_internimage
+    (input, offset, mask), _ = _case(height=0, padding=2)
+    with pytest.raises(RuntimeError, match='height and width'):
+        ops.dcnv3_forward(input, offset, mask, 3, 3, 1, 1, 2, 2, 1, 1, 2, 4, 1.0, False)
+    (input, offset, mask), _ = _case(kernel=1, padding=0, remove_center=True)
+    with pytest.raises(RuntimeError, match='no points'):
+        ops.dcnv3_softmax_forward(input, offset, mask, 1, 1, 1, 1, 0, 0, 1, 1, 2, 4, 1.0, True)
+    huge = torch.empty(0, 2 ** 31, 1, 2)
+    with pytest.raises(RuntimeError, match='2\\^31'):
+        ops.dcnv3_forward(huge, torch.empty(0, 2 ** 31, 1, 18), torch.empty(0, 2 ** 31, 1, 9),
+                          3, 3, 1, 1, 1, 1, 1, 1, 1, 2, 1.0, False)
+
+
+@NEEDS_COMPILED
+def test_sides_beyond_32_bits_go_to_the_torch_backend():
+    """auto takes the torch backend for a side the compiled kernels cannot address; forcing compiled says so."""
+    tensors = (torch.empty(0, 2 ** 31, 1, 2), torch.empty(0, 2 ** 31, 1, 18), torch.empty(0, 2 ** 31, 1, 9))
+    assert dcnv3(*tensors, backend='auto').shape == (0, 2 ** 31, 1, 2)
+    with pytest.raises(RuntimeError, match='rows and columns'):
+        dcnv3(*tensors, backend='compiled')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
+def test_empty_batch(backend, dtype):
+    """N = 0 works on every backend, with zero (empty) gradients of the right shapes."""
+    tensors, kwargs = _case(batch=0, dtype=dtype)
+    output, *grads = _run(tensors, torch.zeros(0, 6, 7, 8, dtype=dtype), backend=backend, **kwargs)
+    assert output.shape == (0, 6, 7, 8) and output.dtype == dtype
+    for grad, tensor in zip(grads, tensors):
+        assert grad.shape == tensor.shape and grad.dtype == dtype
+
+
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
+def test_model_empty_batch(backend, monkeypatch):
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    model = timm.create_model('internimage_t', channels=16, depths=(1, 1, 2, 1), groups=(2, 4, 8, 16), num_classes=5)
+    logits = model(torch.randn(0, 3, 64, 64))
+    assert logits.shape == (0, 5)
+    logits.sum().backward()
+
+
+def _nan_pixel_run(backend, monkeypatch):
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    torch.manual_seed(0)
+    model = timm.create_model('internimage_s', channels=20, depths=(1, 1, 1, 1), groups=(5, 10, 20, 40),
+                              num_classes=7).eval()
+    for block in model.modules():  # random, not zero, offsets and masks
+        if isinstance(block, DCNv3):
+            torch.nn.init.normal_(block.offset.weight, std=0.3)
+            torch.nn.init.normal_(block.mask.weight, std=0.3)
+    x = torch.randn(2, 3, 65, 67)
+    x[0, 1, 30, 31] = float('nan')
+    x.requires_grad_()
+    logits = model(x)
+    (grad,) = torch.autograd.grad(logits[1].sum(), x)
+    return logits.detach(), grad
+
+
+def test_model_with_a_nan_pixel_is_the_same_on_every_backend(monkeypatch):
+    """A NaN pixel in one image (groups of 5, a 65x67 image): no index error, NaN logits for that image only,
+    the other image's logits and input gradient finite and equal on every backend: no NaN sample index wraps
+    into another image's pixels. (The NaN image's own gradient is NaN through LayerNorm's backward, whatever
+    the backend.)"""
+    backends = ['torch', 'reference'] + (['compiled'] if compiled_backend_available() else [])
+    results = {backend: _nan_pixel_run(backend, monkeypatch) for backend in backends}
+    for backend, (logits, grad) in results.items():
+        assert not torch.isfinite(logits[0]).any(), backend
+        assert torch.isfinite(logits[1]).all(), backend
+        assert torch.isfinite(grad[1]).all(), backend
+        torch.testing.assert_close(logits[1], results['reference'][0][1], rtol=0, atol=1e-4, msg=backend)
+        torch.testing.assert_close(grad[1], results['reference'][1][1], rtol=0, atol=1e-4, msg=backend)
+
+
+@pytest.mark.parametrize('backend', ['auto', pytest.param('compiled', marks=NEEDS_COMPILED)])
+def test_many_kernel_points_run_on_every_backend(backend, monkeypatch):
+    """A 9x9 kernel (81 points, more than the fused softmax keeps) runs: the softmax goes outside the kernel."""
+    torch.manual_seed(0)
+    module = DCNv3(channels=8, kernel_size=9, pad=4, group=2)
+    torch.nn.init.normal_(module.offset.weight, std=0.5)
+    torch.nn.init.normal_(module.mask.weight, std=0.5)
+    x = torch.randn(1, 10, 11, 8)
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'torch')
+    expected = module(x)
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-5)
+
+
+_SWITCH_SCRIPT = """
+import sys, torch
+import timm_internimage
+from timm_internimage.ops import dcnv3
+assert 'timm_internimage_dcnv3' not in sys.modules, 'the compiled op was imported before it was needed'
+g = torch.Generator().manual_seed(0)
+x, off, mask = torch.randn(1, 5, 6, 8, generator=g), 3 * torch.randn(1, 5, 6, 36, generator=g), torch.rand(1, 5, 6, 18, generator=g)
+by_env = dcnv3(x, off, mask, group=2)  # the environment says torch
+assert 'timm_internimage_dcnv3' not in sys.modules, 'the torch backend imported the compiled op'
+compiled = dcnv3(x, off, mask, group=2, backend='compiled')
+torch.testing.assert_close(compiled, by_env, rtol=0, atol=1e-5)
+import os
+os.environ['TIMM_INTERNIMAGE_DCNV3_BACKEND'] = 'reference'
+from timm_internimage.ops.dcn_v3 import requested_backend
+assert requested_backend() == 'reference'
+torch.testing.assert_close(dcnv3(x, off, mask, group=2), compiled, rtol=0, atol=1e-5)
+"""
+
+
+@NEEDS_COMPILED
+def test_backend_switches_in_one_process_whatever_the_environment_said_at_import():
+    env = dict(os.environ, TIMM_INTERNIMAGE_DCNV3_BACKEND='torch')
+    subprocess.run([sys.executable, '-c', _SWITCH_SCRIPT], env=env, check=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize('backend', ['auto', 'torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
+def test_compile_fullgraph_traces_through_dispatch(backend, monkeypatch):
+    """Backend resolution, validation and the lazy compiled-op check all trace with fullgraph=True."""
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    torch.manual_seed(0)
+    module = DCNv3(channels=16, group=2, center_feature_scale=True)
+    torch.nn.init.normal_(module.offset.weight, std=0.5)
+    x = torch.randn(2, 6, 7, 16, requires_grad=True)
+    eager = module(x)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend='aot_eager')(x)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
