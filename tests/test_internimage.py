@@ -355,7 +355,10 @@ def test_fused_cpu_path_is_the_official_function(name, monkeypatch):
         output = model(x)
         results[backend] = [output] + list(torch.autograd.grad(output.square().sum(), list(model.parameters())))
     for fused, official in zip(results['torch'], results['reference']):
-        torch.testing.assert_close(fused, official, rtol=0, atol=1e-10)
+        # 1e-10 of each tensor's scale: float64 rounding of a different operation order (the H case has
+        # gradients of about 1e3, which differ by 1.3e-10 on an AVX2 EPYC, a relative 1.2e-13).
+        scale = max(1.0, official.abs().max().item())
+        torch.testing.assert_close(fused, official, rtol=0, atol=1e-10 * scale)
 
 
 def test_fused_cpu_path_applies_only_where_it_should(monkeypatch):
