@@ -280,3 +280,20 @@ def test_compile_fullgraph_traces_through_dispatch(backend, monkeypatch):
     (compiled_grad,) = torch.autograd.grad(compiled.sum(), x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+def test_a_skipped_sample_ignores_its_nan_weight(backend):
+    """The official kernel skips a sample outside -1 < position < size before reading its mask weight: a NaN
+    weight there changes nothing and gets no gradient; a NaN weight of a sample that counts is NaN output."""
+    (input, offset, mask), kwargs = _case(batch=1, height=4, width=5, channels=4, group=1, dtype=torch.float64)
+    offset[0, 1, 2, :2] = float('nan')  # point 0 of pixel (1, 2) does not count
+    offset[0, 2, 3, 2:4] = 1e9  # nor point 1 of pixel (2, 3)
+    expected = _run((input, offset, mask), torch.ones(1, 4, 5, 4, dtype=torch.float64), backend=backend, **kwargs)
+    mask[0, 1, 2, 0] = mask[0, 2, 3, 1] = float('nan')
+    got = _run((input, offset, mask), torch.ones(1, 4, 5, 4, dtype=torch.float64), backend=backend, **kwargs)
+    for name, value, reference in zip(('output',) + GRADIENTS, got, expected):
+        torch.testing.assert_close(value, reference, rtol=0, atol=1e-12, msg=name)
+    mask[0, 0, 0, 4] = float('nan')  # the centre point of pixel (0, 0) counts
+    output = dcnv3(input, offset, mask, backend=backend, **kwargs)
+    assert torch.isnan(output[0, 0, 0]).all() and torch.isfinite(output[0, 1:]).all()
