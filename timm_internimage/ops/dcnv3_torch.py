@@ -172,16 +172,17 @@ def dcnv3_torch(
     num_points = kernel_h * kernel_w - int(remove_center)
     # Locations are computed in at least float32: half precision cannot address pixels of large maps.
     loc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    index_dtype = torch.int32 if batch * (height + 2) * (width + 2) * group < 2 ** 31 else torch.int64
+    index_dtype = torch.int32 if batch * (height + 3) * (width + 3) * group < 2 ** 31 else torch.int64
     device = input.device
 
-    # The table gets a zero border of 1 pixel on each side of both spatial axes; locations are in padded
+    # The table gets a zero border, 1 pixel before and 2 after each spatial axis; locations are in padded
     # coordinates (+1). As in the official CUDA kernel, a sample counts only if -1 < position < size on both
-    # axes (strict: NaN and +-inf fail); the others get weight 0 and a fixed in-range location, so they add
-    # nothing and get zero gradients. Every corner of a counted sample is then a real row of the table: no
-    # validity masks per corner and no index clamping.
-    padded_h, padded_w = height + 2, width + 2
-    table = F.pad(input, (0, 0, 1, 1, 1, 1)).reshape(batch * padded_h * padded_w * group, group_channels)
+    # axes (strict: NaN and +-inf fail). Locations are clamped to [-1, size] (NaN to -1), so every corner is a
+    # real row of the table: no validity masks per corner, no index clamping. A sample that does not count
+    # then reads only the zero border or gets zero weight: its location's gradient is zero (clamp passes none
+    # at its bounds) and its mask weight is replaced by 0, so that even a NaN weight adds nothing.
+    padded_h, padded_w = height + 3, width + 3
+    table = F.pad(input, (0, 0, 1, 2, 1, 2)).reshape(batch * padded_h * padded_w * group, group_channels)
 
     # Sampling grid without offsets, in padded coordinates: (H_out, W_out, 1, P, 2) (x, y) pairs.
     point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, device, loc_dtype)
@@ -196,9 +197,13 @@ def dcnv3_torch(
 
     offset = offset.reshape(batch, height_out, width_out, group, num_points, 2).to(loc_dtype)
     loc = grid + offset * offset_scale if offset_scale != 1.0 else grid + offset
-    limit = torch.tensor([width + 1, height + 1], device=device, dtype=loc_dtype)
-    counts = ((loc > 0) & (loc < limit)).all(-1)
-    loc = torch.where(counts.unsqueeze(-1), loc, 0.0)
+    loc_x, loc_y = loc[..., 0], loc[..., 1]
+    counts = (loc_x > 0) & (loc_x < width + 1) & (loc_y > 0) & (loc_y < height + 1)
+    if height == width:
+        loc = loc.clamp(0, width + 1)
+    else:
+        loc = torch.minimum(loc.clamp_min(0), torch.tensor([width + 1, height + 1], device=device, dtype=loc_dtype))
+    loc = loc.nan_to_num(0.0)
     corner = loc.to(index_dtype)  # truncation is floor: loc >= 0
     frac = loc.frac()
     frac_x, frac_y = frac[..., 0], frac[..., 1]
