@@ -21,6 +21,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import _pair
 from torch import Tensor
 
 from timm.layers import register_notrace_function
@@ -44,14 +45,11 @@ _COMPILED_MAX_SOFTMAX_POINTS = 64
 IntOrPair = Union[int, Tuple[int, int]]
 
 
-def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
-    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+def _int_pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    pair = _pair(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f'dcnv3: {name} must be an int or a pair of ints, got {value!r}')
-    if isinstance(value, int):
-        return value, value
-    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ValueError(f'dcnv3: {name} must be an int or a pair of ints, got {value!r}')
-    return value[0], value[1]
+    return pair
 
 
 def requested_backend(backend: Optional[str] = None) -> str:
@@ -310,10 +308,10 @@ def dcnv3(
     Raises:
         ValueError: for arguments no backend can compute (the message names the argument and the fix).
     """
-    kernel_h, kernel_w = _pair(kernel_size, 'kernel_size')
-    stride_h, stride_w = _pair(stride, 'stride')
-    pad_h, pad_w = _pair(padding, 'padding')
-    dilation_h, dilation_w = _pair(dilation, 'dilation')
+    kernel_h, kernel_w = _int_pair(kernel_size, 'kernel_size')
+    stride_h, stride_w = _int_pair(stride, 'stride')
+    pad_h, pad_w = _int_pair(padding, 'padding')
+    dilation_h, dilation_w = _int_pair(dilation, 'dilation')
     channels = input.shape[-1] if input.dim() > 0 else 0
     group_channels = channels // group if isinstance(group, int) and group > 0 and channels % group == 0 else 0
     return dcnv3_core(
