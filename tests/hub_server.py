@@ -68,10 +68,6 @@ class FakeHub:
         self.repos[repo_id] = repo
         return repo
 
-    def count(self, method: Optional[str] = None) -> int:
-        with self._lock:
-            return sum(1 for m, _ in self.requests if method is None or m == method)
-
     def clear_log(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -201,19 +197,14 @@ class FakeHub:
 # ----------------------------------------------------------------------------------------------------------------
 # Repo builders: tiny InternImage checkpoints in the published formats.
 
-# timm-side model arguments of the golden tiny cases (official constructor arguments minus act/norm names).
-_DROP_ARGS = ('act_layer', 'norm_layer', 'num_classes')
-
-
 def tiny_case(name: str = 'tiny_t', num_classes: int = 1000):
     """``(model_kwargs, official_state_dict)`` for a golden tiny case with an ``num_classes``-way head.
 
     Weights follow the reference rule (``golden.official_weight``); only the head shape changes.
     """
-    import torch  # noqa: F401
     from golden import GOLDEN_DIR, official_weight
     case = json.loads((GOLDEN_DIR / f'{name}.json').read_text())
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in case['config'].items() if k not in _DROP_ARGS}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in case['config'].items() if k != 'num_classes'}
     kwargs['num_classes'] = num_classes
     state_dict = {}
     for key, shape in case['state_dict_keys'].items():

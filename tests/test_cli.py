@@ -8,12 +8,12 @@ import pytest
 import torch
 import timm
 
-import timm_internimage  # noqa: F401
-from timm_internimage import checkpoint_filter_fn
-from timm_internimage.cli import convert, main, refresh_manifest, sample_image_path
-from timm_internimage._manifest import dump_manifest, load_manifest, pretrained_cfgs
+from timm_internimage.cli import _infer_model, convert, main, sample_image_path
+from timm_internimage._manifest import dump_manifest, hub_source, load_manifest
+from timm_internimage.internimage import pretrained_cfgs
 
-from hub_server import hf_format, sharded_repo, single_file_repo, tiny_case
+from conftest import assert_same_weights, official_model
+from hub_server import hf_format, safetensors_bytes, sharded_repo, single_file_repo, tiny_case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T_TAG, T_REPO = 'internimage_t.in1k', 'OpenGVLab/internimage_t_1k_224'
@@ -29,24 +29,11 @@ def _run(args, env, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _reference(name, kwargs, official):
-    model = timm.create_model(name, **kwargs).eval()
-    model.load_state_dict(checkpoint_filter_fn(official, model))
-    return model
-
-
-@pytest.fixture
-def t_repo(hf_env):
-    kwargs, official = tiny_case('tiny_t')
-    repo = hf_env.hub.add_repo(T_REPO, single_file_repo(hf_format(official)))
-    return kwargs, official, repo
-
-
 def _expected_top(kwargs, official, image_path, k):
     """What predict must print, computed independently with timm's data pipeline and ImageNet labels."""
     from PIL import Image
     from timm.data import ImageNetInfo, create_transform, resolve_data_config
-    model = _reference('internimage_t', kwargs, official)
+    model = official_model('internimage_t', kwargs, official)
     model.pretrained_cfg = timm.models.get_pretrained_cfg(T_TAG).to_dict()
     transform = create_transform(**resolve_data_config(model=model))
     x = transform(Image.open(image_path).convert('RGB')).unsqueeze(0)
@@ -122,27 +109,20 @@ def test_predict_offline_cold_cache_message(hf_env, capsys):
     assert f'{T_REPO}/model.safetensors' in err and 'HF_HUB_OFFLINE' in err and 'hf download' in err
 
 
-def test_list_matches_manifest(capsys):
+def test_list_shows_every_tag(capsys):
     assert main(['list']) == 0
-    out = capsys.readouterr().out
-    for tag, entry in load_manifest()['models'].items():
-        assert tag in out and entry['hf_hub_id'] in out
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[:4] for line in lines] == [
+        [name, cfg.hf_hub_id, str(cfg.num_classes), str(cfg.input_size[1])] for name, cfg in pretrained_cfgs().items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # convert
 
 
-def _assert_loads_like(model, reference):
-    got, want = model.state_dict(), reference.state_dict()
-    assert got.keys() == want.keys()
-    for key in want:
-        assert torch.equal(got[key], want[key]), key
-
-
 def test_convert_pth_round_trip_local_dir_and_hf_hub(hf_env, tmp_path):
     kwargs, official = tiny_case('tiny_s')
-    reference = _reference('internimage_s', kwargs, official)
+    reference = official_model('internimage_s', kwargs, official)
     pth = tmp_path / 'internimage_s_1k_224.pth'
     torch.save({'model': official}, pth)
     out = tmp_path / 'converted'
@@ -154,13 +134,13 @@ def test_convert_pth_round_trip_local_dir_and_hf_hub(hf_env, tmp_path):
     from safetensors.torch import load_file
     assert set(load_file(str(out / 'model.safetensors'))) == set(reference.state_dict())
 
-    _assert_loads_like(timm.create_model(f'local-dir:{out}', pretrained=True), reference)
-    _assert_loads_like(timm.create_model('internimage_s', pretrained=True,
+    assert_same_weights(timm.create_model(f'local-dir:{out}', pretrained=True), reference)
+    assert_same_weights(timm.create_model('internimage_s', pretrained=True,
                                          pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')), **kwargs),
                        reference)
     hf_env.hub.add_repo('someone/internimage-s-tiny', {p.name: p.read_bytes() for p in out.iterdir()})
     model = timm.create_model('hf-hub:someone/internimage-s-tiny', pretrained=True)
-    _assert_loads_like(model, reference)
+    assert_same_weights(model, reference)
     assert model.pretrained_cfg['crop_pct'] == 1.0 and model.pretrained_cfg['interpolation'] == 'bicubic'
 
 
@@ -169,7 +149,7 @@ def test_convert_hub_repo_id_sharded(hf_env, tmp_path):
     hf_env.hub.add_repo(G_REPO, sharded_repo(hf_format(official), num_shards=2))
     out = convert(G_REPO, str(tmp_path / 'g'), model_kwargs=kwargs)
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
-    _assert_loads_like(model, _reference('internimage_g', kwargs, official))
+    assert_same_weights(model, official_model('internimage_g', kwargs, official))
     assert model.pretrained_cfg['tag'] == 'joint_in22k_ft_in1k_512'
 
 
@@ -180,13 +160,12 @@ def test_convert_local_hf_folder(tmp_path):
     for name, data in sharded_repo(hf_format(official), num_shards=2).items():
         (folder / name).write_bytes(data)
     out = convert(str(folder), str(tmp_path / 'out'), 'internimage_s', kwargs)
-    _assert_loads_like(timm.create_model(f'local-dir:{out}', pretrained=True),
-                       _reference('internimage_s', kwargs, official))
+    assert_same_weights(timm.create_model(f'local-dir:{out}', pretrained=True),
+                       official_model('internimage_s', kwargs, official))
 
 
 @pytest.mark.parametrize('name,classes', [('internimage_t', 1000), ('internimage_xl', 21841), ('internimage_g', 1000)])
 def test_convert_infers_released_variant(name, classes):
-    from timm_internimage.cli import _infer_model
     state_dict = timm.create_model(name, device='meta', num_classes=classes).state_dict()
     assert _infer_model(state_dict) == {'model': name, 'num_classes': classes}
     official_style = {'model.patch_embed.conv1.weight': state_dict['stem.conv1.weight'],
@@ -200,8 +179,9 @@ def test_convert_rejects_wrong_architecture(tmp_path, capsys):
     torch.save({'model': official}, pth)
     code = main(['convert', str(pth), str(tmp_path / 'out'), '--model', 'internimage_s',
                  '--model-args', _tiny_args(kwargs)])
+    err = capsys.readouterr().err
     assert code == 1
-    assert 'missing key' in capsys.readouterr().err
+    assert 'does not fit internimage_s' in err and 'Missing key(s)' in err
     assert not (tmp_path / 'out' / 'model.safetensors').exists()
 
 
@@ -209,7 +189,7 @@ def test_convert_rejects_wrong_architecture(tmp_path, capsys):
 # manifest-refresh
 
 
-def test_manifest_refresh_pins_and_verifies(hf_env, tmp_path):
+def test_manifest_refresh_pins_and_verifies(hf_env, tmp_path, manifest_entry):
     t_kwargs, t_official = tiny_case('tiny_t')
     t_repo = hf_env.hub.add_repo(T_REPO, single_file_repo(hf_format(t_official)))
     g_kwargs, g_official = tiny_case('tiny_g')
@@ -220,28 +200,29 @@ def test_manifest_refresh_pins_and_verifies(hf_env, tmp_path):
     assert main(['manifest-refresh', '--manifest', str(path), '--tags', T_TAG,
                  'internimage_g.joint_in22k_ft_in1k_512']) == 0
     refreshed = json.loads(path.read_text())
-    t = refreshed['models'][T_TAG]
+    t = refreshed['repos'][T_REPO]
     assert t['revision'] == t_repo.commit and t['file'] == 'model.safetensors'
     assert t['files'] == {'model.safetensors': {'size': len(t_repo.files['model.safetensors']),
                                                 'sha256': t_repo.sha256('model.safetensors')}}
     assert 'revision' not in t['unverified'] and 'files' not in t['unverified']
-    g = refreshed['models']['internimage_g.joint_in22k_ft_in1k_512']
+    g = refreshed['repos'][G_REPO]
     assert g['revision'] == g_repo.commit and g['index_file'] == 'model.safetensors.index.json'
     assert set(g['files']) == {n for n in g_repo.files if n.startswith('model')}
     for name, meta in g['files'].items():
         assert meta == {'size': len(g_repo.files[name]), 'sha256': g_repo.sha256(name)}
-    untouched = refreshed['models']['internimage_b.in1k']
+    untouched = refreshed['repos']['OpenGVLab/internimage_b_1k_224']
     assert untouched['revision'] == 'main' and 'revision' in untouched['unverified']
     assert refreshed['refreshed']['endpoint'] == hf_env.hub.endpoint
-    # the refreshed manifest still generates valid cfgs
-    assert pretrained_cfgs(refreshed)[T_TAG]['hf_hub_filename'] == 'model.safetensors'
+    # the cfgs read the refreshed entries: pinned, with their layout
+    for repo_id, repo in ((T_REPO, t_repo), (G_REPO, g_repo)):
+        manifest_entry(repo_id, **refreshed['repos'][repo_id])
+        assert hub_source(repo_id)['hf_hub_id'] == f'{repo_id}@{repo.commit}'
 
 
 def test_predict_with_local_checkpoint(tmp_path, capsys):
     from PIL import Image
     kwargs, official = tiny_case('tiny_t')
     weights = tmp_path / 'tiny.safetensors'
-    from hub_server import safetensors_bytes
     weights.write_bytes(safetensors_bytes(official))
     image = tmp_path / 'gradient.jpg'
     Image.fromarray((torch.linspace(0, 255, 64 * 80 * 3).reshape(64, 80, 3)).byte().numpy()).save(image)

@@ -1,77 +1,85 @@
-"""weights_manifest.json is the single source of truth: timm's registered cfgs must agree with it."""
+"""The pretrained cfgs (internimage.py) and the file facts they read (weights_manifest.json) agree, as do the docs."""
 import json
 import re
 from pathlib import Path
 
+import pytest
+import torch
 import timm
 
-import timm_internimage  # noqa: F401
-from timm_internimage._manifest import dump_manifest, load_manifest, manifest_path, weight_filename
+from timm_internimage._manifest import dump_manifest, hub_source, load_manifest, manifest_path, weight_filename
+from timm_internimage.internimage import _VARIANT_ARGS, pretrained_cfgs
+
+from conftest import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ISSUE_TABLE = {  # model.tag -> (Hub repo, classes, input side), as specified in issue 3
-    'internimage_t.in1k': ('OpenGVLab/internimage_t_1k_224', 1000, 224),
-    'internimage_s.in1k': ('OpenGVLab/internimage_s_1k_224', 1000, 224),
-    'internimage_b.in1k': ('OpenGVLab/internimage_b_1k_224', 1000, 224),
-    'internimage_l.in22k_ft_in1k_384': ('OpenGVLab/internimage_l_22kto1k_384', 1000, 384),
-    'internimage_l.in22k_384': ('OpenGVLab/internimage_l_22k_384', 21841, 384),
-    'internimage_xl.in22k_ft_in1k_384': ('OpenGVLab/internimage_xl_22kto1k_384', 1000, 384),
-    'internimage_xl.in22k_384': ('OpenGVLab/internimage_xl_22k_384', 21841, 384),
-    'internimage_h.joint_in22k_ft_in1k_640': ('OpenGVLab/internimage_h_22kto1k_640', 1000, 640),
-    'internimage_h.joint_in22k_384': ('OpenGVLab/internimage_h_jointto22k_384', 21841, 384),
-    'internimage_g.joint_in22k_ft_in1k_512': ('OpenGVLab/internimage_g_22kto1k_512', 1000, 512),
-    'internimage_g.joint_in22k_384': ('OpenGVLab/internimage_g_jointto22k_384', 21841, 384),
-}
 
 
-def test_manifest_lists_the_issue_tags_in_order():
-    models = load_manifest()['models']
-    assert list(models) == list(ISSUE_TABLE)
-    for tag, (repo, classes, side) in ISSUE_TABLE.items():
-        entry = models[tag]
-        assert (entry['hf_hub_id'], entry['num_classes'], entry['input_size']) == (repo, classes, [3, side, side])
+def test_cfgs_read_the_manifest():
+    cfgs = pretrained_cfgs()
+    assert set(timm.list_pretrained('internimage_*')) == set(cfgs)
+    repos = [cfg.hf_hub_id.partition('@')[0] for cfg in cfgs.values()]
+    assert sorted(repos) == sorted(load_manifest()['repos'])  # each repo the manifest lists is one tag's weights
+    for (name, cfg), repo_id in zip(cfgs.items(), repos):
+        source = dict(hf_hub_id=cfg.hf_hub_id, hf_hub_filename=cfg.hf_hub_filename, custom_load=cfg.custom_load)
+        assert source == hub_source(repo_id), name
+    for model in _VARIANT_ARGS:  # the first tag of each model is its default
+        default = f'{model}.{timm.models.get_pretrained_cfg(model).tag}'
+        assert default == next(name for name in cfgs if name.startswith(model + '.'))
 
 
-def test_registered_cfgs_match_manifest():
-    models = load_manifest()['models']
-    assert set(timm.list_pretrained('internimage_*')) == set(models)
-    for tag, entry in models.items():
-        cfg = timm.models.get_pretrained_cfg(tag).to_dict()
-        assert cfg['hf_hub_id'] == entry['hf_hub_id']
-        assert cfg.get('hf_hub_filename') == weight_filename(entry)
-        assert cfg['num_classes'] == entry['num_classes']
-        assert list(cfg['input_size']) == entry['input_size']
-        for key in ('crop_pct', 'crop_mode', 'interpolation', 'license'):
-            assert cfg[key] == entry[key], (tag, key)
-        assert list(cfg['mean']) == entry['mean'] and list(cfg['std']) == entry['std']
-        assert cfg['first_conv'] == 'stem.conv1' and cfg['classifier'] == 'head.fc'
-    # the first tag of each model is its default
-    for name in {t.split('.')[0] for t in models}:
-        default = next(t for t in models if t.split('.')[0] == name)
-        assert timm.models.get_pretrained_cfg(name).tag == default.split('.', 1)[1]
+def test_pinned_entries_pin_the_cfg(manifest_entry):
+    repo_id = 'OpenGVLab/internimage_g_22kto1k_512'
+    manifest_entry(repo_id, revision='a' * 40)
+    assert hub_source(repo_id) == dict(hf_hub_id=f'{repo_id}@{"a" * 40}',
+                                       hf_hub_filename='model.safetensors.index.json', custom_load='hf')
+    assert hub_source('OpenGVLab/internimage_t_1k_224') == dict(
+        hf_hub_id='OpenGVLab/internimage_t_1k_224', hf_hub_filename='model.safetensors', custom_load=False)
+
+
+@pytest.mark.parametrize('model', list(_VARIANT_ARGS))
+def test_pool_size_is_the_feature_map_size(model):
+    features = tiny_model(model).forward_features(torch.randn(1, 3, 64, 64))
+    stride = 64 // features.shape[-1]
+    for name, cfg in timm.models.get_arch_pretrained_cfgs(model).items():
+        assert cfg.pool_size == (cfg.input_size[1] // stride, cfg.input_size[2] // stride), name
 
 
 def test_manifest_entries_are_well_formed():
-    for tag, entry in load_manifest()['models'].items():
-        assert entry['crop_pct'] == 1.0 and entry['crop_mode'] == 'center' and entry['interpolation'] == 'bicubic'
-        assert entry['mean'] == [0.485, 0.456, 0.406] and entry['std'] == [0.229, 0.224, 0.225]
-        assert not ('file' in entry and 'index_file' in entry)
+    for repo_id, entry in load_manifest()['repos'].items():
         assert entry['original_pth']['repo'] == 'OpenGVLab/InternImage'
         assert entry['original_pth']['filename'].endswith('.pth')
-        assert (entry['top1'] is None) == (entry['num_classes'] == 21841)
+        assert not ('file' in entry and 'index_file' in entry)
         pinned = re.fullmatch(r'[0-9a-f]{40}', entry['revision']) is not None
         # whatever has not been checked against the Hub says so
-        assert pinned == ('revision' not in entry['unverified']), tag
-        assert bool(entry['files']) == ('files' not in entry['unverified']), tag
-        assert (weight_filename(entry) is None) == ('layout' in entry['unverified']), tag
+        assert pinned == ('revision' not in entry['unverified']), repo_id
+        assert bool(entry['files']) == ('files' not in entry['unverified']), repo_id
+        assert (weight_filename(entry) is None) == ('layout' in entry['unverified']), repo_id
         for name, meta in entry['files'].items():
-            assert re.fullmatch(r'[0-9a-f]{64}', meta['sha256']) and meta['size'] > 0, (tag, name)
+            assert re.fullmatch(r'[0-9a-f]{64}', meta['sha256']) and meta['size'] > 0, (repo_id, name)
         if entry['files']:
             assert weight_filename(entry) in entry['files']
+    for cfg in pretrained_cfgs().values():  # a published top-1 is an ImageNet-1k one
+        assert (load_manifest()['repos'][cfg.hf_hub_id.partition('@')[0]]['top1'] is None) == (cfg.num_classes != 1000)
 
 
 def test_checked_in_file_is_canonical_and_shipped():
-    path = REPO_ROOT / 'weights_manifest.json'
-    text = path.read_text()
+    text = (REPO_ROOT / 'weights_manifest.json').read_text()
     assert dump_manifest(json.loads(text)) == text
     assert manifest_path().read_text() == text  # the package ships this very file
+
+
+def test_weights_doc_table_matches_the_cfgs():
+    rows = re.findall(r'^\| `([\w.]+)` \| \[([\w/]+)\]\(https://huggingface.co/([\w/]+)\) \| (\d+) \| (\d+) \| '
+                      r'([\d.–]+) \| ([^|]+) \|$', (REPO_ROOT / 'docs' / 'weights.md').read_text(), re.MULTILINE)
+    repos = load_manifest()['repos']
+    documented = {}
+    for name, repo_id, link, classes, side, top1, size in rows:
+        assert repo_id == link
+        entry = repos[repo_id]
+        documented[name] = (repo_id, int(classes), int(side))
+        assert top1 == ('–' if entry['top1'] is None else str(entry['top1'])), name
+        assert size.strip().startswith(entry['approx_size']), name
+    assert documented == {name: (cfg.hf_hub_id.partition('@')[0], cfg.num_classes, cfg.input_size[1])
+                          for name, cfg in pretrained_cfgs().items()}
+    assert list(documented) == list(pretrained_cfgs())

@@ -1,15 +1,21 @@
-"""Read (and, for the maintainer command, write) ``weights_manifest.json``, the single source of truth for the
-pretrained tags. timm's pretrained cfgs are generated from it by :func:`pretrained_cfgs`."""
+"""``weights_manifest.json``: the facts about the published weight files, keyed by Hugging Face Hub repo.
+
+For each repo: the revision the weights load from, their layout (one file or a shard index), the size and
+sha256 of every file, and the published top-1. The pretrained cfgs in ``internimage.py`` read these; the
+loader (``pretrained.py``) checks the files against them.
+"""
 import functools
 import json
-import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
-__all__ = ['load_manifest', 'pretrained_cfgs', 'dump_manifest', 'manifest_path', 'weight_filename']
+__all__ = ['SAFE_WEIGHTS_NAME', 'SAFE_WEIGHTS_INDEX_NAME', 'load_manifest', 'manifest_path', 'dump_manifest',
+           'repo_entry', 'weight_filename', 'hub_source']
 
 MANIFEST_NAME = 'weights_manifest.json'
+SAFE_WEIGHTS_NAME = 'model.safetensors'
+SAFE_WEIGHTS_INDEX_NAME = 'model.safetensors.index.json'
 
 
 @functools.lru_cache(maxsize=None)
@@ -19,70 +25,33 @@ def load_manifest() -> Dict[str, Any]:
 
 
 def manifest_path() -> Path:
-    """The manifest file on disk (in a source checkout, the repo-root file the package symlinks to)."""
+    """The manifest file on disk (in a source checkout, the repo-root file the package links to)."""
     return Path(str(resources.files('timm_internimage').joinpath(MANIFEST_NAME))).resolve()
 
 
 def dump_manifest(manifest: Dict[str, Any]) -> str:
-    """Serialise like the checked-in file: indent 2, short numeric lists on one line, trailing newline."""
-    text = json.dumps(manifest, indent=2, ensure_ascii=False)
-    text = re.sub(r'\[\s+([-0-9.e,\s]+?)\s+\]', lambda m: '[' + ', '.join(x.strip() for x in m.group(1).split(',')) + ']',
-                  text)
-    return text + '\n'
+    """Serialise like the checked-in file."""
+    return json.dumps(manifest, indent=2, ensure_ascii=False) + '\n'
+
+
+def repo_entry(repo_id: str) -> Optional[Dict[str, Any]]:
+    """The manifest entry of a Hub repo, None for a repo the manifest does not list."""
+    return load_manifest()['repos'].get(repo_id)
 
 
 def weight_filename(entry: Dict[str, Any]) -> Optional[str]:
-    """The file a tag loads first: the single weights file or the shard index; None if the layout is unverified."""
+    """The file a repo's weights load from: the single file or the shard index; None while unverified."""
     return entry.get('file') or entry.get('index_file')
 
 
-def _feature_stride(model_name: str) -> int:
-    """Reduction of the map that ``forward_features`` returns (H/G fuse stages 2 and 3 at stride 16)."""
-    return 16 if model_name in ('internimage_h', 'internimage_g') else 32
+def hub_source(repo_id: str) -> Dict[str, Any]:
+    """The Hub fields of a pretrained cfg: ``hf_hub_id`` (``repo@revision`` once pinned) and ``hf_hub_filename``.
 
-
-def _hf_hub_id(entry: Dict[str, Any]) -> str:
-    return entry['hf_hub_id']
-
-
-def pretrained_cfgs(manifest: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
-    """timm pretrained cfgs keyed ``model.tag``, in manifest order (the first tag of a model is its default).
-
-    The revision and checksums are not part of timm's cfg; the loader (``pretrained.py``) reads them from the
-    manifest entry of the tag when the cfg still points at the manifest's repo.
+    A shard index loads through timm's ``custom_load`` hook (``InternImage.load_pretrained``).
     """
-    cfgs = {}
-    for name, entry in (manifest or load_manifest())['models'].items():
-        model_name = name.split('.')[0]
-        input_size = tuple(entry['input_size'])
-        stride = _feature_stride(model_name)
-        top1 = entry.get('top1')
-        cfgs[name] = {
-            'hf_hub_id': _hf_hub_id(entry),
-            'hf_hub_filename': weight_filename(entry),
-            'num_classes': entry['num_classes'],
-            'input_size': input_size,
-            'pool_size': (input_size[1] // stride, input_size[2] // stride),
-            'min_input_size': (3, 32, 32),
-            'crop_pct': entry['crop_pct'],
-            'crop_mode': entry['crop_mode'],
-            'interpolation': entry['interpolation'],
-            'mean': tuple(entry['mean']),
-            'std': tuple(entry['std']),
-            'first_conv': 'stem.conv1',
-            'classifier': 'head.fc',
-            'license': entry['license'],
-            'description': (f'ImageNet-1k top-1 {top1}% (published)' if top1 is not None
-                            else f'{entry["num_classes"]}-class ImageNet-22k head'),
-            'paper_ids': 'arXiv:2211.05778',
-            'paper_name': 'InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
-            'origin_url': 'https://github.com/OpenGVLab/InternImage',
-        }
-    return cfgs
-
-
-def write_manifest(manifest: Dict[str, Any], path: Union[str, Path, None] = None) -> Path:
-    path = Path(path) if path is not None else manifest_path()
-    path.write_text(dump_manifest(manifest), encoding='utf-8')
-    load_manifest.cache_clear()
-    return path
+    entry = load_manifest()['repos'][repo_id]
+    return dict(
+        hf_hub_id=repo_id if entry['revision'] == 'main' else f'{repo_id}@{entry["revision"]}',
+        hf_hub_filename=weight_filename(entry),
+        custom_load='hf' if 'index_file' in entry else False,
+    )

@@ -151,39 +151,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the pretrained tags
+
+
+def _repo_tags() -> Dict[str, str]:
+    """Hub repo -> the ``model.tag`` whose weights it holds."""
+    from .internimage import pretrained_cfgs
+    return {cfg.hf_hub_id.partition('@')[0]: name for name, cfg in pretrained_cfgs().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # convert
-
-_CHANNELS_TO_MODEL = {64: 'internimage_t', 80: 'internimage_s', 112: 'internimage_b', 160: 'internimage_l',
-                      192: 'internimage_xl', 320: 'internimage_h', 512: 'internimage_g'}
-
-
-def _strip(key: str) -> str:
-    return key[len('model.'):] if key.startswith('model.') else key
 
 
 def _infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """Model name and num_classes from a state dict in any of the three key formats."""
-    keys = {_strip(k): v for k, v in state_dict.items()}
-    stem = keys.get('patch_embed.conv1.weight', keys.get('stem.conv1.weight'))
-    head = keys.get('head.weight', keys.get('head.fc.weight'))
-    if stem is None:
+    """Variant and class count of a checkpoint in any of the three key formats, from its stem and classifier."""
+    import timm
+    from .internimage import _VARIANT_ARGS, checkpoint_filter_fn
+    keys = checkpoint_filter_fn(state_dict, timm.create_model('internimage_t', device='meta'))
+    if 'stem.conv1.weight' not in keys:
         raise CliError('cannot tell the architecture: the checkpoint has no stem convolution '
                        '(patch_embed.conv1.weight); pass --model')
-    channels = int(stem.shape[0]) * 2
-    if channels not in _CHANNELS_TO_MODEL:
+    channels = 2 * keys['stem.conv1.weight'].shape[0]
+    models = {args['channels']: model for model, args in _VARIANT_ARGS.items()}
+    if channels not in models:
         raise CliError(f'no released InternImage has {channels} channels; pass --model and --model-args')
-    out = {'model': _CHANNELS_TO_MODEL[channels]}
-    if head is not None:
-        out['num_classes'] = int(head.shape[0])
-    return out
-
-
-def _match_manifest(repo_id: str) -> Optional[str]:
-    from ._manifest import load_manifest
-    for tag, entry in load_manifest()['models'].items():
-        if entry['hf_hub_id'] == repo_id:
-            return tag
-    return None
+    inferred = {'model': models[channels]}
+    if 'head.fc.weight' in keys:
+        inferred['num_classes'] = keys['head.fc.weight'].shape[0]
+    return inferred
 
 
 def convert(
@@ -197,65 +193,45 @@ def convert(
     import torch
     import timm
     from safetensors.torch import save_file
+    from timm.models import get_arch_pretrained_cfgs
     from timm.models._hub import save_config_for_hf
     from .internimage import checkpoint_filter_fn
-    from .pretrained import fetch_hub_weights, load_checkpoint, load_weight_files, manifest_entry
+    from .pretrained import PretrainedWeightsError, fetch_hub_weights, load_checkpoint
 
     kwargs = dict(model_kwargs or {})
     src_path = Path(src).expanduser()
-    tag_name = None
     if src_path.exists():
         state_dict = load_checkpoint(src_path)
     elif src.count('/') == 1 and not src.endswith(('.pth', '.safetensors', '.json')):
         repo_id, _, at_revision = src.partition('@')
-        tag_name = _match_manifest(repo_id)
-        entry = manifest_entry(tag_name) if tag_name else None
-        expected, filename, index_filename = {}, None, None
-        if entry is not None:
-            revision = revision or at_revision or (entry['revision'] if entry['revision'] != 'main' else None)
-            expected = {k: v for k, v in (entry.get('files') or {}).items() if v.get('sha256') or v.get('size')}
-            filename, index_filename = entry.get('file'), entry.get('index_file')
-        paths = fetch_hub_weights(repo_id, revision=revision or at_revision or None, filename=filename,
-                                  index_filename=index_filename, expected=expected, what=f'convert {repo_id}')
-        state_dict = load_weight_files(paths)
+        files = fetch_hub_weights(repo_id, revision or at_revision or None)
+        state_dict = load_checkpoint(next(iter(files.values())))
+        model_name = model_name or _repo_tags().get(repo_id)
     else:
         raise CliError(f'{src}: no such file or folder (and not a Hub repo id like OpenGVLab/internimage_t_1k_224)')
-    if 'model' in state_dict and isinstance(state_dict['model'], dict):
-        state_dict = state_dict['model']
 
     if model_name is None:
-        if tag_name is not None:
-            model_name = tag_name
-        else:
-            inferred = _infer_model(state_dict)
-            model_name = inferred.pop('model')
-            for key, value in inferred.items():
-                kwargs.setdefault(key, value)
+        inferred = _infer_model(state_dict)
+        model_name = inferred.pop('model')
+        for key, value in inferred.items():
+            kwargs.setdefault(key, value)
     if '.' not in model_name and 'num_classes' in kwargs:
         # a released tag with the same class count carries the right preprocessing metadata
-        for tag, entry in _tags_of(model_name):
-            if entry['num_classes'] == kwargs['num_classes']:
-                model_name = tag
-                break
+        model_name = next((name for name, cfg in get_arch_pretrained_cfgs(model_name).items()
+                           if cfg.num_classes == kwargs['num_classes']), model_name)
     meta_model = timm.create_model(model_name, pretrained=False, device='meta', **kwargs)
     converted = checkpoint_filter_fn(state_dict, meta_model)
-    expected_shapes = {k: v.shape for k, v in meta_model.state_dict().items()}
-    wrong = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected_shapes[k])}'
-             for k, v in converted.items() if tuple(v.shape) != tuple(expected_shapes[k])]
-    if wrong:
-        raise CliError(f'checkpoint does not fit {model_name} {kwargs or ""}: ' + '; '.join(wrong[:8]))
+    try:
+        meta_model.load_state_dict(converted, assign=True)  # every key and shape, before anything is written
+    except RuntimeError as e:
+        raise PretrainedWeightsError(f'checkpoint does not fit {model_name} {kwargs or ""}: {e}') from e
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in converted.items()}
-    save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(out / 'model.safetensors'),
+              metadata={'format': 'pt'})
     save_config_for_hf(meta_model, str(out / 'config.json'), model_args={
         k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != 'num_classes'})
     return out
-
-
-def _tags_of(model_name: str):
-    from ._manifest import load_manifest
-    return [(tag, e) for tag, e in load_manifest()['models'].items() if tag.split('.')[0] == model_name]
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -272,17 +248,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from ._manifest import load_manifest
-    models = load_manifest()['models']
+    from ._manifest import repo_entry
+    from .internimage import pretrained_cfgs
+    rows = {}
+    for name, cfg in pretrained_cfgs().items():
+        repo_id, _, revision = cfg.hf_hub_id.partition('@')
+        entry = repo_entry(repo_id)
+        rows[name] = dict(hf_hub_id=repo_id, revision=revision or 'main', num_classes=cfg.num_classes,
+                          input_size=list(cfg.input_size), top1=entry['top1'], size=entry['approx_size'])
     if args.json:
-        _out(json.dumps(models, indent=2))
+        _out(json.dumps(rows, indent=2))
         return 0
     _out(f'{"model.tag":<40} {"Hub repo":<40} {"classes":>7} {"input":>5} {"top-1":>6}  size     revision')
-    for tag, e in models.items():
-        top1 = '-' if e.get('top1') is None else f'{e["top1"]:.1f}'
-        rev = e['revision'][:10] + (' (unpinned)' if e['revision'] == 'main' else '')
-        _out(f'{tag:<40} {e["hf_hub_id"]:<40} {e["num_classes"]:>7} {e["input_size"][1]:>5} {top1:>6}  '
-             f'{e.get("approx_size", "?"):<8} {rev}')
+    for name, row in rows.items():
+        top1 = '-' if row['top1'] is None else f'{row["top1"]:.1f}'
+        revision = row['revision'][:10] + (' (unpinned)' if row['revision'] == 'main' else '')
+        _out(f'{name:<40} {row["hf_hub_id"]:<40} {row["num_classes"]:>7} {row["input_size"][1]:>5} {top1:>6}  '
+             f'{row["size"]:<8} {revision}')
     return 0
 
 
@@ -292,29 +274,32 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = None,
                      endpoint: Optional[str] = None) -> Dict[str, Any]:
-    """Pin every (or the given) tag to the current commit of its repo and record weight file sizes and sha256.
+    """Pin the repos of every (or the given) tag to their current commit and record weight file sizes and sha256.
 
     Sizes and sha256 of LFS files come from the Hub's file metadata; a non-LFS file (the shard index) is
     downloaded at the pinned commit and hashed. Returns the updated manifest (also modified in place).
     """
     from huggingface_hub import HfApi, hf_hub_download
-    from .pretrained import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _shards_from_index, sha256_file
-    api = HfApi(endpoint=endpoint)
-    models = manifest['models']
-    unknown = [t for t in (tags or []) if t not in models]
+    from huggingface_hub.utils.sha import sha_fileobj
+    from ._manifest import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+    from .pretrained import shard_names
+    repo_tags = {name: repo for repo, name in _repo_tags().items()}
+    unknown = [tag for tag in (tags or []) if tag not in repo_tags]
     if unknown:
         raise CliError(f'unknown tag(s) {unknown}; see `python -m timm_internimage list`')
-    for tag in (tags or list(models)):
-        entry = models[tag]
-        info = api.model_info(entry['hf_hub_id'], files_metadata=True)
+    api = HfApi(endpoint=endpoint)
+    for repo_id in ([repo_tags[tag] for tag in tags] if tags else list(manifest['repos'])):
+        entry = manifest['repos'][repo_id]
+        info = api.model_info(repo_id, files_metadata=True)
         siblings = {s.rfilename: s for s in info.siblings or []}
 
         def describe(name: str) -> Dict[str, Any]:
             sibling = siblings[name]
             if sibling.lfs is not None:
                 return {'size': sibling.lfs.size, 'sha256': sibling.lfs.sha256}
-            path = hf_hub_download(entry['hf_hub_id'], name, revision=info.sha, endpoint=endpoint)
-            return {'size': Path(path).stat().st_size, 'sha256': sha256_file(path)}
+            path = Path(hf_hub_download(repo_id, name, revision=info.sha, endpoint=endpoint))
+            with open(path, 'rb') as f:
+                return {'size': path.stat().st_size, 'sha256': sha_fileobj(f).hex()}
 
         entry.pop('file', None)
         entry.pop('index_file', None)
@@ -324,22 +309,17 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
         elif SAFE_WEIGHTS_INDEX_NAME in siblings:
             entry['index_file'] = SAFE_WEIGHTS_INDEX_NAME
             files = {SAFE_WEIGHTS_INDEX_NAME: describe(SAFE_WEIGHTS_INDEX_NAME)}
-            index_path = hf_hub_download(entry['hf_hub_id'], SAFE_WEIGHTS_INDEX_NAME, revision=info.sha,
-                                         endpoint=endpoint)
-            for shard in _shards_from_index(Path(index_path), f'{entry["hf_hub_id"]}/{SAFE_WEIGHTS_INDEX_NAME}'):
+            index_path = hf_hub_download(repo_id, SAFE_WEIGHTS_INDEX_NAME, revision=info.sha, endpoint=endpoint)
+            for shard in shard_names(index_path):
                 if shard not in siblings:
-                    raise CliError(f'{entry["hf_hub_id"]}@{info.sha}: the index lists {shard}, which the repo lacks')
+                    raise CliError(f'{repo_id}@{info.sha}: the index lists {shard}, which the repo lacks')
                 files[shard] = describe(shard)
         else:
-            raise CliError(f'{entry["hf_hub_id"]}@{info.sha} has neither {SAFE_WEIGHTS_NAME} nor '
-                           f'{SAFE_WEIGHTS_INDEX_NAME}')
+            raise CliError(f'{repo_id}@{info.sha} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}')
         entry['revision'] = info.sha
         entry['files'] = files
-        card_license = getattr(getattr(info, 'card_data', None), 'license', None) if info.card_data else None
-        if isinstance(card_license, str) and card_license:
-            entry['license'] = card_license
-        entry['unverified'] = [f for f in entry.get('unverified', []) if f not in ('revision', 'files', 'layout')]
-        _err(f'{tag}: {entry["hf_hub_id"]}@{info.sha[:12]}, {len(files)} file(s), '
+        entry['unverified'] = [f for f in entry['unverified'] if f not in ('revision', 'files', 'layout')]
+        _err(f'{repo_id}@{info.sha[:12]}: {len(files)} file(s), '
              f'{sum(f["size"] for f in files.values()) / 2 ** 20:.1f} MiB')
     manifest['refreshed'] = {
         'at': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
@@ -430,8 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CliError as e:
         _err(f'error: {e}')
         return 2
-    except (PretrainedWeightsError, KeyError) as e:
-        _err(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}')
+    except PretrainedWeightsError as e:
+        _err(f'error: {e}')
         return 1
     except OSError as e:  # includes huggingface_hub's HTTP errors (repo not found, private repo, ...)
         _err(f'error: {e}')

@@ -15,32 +15,76 @@ Heads:
     (``num_features = 1024``), and ``forward_head`` applies the attention pooling, LayerNorm and fc.
     Since the two maps must align, H/G inputs need ``ceil(side / 16)`` even (any multiple of 32 works).
 """
-import logging
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+import re
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from timm.layers import DropPath, SelectAdaptivePool2d, get_act_layer, register_notrace_function, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    DropPath, LayerType, SelectAdaptivePool2d, get_act_layer, register_notrace_function, trunc_normal_)
+from timm.models import (
+    PretrainedCfg, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_arch_pretrained_cfgs,
+    register_model, resolve_pretrained_cfg)
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 
-from ._manifest import pretrained_cfgs
+from ._manifest import hub_source, repo_entry
 from .ops import DCNv3
 from .ops.dcn_v3 import use_fused_linear
 from .ops.fused_linear import linear, linear_gelu, linear_residual
 
 __all__ = ['InternImage', 'checkpoint_filter_fn']
 
-_logger = logging.getLogger(__name__)
-
 _LN_EPS = 1e-6
 _ATTN_POOL_DIM = 1024
 _ATTN_POOL_HEADS = 16
 _ATTN_POOL_OUT_DIM = 768
+
+
+class ChannelsLastBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last dimension of a tensor of any rank (the official ``'BN'`` on channels-last maps)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+_OFFICIAL_ACT_LAYERS = {'GELU': nn.GELU, 'ReLU': nn.ReLU, 'SiLU': nn.SiLU}
+_OFFICIAL_NORM_LAYERS = {'LN': partial(nn.LayerNorm, eps=_LN_EPS), 'BN': ChannelsLastBatchNorm}
+
+
+def _resolve_act_layer(act_layer: LayerType) -> Callable[..., nn.Module]:
+    """Activation class for an official name (``'GELU'``, ``'ReLU'``, ``'SiLU'``), a timm name or a class."""
+    if isinstance(act_layer, str) and act_layer in _OFFICIAL_ACT_LAYERS:
+        return _OFFICIAL_ACT_LAYERS[act_layer]
+    try:
+        layer = get_act_layer(act_layer)
+    except KeyError:
+        layer = None
+    if layer is None:
+        raise ValueError(
+            f'act_layer={act_layer!r} is not supported; use an official name {list(_OFFICIAL_ACT_LAYERS)}, '
+            f'a timm activation name or an activation class')
+    return layer
+
+
+def _resolve_norm_layer(norm_layer: LayerType) -> Callable[..., nn.Module]:
+    """Channels-last norm for an official name (``'LN'``, ``'BN'``) or a class/callable taking the channel count.
+
+    LayerNorms use the official eps 1e-6: ``'LN'`` and a bare LayerNorm class get it, a ``partial`` keeps its own.
+    """
+    if isinstance(norm_layer, str) and norm_layer in _OFFICIAL_NORM_LAYERS:
+        return _OFFICIAL_NORM_LAYERS[norm_layer]
+    if isinstance(norm_layer, type) and issubclass(norm_layer, nn.LayerNorm):
+        return partial(norm_layer, eps=_LN_EPS)
+    if isinstance(norm_layer, str) or not callable(norm_layer):
+        raise ValueError(
+            f'norm_layer={norm_layer!r} is not supported; use an official name {list(_OFFICIAL_NORM_LAYERS)} '
+            f'or a norm class over the last (channel) dimension')
+    return norm_layer
 
 
 class LayerScale(nn.Module):
@@ -63,14 +107,22 @@ class LayerScale(nn.Module):
 class Stem(nn.Module):
     """Two stride-2 3x3 convs (NCHW in, NHWC out)."""
 
-    def __init__(self, in_chans: int, out_chans: int, act_layer: type, device=None, dtype=None) -> None:
+    def __init__(
+            self,
+            in_chans: int,
+            out_chans: int,
+            act_layer: Callable[..., nn.Module],
+            norm_layer: Callable[..., nn.Module],
+            device=None,
+            dtype=None,
+    ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, out_chans // 2, 3, stride=2, padding=1, **dd)
-        self.norm1 = nn.LayerNorm(out_chans // 2, eps=_LN_EPS, **dd)
+        self.norm1 = norm_layer(out_chans // 2, **dd)
         self.act = act_layer()
         self.conv2 = nn.Conv2d(out_chans // 2, out_chans, 3, stride=2, padding=1, **dd)
-        self.norm2 = nn.LayerNorm(out_chans, eps=_LN_EPS, **dd)
+        self.norm2 = norm_layer(out_chans, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         # The activation runs on the NCHW view, as in the official model: same values, same float rounding.
@@ -79,13 +131,20 @@ class Stem(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv doubling the channels, then LayerNorm (NHWC in and out)."""
+    """Stride-2 3x3 conv doubling the channels, then the norm (NHWC in and out)."""
 
-    def __init__(self, in_chans: int, out_chans: int, device=None, dtype=None) -> None:
+    def __init__(
+            self,
+            in_chans: int,
+            out_chans: int,
+            norm_layer: Callable[..., nn.Module],
+            device=None,
+            dtype=None,
+    ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=False, **dd)
-        self.norm = nn.LayerNorm(out_chans, eps=_LN_EPS, **dd)
+        self.norm = norm_layer(out_chans, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -125,6 +184,7 @@ class InternImageBlock(nn.Module):
     Norm placement follows the official flags: ``post_norm`` normalises each branch output instead of its
     input; ``res_post_norm`` (only when there is neither post_norm nor layer scale) adds a norm after
     each pre-normed branch; ``out_norm`` is the extra norm the H/G configs apply after selected stage-2 blocks.
+    These are LayerNorms, as in the official model; ``norm_layer`` is the norm of DCNv3's offset/mask branch.
     """
 
     def __init__(
@@ -134,7 +194,8 @@ class InternImageBlock(nn.Module):
             mlp_ratio: float = 4.0,
             drop: float = 0.0,
             drop_path: float = 0.0,
-            act_layer: type = nn.GELU,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            norm_layer: Callable[..., nn.Module] = _OFFICIAL_NORM_LAYERS['LN'],
             post_norm: bool = False,
             layer_scale: Optional[float] = None,
             offset_scale: float = 1.0,
@@ -152,7 +213,7 @@ class InternImageBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
         self.dcn = DCNv3(
             dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1, dilation=1, group=group,
-            offset_scale=offset_scale, act_layer=act_layer, norm_eps=_LN_EPS,
+            offset_scale=offset_scale, act_layer=act_layer, norm_layer=norm_layer,
             center_feature_scale=center_feature_scale, remove_center=remove_center, **dd)
         use_res_post_norm = res_post_norm and not post_norm and layer_scale is None
         self.res_post_norm1 = nn.LayerNorm(dim, eps=_LN_EPS, **dd) if use_res_post_norm else nn.Identity()
@@ -194,6 +255,7 @@ class InternImageStage(nn.Module):
             downsample: bool,
             drop_path_rates: Sequence[float],
             use_norm: bool,
+            norm_layer: Callable[..., nn.Module],
             out_norm_block_ids: Sequence[int] = (),
             device=None,
             dtype=None,
@@ -202,10 +264,11 @@ class InternImageStage(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = Downsample(in_chs, out_chs, **dd) if downsample else nn.Identity()
+        self.downsample = Downsample(in_chs, out_chs, norm_layer, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             InternImageBlock(
-                out_chs, group, drop_path=drop_path_rates[i], out_norm=i in out_norm_block_ids, **dd, **block_kwargs)
+                out_chs, group, drop_path=drop_path_rates[i], norm_layer=norm_layer,
+                out_norm=i in out_norm_block_ids, **dd, **block_kwargs)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(out_chs, eps=_LN_EPS, **dd) if use_norm else nn.Identity()
@@ -265,14 +328,22 @@ class AttentionPool(nn.Module):
     The query is the mean token; q/k/v have separate bias parameters. Input ``(B, N, dim)``, output ``(B, out_dim)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, out_dim: int, device=None, dtype=None) -> None:
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            out_dim: int,
+            norm_layer: Callable[..., nn.Module],
+            device=None,
+            dtype=None,
+    ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.norm_q = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
-        self.norm_k = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
-        self.norm_v = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
+        self.norm_q = norm_layer(dim, **dd)
+        self.norm_k = norm_layer(dim, **dd)
+        self.norm_v = norm_layer(dim, **dd)
         self.q = nn.Linear(dim, dim, bias=False, **dd)
         self.k = nn.Linear(dim, dim, bias=False, **dd)
         self.v = nn.Linear(dim, dim, bias=False, **dd)
@@ -296,12 +367,21 @@ class AttentionPool(nn.Module):
 
 
 class AttentionPoolHead(nn.Module):
-    """H/G head: attention pooling, LayerNorm, dropout, fc. ``pool_type=''`` removes pooling and norm."""
+    """H/G head: attention pooling, norm, dropout, fc. ``pool_type=''`` removes pooling and norm."""
 
-    def __init__(self, in_chs: int, num_classes: int, pool_type: str = 'attn', drop_rate: float = 0.0,
-                 device=None, dtype=None) -> None:
+    def __init__(
+            self,
+            in_chs: int,
+            num_classes: int,
+            norm_layer: Callable[..., nn.Module],
+            pool_type: str = 'attn',
+            drop_rate: float = 0.0,
+            device=None,
+            dtype=None,
+    ) -> None:
         super().__init__()
         self.in_chs = in_chs
+        self.norm_layer = norm_layer
         self.drop = nn.Dropout(drop_rate)
         self.pool_type = ''
         self.attn_pool = nn.Identity()
@@ -315,8 +395,9 @@ class AttentionPoolHead(nn.Module):
             _check_pool(pool_type, ('attn',))
             self.pool_type = pool_type
             if pool_type:
-                self.attn_pool = AttentionPool(self.in_chs, _ATTN_POOL_HEADS, _ATTN_POOL_OUT_DIM, **dd)
-                self.norm = nn.LayerNorm(_ATTN_POOL_OUT_DIM, eps=_LN_EPS, **dd)
+                self.attn_pool = AttentionPool(
+                    self.in_chs, _ATTN_POOL_HEADS, _ATTN_POOL_OUT_DIM, self.norm_layer, **dd)
+                self.norm = self.norm_layer(_ATTN_POOL_OUT_DIM, **dd)
             else:
                 self.attn_pool = nn.Identity()
                 self.norm = nn.Identity()
@@ -378,10 +459,11 @@ def check_image_input(x: Tensor, in_chans: int, fuses_stride16: bool) -> None:
 
 
 class InternImage(nn.Module):
-    """InternImage classifier / backbone. Constructor arguments keep the official names."""
+    """InternImage classifier / backbone. The official constructor arguments come first, in the official order."""
 
     def __init__(
             self,
+            core_op: str = 'DCNv3',
             channels: int = 64,
             depths: Sequence[int] = (4, 4, 18, 4),
             groups: Sequence[int] = (4, 8, 16, 32),
@@ -390,11 +472,13 @@ class InternImage(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             drop_path_type: str = 'linear',
-            act_layer: Union[str, type] = 'gelu',
+            act_layer: LayerType = 'GELU',
+            norm_layer: LayerType = 'LN',
             layer_scale: Optional[float] = None,
             offset_scale: float = 1.0,
             post_norm: bool = False,
             cls_scale: float = 1.5,
+            with_cp: bool = False,
             dw_kernel_size: Optional[int] = None,
             use_clip_projector: bool = False,
             level2_post_norm: bool = False,
@@ -410,18 +494,25 @@ class InternImage(nn.Module):
     ) -> None:
         """
         Args:
+            core_op: the core operator, only ``'DCNv3'`` (``TIMM_INTERNIMAGE_DCNV3_BACKEND`` picks its kernel).
             channels: width of stage 0; stage ``i`` has ``channels * 2**i``.
             depths: blocks per stage.
             groups: DCNv3 groups per stage.
             num_classes: classifier outputs (0 for none).
             mlp_ratio: MLP hidden width ratio.
             drop_rate: dropout after the stem and in the MLPs (official semantics).
-            drop_path_rate: stochastic depth rate, spread linearly over blocks ('linear') or 'uniform'.
-            act_layer: activation name or class.
+            drop_path_rate: stochastic depth rate.
+            drop_path_type: ``'linear'`` (block rates rising linearly from 0 to ``drop_path_rate``) or
+                ``'uniform'`` (``drop_path_rate`` in every block).
+            act_layer: official name (``'GELU'``, ``'ReLU'``, ``'SiLU'``), timm activation name, or class.
+            norm_layer: official name (``'LN'``: LayerNorm with eps 1e-6, ``'BN'``) or a class normalising the
+                last dimension. As officially, it is the norm of the stem, the downsamples, DCNv3's offset/mask
+                branch and the H/G head; the blocks' norms are LayerNorms, the T-XL head's a BatchNorm.
             layer_scale: initial value of per-branch layer scale, None for none.
             offset_scale: DCNv3 offset scale (also scales the base kernel grid).
             post_norm: normalise branch outputs instead of inputs.
             cls_scale: T-XL head width as a multiple of the last stage width.
+            with_cp: gradient checkpointing of the blocks (as ``set_grad_checkpointing()``).
             dw_kernel_size: kernel of the DCNv3 depthwise conv (default 3).
             use_clip_projector: H/G head (stage 2+3 fusion and attention pooling).
             level2_post_norm, level2_post_norm_block_ids: extra norms after these stage-2 blocks.
@@ -434,6 +525,10 @@ class InternImage(nn.Module):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        if core_op != 'DCNv3':
+            raise ValueError(
+                f"core_op={core_op!r} is not supported; InternImage implements core_op='DCNv3' "
+                f"(TIMM_INTERNIMAGE_DCNV3_BACKEND picks its kernel)")
         if len(depths) != 4 or len(groups) != 4:
             raise ValueError(f'InternImage needs 4 stages: got depths={list(depths)}, groups={list(groups)}')
         for i, group in enumerate(groups):
@@ -443,12 +538,13 @@ class InternImage(nn.Module):
                     f'choose groups that divide channels * 2**i')
         if drop_path_type not in ('linear', 'uniform'):
             raise ValueError(f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}")
-        act_layer = get_act_layer(act_layer)
+        act_layer = _resolve_act_layer(act_layer)
+        norm_layer = _resolve_norm_layer(norm_layer)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.grad_checkpointing = False
 
-        self.stem = Stem(in_chans, channels, act_layer, **dd)
+        self.stem = Stem(in_chans, channels, act_layer, norm_layer, **dd)
         self.pos_drop = nn.Dropout(drop_rate)
         num_blocks = sum(depths)
         if drop_path_type == 'uniform':
@@ -466,6 +562,7 @@ class InternImage(nn.Module):
                 downsample=i > 0,
                 drop_path_rates=dpr[first_block:first_block + depth],
                 use_norm=not post_norm or center_feature_scale,
+                norm_layer=norm_layer,
                 out_norm_block_ids=tuple(level2_post_norm_block_ids or ()) if level2_post_norm and i == 2 else (),
                 mlp_ratio=mlp_ratio,
                 drop=drop_rate,
@@ -488,7 +585,8 @@ class InternImage(nn.Module):
             self.num_features = _ATTN_POOL_DIM
             self.head_hidden_size = _ATTN_POOL_OUT_DIM
             self.head = AttentionPoolHead(
-                self.num_features, num_classes, 'attn' if global_pool is None else global_pool, head_drop_rate, **dd)
+                self.num_features, num_classes, norm_layer, 'attn' if global_pool is None else global_pool,
+                head_drop_rate, **dd)
         else:
             self.neck = None
             self.num_features = channels * 8
@@ -499,6 +597,8 @@ class InternImage(nn.Module):
             self.head_hidden_size *= self.head.global_pool.feat_mult()
         if not self.stem.conv1.weight.is_meta:
             self.init_weights()
+        if with_cp:
+            self.set_grad_checkpointing()
 
     def init_weights(self) -> None:
         """Official initialisation: truncated normal linears, then DCNv3's own reset."""
@@ -627,127 +727,76 @@ class InternImage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook: load a sharded checkpoint (its index file, or a folder); see pretrained.py."""
+        from .pretrained import load_sharded_pretrained
+        load_sharded_pretrained(self, checkpoint_path, checkpoint_filter_fn)
 
-_OFFICIAL_RENAMES = (
-    ('patch_embed.conv1.', 'stem.conv1.'),
-    ('patch_embed.norm1.1.', 'stem.norm1.'),
-    ('patch_embed.conv2.', 'stem.conv2.'),
-    ('patch_embed.norm2.1.', 'stem.norm2.'),
-    ('.norm1.0.', '.norm1.'),
-    ('.norm2.0.', '.norm2.'),
-    ('.res_post_norm1.0.', '.res_post_norm1.'),
-    ('.res_post_norm2.0.', '.res_post_norm2.'),
-    ('.dcn.dw_conv.0.', '.dcn.dw_conv.'),
-    ('.dcn.dw_conv.1.1.', '.dcn.dw_norm.'),
-    ('.dcn.center_feature_scale_proj_weight', '.dcn.center_feature_scale_proj.weight'),
-    ('.dcn.center_feature_scale_proj_bias', '.dcn.center_feature_scale_proj.bias'),
-    ('.gamma1', '.ls1.gamma'),
-    ('.gamma2', '.ls2.gamma'),
-    ('.layer_scale1', '.ls1.gamma'),
-    ('.layer_scale2', '.ls2.gamma'),
-    ('conv_head.0.', 'head.conv.'),
-    ('conv_head.1.0.', 'head.norm.'),
-    ('dcnv3_head_x4.0.', 'neck.proj_stage3.'),
-    ('dcnv3_head_x3.', 'neck.proj_stage2.'),
-    ('clip_projector.norm1_q.0.', 'head.attn_pool.norm_q.'),
-    ('clip_projector.norm1_k.0.', 'head.attn_pool.norm_k.'),
-    ('clip_projector.norm1_v.0.', 'head.attn_pool.norm_v.'),
-    ('clip_projector.cross_dcn.', 'head.attn_pool.'),
-    ('fc_norm.0.', 'head.norm.'),
+
+# Official key -> this implementation's key, in order, after the ``model.`` prefix (Hugging Face) is gone.
+_OFFICIAL_KEY_RULES = (
+    (r'^patch_embed\.(conv[12])\.', r'stem.\1.'),
+    (r'^patch_embed\.(norm[12])\.1\.', r'stem.\1.'),
+    (r'^levels\.(\d+)\.(blocks|norm)\.', r'stages.\1.\2.'),
+    (r'\.downsample\.norm\.1\.', '.downsample.norm.'),
+    (r'\.(norm[12]?|res_post_norm[12])\.0\.', r'.\1.'),
+    (r'\.dcn\.dw_conv\.0\.', '.dcn.dw_conv.'),
+    (r'\.dcn\.dw_conv\.1\.1\.', '.dcn.dw_norm.'),
+    (r'\.dcn\.center_feature_scale_proj_(weight|bias)$', r'.dcn.center_feature_scale_proj.\1'),
+    (r'\.(?:gamma|layer_scale)([12])$', r'.ls\1.gamma'),
+    (r'^head\.', 'head.fc.'),
+    (r'^conv_head\.0\.', 'head.conv.'),
+    (r'^conv_head\.1\.0\.', 'head.norm.'),
+    (r'^dcnv3_head_x4\.0\.', 'neck.proj_stage3.'),
+    (r'^dcnv3_head_x3\.', 'neck.proj_stage2.'),
+    (r'^clip_projector\.norm1_([qkv])\.0\.', r'head.attn_pool.norm_\1.'),
+    (r'^clip_projector\.cross_dcn\.', 'head.attn_pool.'),
+    (r'^fc_norm\.0\.', 'head.norm.'),
 )
 
 
-def _convert_official_key(key: str) -> str:
-    """Map one official (or HF ``model.``-prefixed) key to this implementation's name."""
-    if key.startswith('model.'):
-        key = key[len('model.'):]
-    if key.startswith('head.'):
-        return 'head.fc.' + key[len('head.'):]
-    if key.startswith('levels.'):
-        # levels.i.{blocks.j.*, norm.0.*, post_norms.k.0.*} stay in stage i; levels.i.downsample -> stages.(i+1)
-        _, level, rest = key.split('.', 2)
-        level = int(level)
-        if rest.startswith('downsample.'):
-            key = f'stages.{level + 1}.' + rest.replace('norm.1.', 'norm.')
-        elif rest.startswith('norm.0.'):
-            key = f'stages.{level}.norm.' + rest[len('norm.0.'):]
-        elif rest.startswith('post_norms.'):
-            key = f'stages.{level}.post_norms.' + rest[len('post_norms.'):]
-        else:
-            key = f'stages.{level}.' + rest
-    for old, new in _OFFICIAL_RENAMES:
-        key = key.replace(old, new)
-    return key
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: InternImage) -> Dict[str, Tensor]:
+    """Map an official checkpoint (``.pth``, also inside a ``model`` or ``module`` wrapper) or a Hugging Face one
+    (``model.`` prefix, ``layer_scale1/2``) to this model's keys; this implementation's own keys pass as they are.
 
-
-def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: InternImage) -> Dict[str, Tensor]:
-    """Convert an official (``.pth``, optionally under ``'model'``) or Hugging Face (``model.`` prefix,
-    ``layer_scale1/2``) state dict to this model's keys; this package's own format passes unchanged.
-
-    Raises:
-        KeyError: listing keys that have no place in ``model`` or that ``model`` needs and did not get.
+    Keys only: whether all of them must be there is ``load_state_dict``'s decision (timm's ``pretrained_strict``).
     """
-    if 'model' in state_dict and isinstance(state_dict['model'], dict):
-        state_dict = state_dict['model']
-    own_keys = set(model.state_dict().keys())
-    stage2_out_norm_ids = _stage2_out_norm_ids(model)
-    out = {}
-    for key, value in state_dict.items():
-        new_key = key if key in own_keys else _convert_official_key(key)
-        if '.post_norms.' in new_key:
-            # stages.2.post_norms.k.0.weight -> stages.2.blocks.<k-th listed block>.out_norm.weight
-            prefix, rest = new_key.split('.post_norms.', 1)
-            index, _, param = rest.split('.', 2)
-            if int(index) >= len(stage2_out_norm_ids):
-                raise KeyError(
-                    f'checkpoint key {key!r} names stage-2 post norm {index}, but the model has '
-                    f'{len(stage2_out_norm_ids)}; check level2_post_norm_block_ids')
-            new_key = f'{prefix}.blocks.{stage2_out_norm_ids[int(index)]}.out_norm.{param}'
-        out[new_key] = value
-    # A model built without classifier or pooling (num_classes=0, global_pool='') has no place for those weights.
-    dropped_head = sorted(k for k in out if k.startswith('head.') and k not in own_keys)
-    if dropped_head:
-        _logger.info('checkpoint_filter_fn: the model has no %d head parameter(s) %s; not loading them',
-                     len(dropped_head), dropped_head[:4])
-        for key in dropped_head:
-            del out[key]
-    unexpected = sorted(k for k in out if k not in own_keys)
-    missing = sorted(k for k in own_keys if k not in out)
-    if unexpected or missing:
-        raise KeyError(
-            'checkpoint does not match the model: '
-            f'{len(unexpected)} unexpected key(s) {_preview(unexpected)}; {len(missing)} missing key(s) {_preview(missing)}')
-    return out
-
-
-def _preview(keys: List[str], limit: int = 8) -> str:
-    return str(keys[:limit])[:-1] + (', ...]' if len(keys) > limit else ']')
-
-
-def _stage2_out_norm_ids(model: InternImage) -> List[int]:
-    if len(model.stages) < 3:
-        return []
-    blocks = model.stages[2].blocks
-    return [i for i, block in enumerate(blocks) if isinstance(block.out_norm, nn.LayerNorm)]
+    for wrapper in ('model', 'module'):
+        state_dict = state_dict.get(wrapper, state_dict)
+    if 'stem.conv1.weight' in state_dict:
+        return state_dict
+    # The k-th official stage-2 post norm is the out_norm of the k-th stage-2 block that has one.
+    normed = [i for i, block in enumerate(model.stages[2].blocks) if not isinstance(block.out_norm, nn.Identity)]
+    post_norms = {f'levels.2.post_norms.{k}.0.': f'stages.2.blocks.{i}.out_norm.' for k, i in enumerate(normed)}
+    out_dict = {}
+    for k, v in state_dict.items():
+        k = re.sub(r'^model\.', '', k)
+        k = re.sub(r'^levels\.2\.post_norms\.\d+\.0\.', lambda m: post_norms.get(m[0], m[0]), k)
+        k = re.sub(r'^levels\.(\d+)\.downsample\.', lambda m: f'stages.{int(m[1]) + 1}.downsample.', k)
+        for pattern, replacement in _OFFICIAL_KEY_RULES:
+            k = re.sub(pattern, replacement, k)
+        out_dict[k] = v
+    return out_dict
 
 
 def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
-    filter_fn, finalize = checkpoint_filter_fn, None
+    from .pretrained import fetch_pretrained, official_checkpoint_globals
     if pretrained:
-        # Hub download (pinned revision, safetensors only, sha256), local .safetensors/.pth: see pretrained.py.
-        from .pretrained import prepare_pretrained
-        kwargs, filter_fn, finalize = prepare_pretrained(variant, kwargs, checkpoint_filter_fn)
-    model = build_model_with_cfg(
-        InternImage, variant, pretrained,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs,
-    )
-    return finalize(model) if finalize is not None else model
+        # Resolved once: its weights are fetched and checked (pretrained.py), then the build takes it as it is.
+        pretrained_cfg = resolve_pretrained_cfg(
+            variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
+        kwargs['pretrained_cfg'] = fetch_pretrained(pretrained_cfg, kwargs.get('cache_dir'))
+    with official_checkpoint_globals():
+        return build_model_with_cfg(
+            InternImage, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+            **dict(_VARIANT_ARGS[variant], **kwargs),
+        )
 
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs())
-
+# The official model arguments of each variant (OpenGVLab/InternImage classification configs).
 _VARIANT_ARGS = dict(
     internimage_t=dict(channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32), offset_scale=1.0),
     internimage_s=dict(channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1e-5,
@@ -769,47 +818,92 @@ _VARIANT_ARGS = dict(
 )
 
 
-def _create_variant(name: str, pretrained: bool, **kwargs: Any) -> InternImage:
-    return _create_internimage(name, pretrained, **dict(_VARIANT_ARGS[name], **kwargs))
+def _cfg(name: str, repo_id: str, img_size: int = 224, num_classes: int = 1000) -> Dict[str, Any]:
+    """Pretrained cfg of ``name`` (``model.tag``): the official evaluation preprocessing, and the Hub weights as
+    ``weights_manifest.json`` records them (revision, file layout, published top-1)."""
+    stride = 16 if _VARIANT_ARGS[name.split('.')[0]].get('use_clip_projector') else 32  # H/G: the fused map
+    top1 = repo_entry(repo_id)['top1']
+    return dict(
+        hub_source(repo_id),
+        num_classes=num_classes,
+        input_size=(3, img_size, img_size),
+        pool_size=(img_size // stride, img_size // stride),
+        min_input_size=(3, 32, 32),
+        crop_pct=1.0,
+        crop_mode='center',
+        interpolation='bicubic',
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv='stem.conv1',
+        classifier='head.fc',
+        license='mit',
+        description=f'ImageNet-1k top-1 {top1}% (published)' if top1 else f'{num_classes}-class ImageNet-22k head',
+        paper_ids='arXiv:2211.05778',
+        paper_name='InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
+        origin_url='https://github.com/OpenGVLab/InternImage',
+    )
+
+
+# The first tag of a model is its default.
+default_cfgs = generate_default_cfgs({name: _cfg(name, **args) for name, args in {
+    'internimage_t.in1k': dict(repo_id='OpenGVLab/internimage_t_1k_224'),
+    'internimage_s.in1k': dict(repo_id='OpenGVLab/internimage_s_1k_224'),
+    'internimage_b.in1k': dict(repo_id='OpenGVLab/internimage_b_1k_224'),
+    'internimage_l.in22k_ft_in1k_384': dict(repo_id='OpenGVLab/internimage_l_22kto1k_384', img_size=384),
+    'internimage_l.in22k_384': dict(repo_id='OpenGVLab/internimage_l_22k_384', img_size=384, num_classes=21841),
+    'internimage_xl.in22k_ft_in1k_384': dict(repo_id='OpenGVLab/internimage_xl_22kto1k_384', img_size=384),
+    'internimage_xl.in22k_384': dict(repo_id='OpenGVLab/internimage_xl_22k_384', img_size=384, num_classes=21841),
+    'internimage_h.joint_in22k_ft_in1k_640': dict(repo_id='OpenGVLab/internimage_h_22kto1k_640', img_size=640),
+    'internimage_h.joint_in22k_384': dict(
+        repo_id='OpenGVLab/internimage_h_jointto22k_384', img_size=384, num_classes=21841),
+    'internimage_g.joint_in22k_ft_in1k_512': dict(repo_id='OpenGVLab/internimage_g_22kto1k_512', img_size=512),
+    'internimage_g.joint_in22k_384': dict(
+        repo_id='OpenGVLab/internimage_g_jointto22k_384', img_size=384, num_classes=21841),
+}.items()})
+
+
+def pretrained_cfgs() -> Dict[str, PretrainedCfg]:
+    """Every registered tag, ``model.tag`` -> pretrained cfg, model by model (a model's first tag is its default)."""
+    return {name: cfg for model in _VARIANT_ARGS for name, cfg in get_arch_pretrained_cfgs(model).items()}
 
 
 @register_model
 def internimage_t(pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """InternImage-T (30M params, 83.5% IN-1k top-1)."""
-    return _create_variant('internimage_t', pretrained, **kwargs)
+    """InternImage-T"""
+    return _create_internimage('internimage_t', pretrained, **kwargs)
 
 
 @register_model
 def internimage_s(pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """InternImage-S (50M params, 84.2% IN-1k top-1)."""
-    return _create_variant('internimage_s', pretrained, **kwargs)
+    """InternImage-S"""
+    return _create_internimage('internimage_s', pretrained, **kwargs)
 
 
 @register_model
 def internimage_b(pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """InternImage-B (97M params, 84.9% IN-1k top-1)."""
-    return _create_variant('internimage_b', pretrained, **kwargs)
+    """InternImage-B"""
+    return _create_internimage('internimage_b', pretrained, **kwargs)
 
 
 @register_model
 def internimage_l(pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """InternImage-L (223M params, 87.7% IN-1k top-1 at 384 after IN-22k)."""
-    return _create_variant('internimage_l', pretrained, **kwargs)
+    """InternImage-L"""
+    return _create_internimage('internimage_l', pretrained, **kwargs)
 
 
 @register_model
 def internimage_xl(pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """InternImage-XL (335M params, 88.0% IN-1k top-1 at 384 after IN-22k)."""
-    return _create_variant('internimage_xl', pretrained, **kwargs)
+    """InternImage-XL"""
+    return _create_internimage('internimage_xl', pretrained, **kwargs)
 
 
 @register_model
 def internimage_h(pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """InternImage-H (1.08B params, 89.6% IN-1k top-1 at 640)."""
-    return _create_variant('internimage_h', pretrained, **kwargs)
+    """InternImage-H"""
+    return _create_internimage('internimage_h', pretrained, **kwargs)
 
 
 @register_model
 def internimage_g(pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """InternImage-G (3B params, 90.1% IN-1k top-1 at 512)."""
-    return _create_variant('internimage_g', pretrained, **kwargs)
+    """InternImage-G"""
+    return _create_internimage('internimage_g', pretrained, **kwargs)

@@ -1,40 +1,38 @@
-"""Pretrained weights: Hugging Face Hub download (safetensors only), checksums, local files, sharded checkpoints.
+"""Pretrained weights: Hub files fetched and checked before timm reads them, official ``.pth``, sharded checkpoints.
 
-``timm.create_model('internimage_t.in1k', pretrained=True)`` reaches :func:`prepare_pretrained` through
-``_create_internimage``. It resolves the pretrained cfg exactly as timm does, fetches and verifies the weight
-files *before* the model is built (so a missing or corrupt file fails fast), and hands timm a loader through
-``pretrained_filter_fn``. timm's own ``load_pretrained`` then does the rest with its usual semantics: stem
-adaptation for ``in_chans``, dropping the classifier for a different ``num_classes``, strict loading,
-``features_only`` wrapping.
+``_create_internimage`` resolves the pretrained cfg once, passes it through :func:`fetch_pretrained` and builds
+with the result; timm's own ``load_pretrained`` then loads the weights:
 
-Memory: safetensors files are memory-mapped (safetensors' default ``mmap`` backend), one shard after the
-other, and official ``.pth`` files are loaded with ``torch.load(mmap=True, weights_only=True)`` where their
-format allows. The state dict therefore holds views of the files (clean, reclaimable page cache), not a second
-in-memory copy of the weights: the only full resident copy is the model's own parameters.
+- one safetensors file, on the Hub (``hf_hub_id``, with ``@revision`` once pinned, and ``hf_hub_filename``) or
+  local (``file``), through timm's loader with ``pretrained_filter_fn=checkpoint_filter_fn``;
+- a sharded checkpoint (a ``model.safetensors.index.json`` on the Hub, or a local index or folder) through the
+  one extension: timm's ``custom_load`` hook calls ``InternImage.load_pretrained``, i.e.
+  :func:`load_sharded_pretrained`, which reads the shards one after the other (memory-mapped) and hands them to
+  timm's ``load_pretrained``, so ``num_classes``, ``in_chans`` and ``features_only`` work as for any timm model.
+
+Hub files come through huggingface_hub, which pins revisions (a file of a pinned commit that is in its cache is
+used without any request) and checks that every transfer has the size the server announces. It does not check
+the content: the files the manifest records are checked against its size and sha256 here, before anything reads
+them. Official training ``.pth`` files hold a yacs config next to the weights; ``torch.load(weights_only=True)``
+accepts it through :func:`official_checkpoint_globals` and nothing else beyond tensors and plain data.
 """
-import hashlib
+import contextlib
+import dataclasses
 import json
-import logging
-import os
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
 
 import torch
+from timm.models import PretrainedCfg, load_pretrained, load_state_dict
+from timm.models._builder import _resolve_pretrained_source  # the source timm's load_pretrained will read
 
-from ._manifest import load_manifest, weight_filename
+from ._manifest import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, repo_entry, weight_filename
 
 __all__ = [
-    'PretrainedWeightsError', 'ChecksumMismatchError', 'WeightsNotCachedError',
-    'prepare_pretrained', 'resolve_weight_source', 'fetch_hub_weights', 'load_weight_files',
-    'load_checkpoint', 'manifest_entry', 'sha256_file', 'verify_file',
+    'PretrainedWeightsError', 'ChecksumMismatchError', 'WeightsNotCachedError', 'official_checkpoint_globals',
+    'fetch_pretrained', 'fetch_hub_weights', 'load_checkpoint', 'load_sharded_pretrained', 'shard_names',
 ]
-
-_logger = logging.getLogger(__name__)
-
-SAFE_WEIGHTS_NAME = 'model.safetensors'
-SAFE_WEIGHTS_INDEX_NAME = 'model.safetensors.index.json'
-_PICKLE_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
-_DEFERRED_KEY = '__timm_internimage_deferred__'
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -42,381 +40,187 @@ class PretrainedWeightsError(RuntimeError):
 
 
 class ChecksumMismatchError(PretrainedWeightsError):
-    """A downloaded file does not have the sha256 (or size) the manifest records. It has been removed from the cache."""
+    """A downloaded file does not have the size or sha256 the manifest records. It has been removed from the cache."""
 
 
 class WeightsNotCachedError(PretrainedWeightsError, FileNotFoundError):
-    """A weight file is not in the local Hugging Face cache and cannot be downloaded now (offline or no network)."""
+    """A weight file is not in the Hugging Face cache and cannot be downloaded now (offline or no network)."""
+
+
+class _YacsCfgNode:
+    """Stand-in for ``yacs.config.CfgNode``, the training config in official ``.pth`` files: it unpickles as a
+    plain ``OrderedDict``, so no yacs code runs (and yacs need not be installed)."""
+
+    def __new__(cls, *args: Any) -> OrderedDict:
+        return OrderedDict()
+
+
+def official_checkpoint_globals() -> ContextManager:
+    """Allow the yacs config of official training checkpoints in ``weights_only`` loads (torch >= 2.6 can map a
+    global's name to a stand-in; older versions keep refusing such files)."""
+    if torch.__version__ < '2.6':
+        return contextlib.nullcontext()
+    return torch.serialization.safe_globals([(_YacsCfgNode, 'yacs.config.CfgNode')])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# manifest lookups
+# Hub files
 
 
-def manifest_entry(name_or_cfg: Union[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """Manifest entry for ``'model.tag'`` (or a bare model name: its default tag), or for a resolved pretrained cfg.
-
-    For a cfg the entry is only returned if the cfg still points at the manifest's repo (an overlay pointing
-    somewhere else must not inherit the manifest's revision and checksums).
-    """
-    models = load_manifest()['models']
-    if isinstance(name_or_cfg, str):
-        if name_or_cfg in models:
-            return models[name_or_cfg]
-        for tag, entry in models.items():  # first tag of a model is its default
-            if tag.split('.')[0] == name_or_cfg:
-                return entry
-        return None
-    cfg = name_or_cfg
-    arch, tag = cfg.get('architecture'), cfg.get('tag')
-    entry = models.get(f'{arch}.{tag}') if arch and tag else None
-    if entry is None or entry['hf_hub_id'] != _split_revision(cfg.get('hf_hub_id') or '')[0]:
-        return None
-    filename = cfg.get('hf_hub_filename')
-    if filename and filename != weight_filename(entry):
-        return None
-    return entry
-
-
-def _split_revision(hf_hub_id: str) -> Tuple[str, Optional[str]]:
-    repo_id, _, revision = hf_hub_id.partition('@')
-    return repo_id, revision or None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# checksums
-
-
-def sha256_file(path: Union[str, Path], chunk_size: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _remove_from_cache(path: Path) -> None:
-    """Delete a cached Hub file: the snapshot entry and the blob it points to (no trace left that looks valid)."""
-    targets = []
-    if path.is_symlink():
-        targets.append(Path(os.path.realpath(path)))
-    targets.append(path)
-    for target in targets:
-        try:
-            target.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # pragma: no cover - read-only caches
-            _logger.warning('could not remove %s from the cache: %s', target, e)
-
-
-def verify_file(path: Union[str, Path], expected: Dict[str, Any], label: str, remove_on_mismatch: bool = True) -> None:
-    """Check ``path`` against ``expected`` (``sha256`` and/or ``size``); on a mismatch delete it and raise.
-
-    Raises:
-        ChecksumMismatchError: naming the file, the expected and the actual value.
-    """
-    path = Path(path)
-    problem = None
-    size = expected.get('size')
-    if size is not None and path.stat().st_size != size:
-        problem = f'size mismatch: expected {size} bytes, got {path.stat().st_size} bytes'
-    elif expected.get('sha256'):
-        actual = sha256_file(path)
-        if actual != expected['sha256'].lower():
-            problem = f'sha256 mismatch: expected {expected["sha256"].lower()}, got {actual}'
-    if problem is None:
-        return
-    if remove_on_mismatch:
-        _remove_from_cache(path)
-        where = f'The corrupt download has been removed from the cache ({path}); retrying downloads it again.'
-    else:
-        where = f'File: {path}'
-    raise ChecksumMismatchError(f'{label}: {problem}. {where}')
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hub download
-
-
-def _hub():
+def _download(repo_id: str, filename: str, revision: str, cache_dir: Optional[Union[str, Path]]) -> Path:
+    """``hf_hub_download`` with an error that says what is missing and how to get it when offline."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
     try:
-        import huggingface_hub
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise PretrainedWeightsError('loading pretrained InternImage weights needs `pip install huggingface_hub`') from e
-    return huggingface_hub
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-    is_offline = getattr(constants, 'is_offline_mode', None)  # huggingface_hub >= 1.0 reads it at call time
-    return bool(is_offline() if is_offline is not None else constants.HF_HUB_OFFLINE)
-
-
-def _hub_errors():
-    try:
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    except ImportError:  # huggingface_hub < 0.24
-        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-    return EntryNotFoundError, LocalEntryNotFoundError
-
-
-def _download(
-        repo_id: str,
-        filename: str,
-        revision: Optional[str],
-        cache_dir: Optional[Union[str, Path]],
-        what: str,
-) -> Path:
-    """``hf_hub_download`` with a clear error when the file is neither cached nor downloadable."""
-    hub = _hub()
-    from huggingface_hub import constants
-    _, LocalEntryNotFoundError = _hub_errors()
-    try:
-        return Path(hub.hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=str(cache_dir) if cache_dir else None))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
     except LocalEntryNotFoundError as e:
-        cache = cache_dir or constants.HF_HUB_CACHE
-        rev = revision or 'main'
-        reason = ('HF_HUB_OFFLINE is set' if _offline()
-                  else f'the Hub at {constants.ENDPOINT} could not be reached')
+        offline = constants.is_offline_mode() if hasattr(constants, 'is_offline_mode') else constants.HF_HUB_OFFLINE
+        reason = 'HF_HUB_OFFLINE is set' if offline else f'the Hub at {constants.ENDPOINT} could not be reached'
         raise WeightsNotCachedError(
-            f'{what}: {repo_id}/{filename} (revision {rev}) is not in the Hugging Face cache ({cache}) and '
-            f'cannot be downloaded because {reason}. Fetch it once with network access, e.g. '
-            f'`hf download {repo_id} {filename} --revision {rev}` (or run the same create_model call online), '
-            f'then retry; or set HF_ENDPOINT to a reachable mirror.') from e
+            f'{repo_id}/{filename} (revision {revision}) is not in the Hugging Face cache '
+            f'({cache_dir or constants.HF_HUB_CACHE}) and cannot be downloaded because {reason}. Fetch it once with '
+            f'network access, e.g. `hf download {repo_id} {filename} --revision {revision}` (or run the same call '
+            f'online), then retry; or set HF_ENDPOINT to a reachable mirror.') from e
+
+
+def _verify(path: Path, expected: Dict[str, Any], label: str) -> None:
+    """Check a downloaded file against the manifest's size and sha256; a mismatching file leaves the cache."""
+    from huggingface_hub.utils.sha import sha_fileobj
+    size = path.stat().st_size
+    if size != expected['size']:
+        problem = f'size mismatch: expected {expected["size"]} bytes, got {size} bytes'
+    else:
+        with open(path, 'rb') as f:
+            sha256 = sha_fileobj(f).hex()
+        if sha256 == expected['sha256']:
+            return
+        problem = f'sha256 mismatch: expected {expected["sha256"]}, got {sha256}'
+    for target in (path.resolve(), path):  # the blob, then the snapshot link to it
+        target.unlink(missing_ok=True)
+    raise ChecksumMismatchError(
+        f'{label}: {problem}. The corrupt download has been removed from the cache ({path}); retrying downloads it '
+        f'again.')
+
+
+def shard_names(index_path: Union[str, Path]) -> List[str]:
+    """The shard files a safetensors index lists, in order."""
+    try:
+        weight_map = json.loads(Path(index_path).read_text(encoding='utf-8'))['weight_map']
+    except (ValueError, KeyError) as e:
+        raise PretrainedWeightsError(f'{index_path} is not a safetensors index (no "weight_map"): {e}') from e
+    shards = list(dict.fromkeys(weight_map.values()))
+    unsupported = [shard for shard in shards if not shard.endswith('.safetensors')]
+    if unsupported:
+        raise PretrainedWeightsError(f'{index_path} lists {unsupported}; only safetensors shards are loaded')
+    return shards
 
 
 def fetch_hub_weights(
         repo_id: str,
         revision: Optional[str] = None,
         filename: Optional[str] = None,
-        index_filename: Optional[str] = None,
-        expected: Optional[Dict[str, Dict[str, Any]]] = None,
         cache_dir: Optional[Union[str, Path]] = None,
-        what: str = 'pretrained weights',
-) -> List[Path]:
-    """Download (or find in the cache) a repo's safetensors weights; returns the local file(s), verified.
+) -> Dict[str, Path]:
+    """Download (or find in the cache) a repo's safetensors weights: ``{file in the repo: local path}``, the single
+    file or the index first, then its shards.
 
-    With neither ``filename`` nor ``index_filename`` the repo is probed for ``model.safetensors`` and then
-    ``model.safetensors.index.json``; pickled checkpoints are never fetched from the Hub.
-    ``expected`` maps file names to ``{'sha256': ..., 'size': ...}``; files listed there are verified.
+    For a repo the manifest lists, ``revision`` and ``filename`` default to its pinned revision and its layout,
+    and the files it records for that revision are verified. With no known layout the repo is probed for
+    ``model.safetensors``, then for the shard index. Pickled files are never fetched from the Hub.
     """
-    EntryNotFoundError, _ = _hub_errors()
-    expected = expected or {}
+    from huggingface_hub.errors import EntryNotFoundError
+    entry = repo_entry(repo_id) or {'revision': 'main', 'files': {}}
+    revision = revision or entry['revision']
+    filename = filename or weight_filename(entry)
+    expected = entry['files'] if revision == entry['revision'] else {}
 
-    def get(name: str) -> Path:
-        path = _download(repo_id, name, revision, cache_dir, what)
+    def fetch(name: str) -> Path:
+        path = _download(repo_id, name, revision, cache_dir)
         if name in expected:
-            verify_file(path, expected[name], f'{what}: {repo_id}/{name} (revision {revision or "main"})')
+            _verify(path, expected[name], f'{repo_id}/{name} (revision {revision})')
         return path
 
-    if filename is None and index_filename is None:
+    if filename is None:
         try:
-            return [get(SAFE_WEIGHTS_NAME)]
-        except (EntryNotFoundError, WeightsNotCachedError) as single_error:
+            return {SAFE_WEIGHTS_NAME: fetch(SAFE_WEIGHTS_NAME)}
+        except (EntryNotFoundError, WeightsNotCachedError) as single_file_error:
             try:
-                index_filename = SAFE_WEIGHTS_INDEX_NAME
-                index_path = get(index_filename)
+                filename, index_path = SAFE_WEIGHTS_INDEX_NAME, fetch(SAFE_WEIGHTS_INDEX_NAME)
             except (EntryNotFoundError, WeightsNotCachedError):
-                if isinstance(single_error, WeightsNotCachedError):
-                    raise single_error
+                if isinstance(single_file_error, WeightsNotCachedError):
+                    raise single_file_error
                 raise PretrainedWeightsError(
-                    f'{what}: {repo_id} (revision {revision or "main"}) has neither {SAFE_WEIGHTS_NAME} nor '
-                    f'{SAFE_WEIGHTS_INDEX_NAME}; only safetensors weights are loaded from the Hub') from single_error
-    elif filename is not None:
-        if not filename.endswith(('.safetensors', '.json')):
-            raise PretrainedWeightsError(
-                f'{what}: refusing to load {filename!r} from the Hub; only safetensors weights are loaded from the Hub '
-                f'(convert a pickled checkpoint with `python -m timm_internimage convert`)')
-        if not filename.endswith('.json'):
-            return [get(filename)]
-        index_filename, index_path = filename, get(filename)
+                    f'{repo_id} (revision {revision}) has neither {SAFE_WEIGHTS_NAME} nor '
+                    f'{SAFE_WEIGHTS_INDEX_NAME}; only safetensors weights are loaded from the Hub'
+                ) from single_file_error
+    elif filename.endswith('.safetensors'):
+        return {filename: fetch(filename)}
+    elif filename.endswith('.json'):
+        index_path = fetch(filename)
     else:
-        index_path = get(index_filename)
-    shards = _shards_from_index(index_path, f'{repo_id}/{index_filename}')
-    prefix = index_filename.rpartition('/')[0]
-    return [get(f'{prefix}/{shard}' if prefix else shard) for shard in shards]
+        raise PretrainedWeightsError(
+            f'refusing to load {repo_id}/{filename}: only safetensors weights are loaded from the Hub (convert a '
+            f'pickled checkpoint with `python -m timm_internimage convert`)')
+    folder = filename.rpartition('/')[0]
+    shards = [f'{folder}/{shard}' if folder else shard for shard in shard_names(index_path)]
+    return {filename: index_path, **{shard: fetch(shard) for shard in shards}}
 
 
-def _shards_from_index(index_path: Path, label: str) -> List[str]:
-    try:
-        weight_map = json.loads(Path(index_path).read_text(encoding='utf-8'))['weight_map']
-    except (ValueError, KeyError) as e:
-        raise PretrainedWeightsError(f'{label} is not a safetensors index (no "weight_map"): {e}') from e
-    shards = list(dict.fromkeys(weight_map.values()))
-    for shard in shards:
-        if not shard.endswith('.safetensors') or '..' in shard.split('/') or shard.startswith('/'):
-            raise PretrainedWeightsError(f'{label} lists an unsupported shard {shard!r}; expected *.safetensors files')
-    return shards
+def fetch_pretrained(pretrained_cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> PretrainedCfg:
+    """Get ready the weights a resolved pretrained cfg names; returns the cfg to build with.
+
+    Hub weights are fetched and verified into the Hugging Face cache, where timm then finds them; a found layout
+    fills ``hf_hub_filename``. A shard index, on the Hub or local, or a local folder loads through timm's
+    ``custom_load`` hook. Other sources are timm's alone.
+    """
+    load_from, location = _resolve_pretrained_source(pretrained_cfg.to_dict())
+    if load_from == 'hf-hub':
+        hf_hub_id, filename = location if isinstance(location, tuple) else (location, None)
+        repo_id, _, revision = hf_hub_id.partition('@')
+        filename = next(iter(fetch_hub_weights(repo_id, revision or 'main', filename, cache_dir)))
+        return dataclasses.replace(
+            pretrained_cfg, hf_hub_filename=filename, custom_load='hf' if filename.endswith('.json') else False)
+    if load_from == 'file':
+        path = Path(location)
+        if not path.exists():
+            raise PretrainedWeightsError(f'pretrained file not found: {path}')
+        if path.is_dir() or path.suffix == '.json':
+            return dataclasses.replace(pretrained_cfg, custom_load=True)
+    return pretrained_cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading weight files
-
-
-def load_weight_files(paths: Sequence[Union[str, Path]]) -> Dict[str, torch.Tensor]:
-    """Merge safetensors files (a single file or a checkpoint's shards) into one memory-mapped state dict."""
-    from safetensors.torch import load_file
-    state_dict: Dict[str, torch.Tensor] = {}
-    for path in paths:
-        shard = load_file(str(path), device='cpu')  # mmap-backed: tensors are views of the file, not copies
-        duplicated = state_dict.keys() & shard.keys()
-        if duplicated:
-            raise PretrainedWeightsError(f'{path}: keys already loaded from an earlier shard: {sorted(duplicated)[:8]}')
-        state_dict.update(shard)
-        del shard
-    return state_dict
-
-
-def _torch_load(path: Path) -> Dict[str, Any]:
-    try:
-        try:
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if 'mmap' not in str(e):  # legacy (non-zip) torch.save format cannot be memory-mapped
-                raise
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        if type(e).__name__ == 'UnpicklingError' or 'weights_only' in str(e):
-            raise PretrainedWeightsError(
-                f'{path}: refused to unpickle it with weights_only=True ({str(e).splitlines()[0]}). The file holds '
-                f'Python objects beyond tensors; only load it unrestricted if you trust its source, then save '
-                f'just its state dict (or use safetensors).') from e
-        raise
+# reading checkpoints
 
 
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a local checkpoint: ``.safetensors`` (memory-mapped), a safetensors index ``.json`` with its shards,
-    an official ``.pth`` (``weights_only=True``), or a folder holding ``model.safetensors`` or an index."""
+    """Read a local checkpoint: a safetensors file, a shard index (its shards memory-mapped, one after the other),
+    a folder holding ``model.safetensors`` or an index, or an official ``.pth`` (``weights_only``)."""
+    from safetensors.torch import load_file
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME):
-            if (path / name).is_file():
-                return load_checkpoint(path / name)
-        pickles = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        if len(pickles) == 1:
-            return load_checkpoint(pickles[0])
-        raise PretrainedWeightsError(
-            f'{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in this folder'
-            + (f' and several checkpoints {[p.name for p in pickles]}; pass one file' if pickles else ''))
+        found = [path / name for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) if (path / name).is_file()]
+        if not found:
+            raise PretrainedWeightsError(f'{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in this folder')
+        path = found[0]
     if not path.is_file():
         raise PretrainedWeightsError(f'checkpoint file not found: {path}')
-    if path.suffix == '.safetensors':
-        return load_weight_files([path])
     if path.suffix == '.json':
-        shards = _shards_from_index(path, str(path))
-        return load_weight_files([path.parent / shard for shard in shards])
-    return _torch_load(path)
+        state_dict = {}
+        for shard in shard_names(path):
+            state_dict.update(load_file(path.parent / shard))
+        return state_dict
+    with official_checkpoint_globals():
+        return load_state_dict(str(path))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# timm integration
-
-
-def resolve_weight_source(cfg: Dict[str, Any]) -> Tuple[str, Any]:
-    """Where a resolved pretrained cfg's weights come from, following timm's precedence.
-
-    Returns ``('state_dict', sd)``, ``('file', path)``, ``('local-dir', path)``, ``('hf-hub', (repo, revision,
-    filename))`` or ``('url', url)``; ``('', None)`` when there is none.
-    """
-    source = cfg.get('source') or ''
-    if source == 'hf-hub' and cfg.get('hf_hub_id'):
-        repo_id, revision = _split_revision(cfg['hf_hub_id'])
-        return 'hf-hub', (repo_id, revision, cfg.get('hf_hub_filename'))
-    if source == 'local-dir':
-        return 'local-dir', cfg.get('file')
-    if cfg.get('state_dict'):
-        return 'state_dict', cfg['state_dict']
-    if cfg.get('file'):
-        return 'file', cfg['file']
-    if cfg.get('hf_hub_id'):
-        repo_id, revision = _split_revision(cfg['hf_hub_id'])
-        return 'hf-hub', (repo_id, revision, cfg.get('hf_hub_filename'))
-    if cfg.get('url'):
-        return 'url', cfg['url']
-    return '', None
-
-
-def fetch_for_cfg(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]] = None) -> Optional[List[Path]]:
-    """Download and verify the Hub weight files of a resolved pretrained cfg (None if it is not a Hub source)."""
-    kind, loc = resolve_weight_source(cfg)
-    if kind != 'hf-hub':
-        return None
-    repo_id, revision, filename = loc
-    what = '.'.join(x for x in (cfg.get('architecture'), cfg.get('tag')) if x) or repo_id
-    entry = manifest_entry(cfg)
-    index_filename = None
-    expected: Dict[str, Dict[str, Any]] = {}
-    if entry is not None:
-        if revision is None and entry.get('revision') not in (None, '', 'main'):
-            revision = entry['revision']
-        expected = {name: meta for name, meta in (entry.get('files') or {}).items()
-                    if meta.get('sha256') or meta.get('size') is not None}
-        if filename is None:
-            filename = entry.get('file')
-            index_filename = entry.get('index_file') if filename is None else None
-    if filename is not None and filename.endswith('.json'):
-        filename, index_filename = None, filename
-    return fetch_hub_weights(
-        repo_id, revision=revision, filename=filename, index_filename=index_filename, expected=expected,
-        cache_dir=cache_dir, what=what)
-
-
-def prepare_pretrained(
-        variant: str,
-        kwargs: Dict[str, Any],
+def load_sharded_pretrained(
+        model: torch.nn.Module,
+        checkpoint_path: Union[str, Path],
         filter_fn: Callable[[Dict[str, Any], torch.nn.Module], Dict[str, Any]],
-) -> Tuple[Dict[str, Any], Callable, Callable[[torch.nn.Module], torch.nn.Module]]:
-    """Fetch the weights a ``pretrained=True`` build needs and route them through timm's ``load_pretrained``.
-
-    Returns ``(kwargs for build_model_with_cfg, pretrained_filter_fn, finalize)``; ``finalize(model)`` restores
-    the public ``pretrained_cfg`` after the build.
-    """
-    from timm.models._builder import resolve_pretrained_cfg
-    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-    if overlay.get('state_dict'):
-        return kwargs, filter_fn, lambda model: model  # an in-memory state dict: plain timm behaviour
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay).to_dict()
-    kind, loc = resolve_weight_source(cfg)
-    label = '.'.join(x for x in (cfg.get('architecture') or variant, cfg.get('tag')) if x)
-    if kind == 'hf-hub':
-        paths = fetch_for_cfg(cfg, cache_dir=kwargs.get('cache_dir'))
-        loader = lambda: load_weight_files(paths)  # noqa: E731
-    elif kind in ('file', 'local-dir'):
-        if not loc or not Path(loc).expanduser().exists():
-            raise PretrainedWeightsError(f'{label}: pretrained file not found: {loc}')
-        loader = lambda: load_checkpoint(loc)  # noqa: E731
-    else:
-        return kwargs, filter_fn, lambda model: model  # url / nothing: timm reports it as usual
-
-    num_classes = kwargs.get('num_classes')
-    if (num_classes is not None and not kwargs.get('features_only')
-            and num_classes != cfg.get('num_classes', 1000)):
-        _logger.warning(
-            '%s: the checkpoint classifies %s classes but the model is built with num_classes=%s; the classifier '
-            '(head.fc) is not loaded and keeps its random initialisation', label, cfg.get('num_classes'), num_classes)
-
-    def deferred_filter_fn(_placeholder: Dict[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
-        return filter_fn(loader(), model)
-
-    kwargs = dict(kwargs)
-    # A non-empty placeholder selects timm's "state_dict" branch; the real weights come from deferred_filter_fn.
-    kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict={_DEFERRED_KEY: True}, source='timm')
-    original_source = cfg.get('source')
-
-    def finalize(model: torch.nn.Module) -> torch.nn.Module:
-        for module in (model, getattr(model, 'model', None)):
-            pcfg = getattr(module, 'pretrained_cfg', None)
-            if isinstance(pcfg, dict):
-                pcfg.pop('state_dict', None)
-                if original_source:
-                    pcfg['source'] = original_source
-                else:
-                    pcfg.pop('source', None)
-        return model
-
-    return kwargs, deferred_filter_fn, finalize
+) -> None:
+    """timm's ``custom_load`` hook for a shard index or a folder: its weights go through timm's ``load_pretrained``
+    (``filter_fn``, ``in_chans`` adaptation, a fresh classifier for another ``num_classes``). The hook passes no
+    ``pretrained_strict``: the load is strict unless the classifier is replaced."""
+    pretrained_cfg = dict(model.pretrained_cfg, source=None, state_dict=load_checkpoint(checkpoint_path))
+    load_pretrained(model, pretrained_cfg, num_classes=model.num_classes, in_chans=model.in_chans, filter_fn=filter_fn)

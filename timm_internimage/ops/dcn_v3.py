@@ -13,11 +13,12 @@ call in one place (:func:`requested_backend`): a ``backend=`` argument, else ``T
 read at call time, else ``auto``. Arguments are validated once, before any backend runs.
 """
 import functools
+from functools import partial
 import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -335,7 +336,7 @@ class DCNv3(nn.Module):
             group: int = 4,
             offset_scale: float = 1.0,
             act_layer: type = nn.GELU,
-            norm_eps: float = 1e-6,
+            norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
             center_feature_scale: bool = False,
             remove_center: bool = False,
             device=None,
@@ -366,7 +367,7 @@ class DCNv3(nn.Module):
 
         self.dw_conv = nn.Conv2d(
             channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels, **dd)
-        self.dw_norm = nn.LayerNorm(channels, eps=norm_eps, **dd)
+        self.dw_norm = norm_layer(channels, **dd)
         self.dw_act = act_layer()
         self.offset = nn.Linear(channels, group * num_points * 2, **dd)
         self.mask = nn.Linear(channels, group * num_points, **dd)
