@@ -7,7 +7,6 @@ must pass. CUDA tests run wherever a GPU is present.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,9 @@ if importlib.util.find_spec("timm_internimage_dcnv3") is None:
     )
 
 import timm_internimage_dcnv3 as ext  # noqa: E402  (a broken install must fail, not skip)
+from conftest import forward_backward, leaves, output_size, random_case  # noqa: E402
+from golden import load_op_case, op_args, op_cases  # noqa: E402
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
-ARG_NAMES = (
-    "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w",
-    "dilation_h", "dilation_w", "group", "group_channels", "offset_scale", "remove_center",
-)
 CUDA = pytest.mark.skipif(
     not (torch.cuda.is_available() and ext.cuda_loaded()), reason="needs a CUDA GPU and a CUDA build of the op"
 )
@@ -35,8 +31,7 @@ CUDA = pytest.mark.skipif(
 def reference_dcnv3(x, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, group, gc, scale, remove_center):
     """Independent gather-based DCNv3 in the official CUDA kernel's semantics (differentiable through autograd)."""
     n, h, w, _ = x.shape
-    ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    wo = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    ho, wo = output_size(h, kh, sh, ph, dh), output_size(w, kw, sw, pw, dw)
     half_w, half_h = (dw * (kw - 1)) // 2, (dh * (kh - 1)) // 2
     points = [(i, j) for i in range(kw) for j in range(kh)]
     if remove_center:
@@ -71,31 +66,6 @@ def reference_dcnv3(x, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, group, gc, 
     return out.reshape(n, ho, wo, group * gc)
 
 
-def random_case(n, h, w, group, gc, kh=3, kw=3, stride=1, pad=1, dil=1, scale=1.0, remove_center=False,
-                dtype=torch.float64, device="cpu", seed=0, offset_std=2.0):
-    g = torch.Generator().manual_seed(seed)
-    ho = (h + 2 * pad - (dil * (kh - 1) + 1)) // stride + 1
-    wo = (w + 2 * pad - (dil * (kw - 1) + 1)) // stride + 1
-    p = kh * kw - int(remove_center)
-    x = torch.randn(n, h, w, group * gc, generator=g, dtype=torch.float64)
-    off = torch.randn(n, ho, wo, group * p * 2, generator=g, dtype=torch.float64) * offset_std
-    mask = torch.softmax(torch.randn(n, ho, wo, group, p, generator=g, dtype=torch.float64), -1).reshape(n, ho, wo, -1)
-    args = (kh, kw, stride, stride, pad, pad, dil, dil, group, gc, scale, remove_center)
-    conv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return conv(x), conv(off), conv(mask), args
-
-
-def _leaf(*ts):
-    return [t.detach().clone().requires_grad_(True) for t in ts]
-
-
-def _run(fn, x, off, mask, args, grad_out, **kw):
-    x, off, mask = _leaf(x, off, mask)
-    y = fn(x, off, mask, *args, **kw)
-    y.backward(grad_out)
-    return y.detach(), x.grad, off.grad, mask.grad
-
-
 # --------------------------------------------------------------------------- basics
 def test_version_and_supports():
     assert ext.__version__ == "0.1.0"
@@ -108,92 +78,97 @@ def test_version_and_supports():
 
 
 # --------------------------------------------------------------------------- golden
-def _golden_cases():
-    spec = GOLDEN / "dcnv3_op_cases.json"
-    if not spec.exists():
-        return []
-    return json.loads(spec.read_text())
-
-
-@pytest.mark.parametrize("case", _golden_cases(), ids=lambda c: c["file"])
+@pytest.mark.parametrize("case", op_cases(), ids=lambda c: c["file"])
 def test_golden_float64(case):
-    from safetensors.torch import load_file
-
-    data = load_file(str(GOLDEN / case["file"]))
-    args = tuple(case[k] for k in ARG_NAMES)
-    y, gx, goff, gm = _run(ext.dcnv3, data["input"], data["offset"], data["mask"], args, data["grad_output"])
-    tol = dict(rtol=0, atol=1e-10)
-    torch.testing.assert_close(y, data["output"], **tol)
-    torch.testing.assert_close(gx, data["grad_input"], **tol)
-    torch.testing.assert_close(goff, data["grad_offset"], **tol)
-    torch.testing.assert_close(gm, data["grad_mask"], **tol)
+    data = load_op_case(case)
+    got = forward_backward(ext.dcnv3, [data[k] for k in ("input", "offset", "mask")], data["grad_output"],
+                           *op_args(case))
+    for name, value in zip(("output", "grad_input", "grad_offset", "grad_mask"), got):
+        torch.testing.assert_close(value, data[name], rtol=0, atol=1e-10, msg=name)
 
 
 def test_golden_cases_present():
-    assert len(_golden_cases()) >= 8, "op golden files missing from tests/data/golden"
+    assert len(op_cases()) >= 8, "op golden files missing from tests/data/golden"
 
 
 # --------------------------------------------------------------------------- gradcheck
 GRADCHECK_CASES = [
-    dict(n=2, h=5, w=6, group=2, gc=3),
-    dict(n=1, h=6, w=5, group=1, gc=2, stride=2, pad=1),
-    dict(n=1, h=5, w=5, group=3, gc=2, dil=2, pad=2, scale=2.0),
-    dict(n=2, h=4, w=5, group=2, gc=2, remove_center=True),
-    dict(n=1, h=6, w=6, group=1, gc=2, kh=5, kw=3, pad=2, offset_std=4.0),
+    dict(batch=2, height=5, width=6, group=2, group_channels=3),
+    dict(batch=1, height=6, width=5, group=1, group_channels=2, stride=2, pad=1),
+    dict(batch=1, height=5, width=5, group=3, group_channels=2, dilation=2, pad=2, offset_scale=2.0),
+    dict(batch=2, height=4, width=5, group=2, group_channels=2, remove_center=True),
+    dict(batch=1, height=6, width=6, group=1, group_channels=2, kernel=(5, 3), pad=2, spread=4.0),
 ]
 
 
 @pytest.mark.parametrize("cfg", GRADCHECK_CASES, ids=str)
 def test_gradcheck(cfg):
     x, off, mask, args = random_case(**cfg, seed=1)
-    inputs = tuple(_leaf(x, off, mask))
+    inputs = tuple(leaves(x, off, mask))
     assert torch.autograd.gradcheck(lambda a, b, c: ext.dcnv3(a, b, c, *args), inputs, eps=1e-6, atol=1e-6)
 
 
 def test_gradcheck_mask_logits():
-    x, off, _, args = random_case(n=2, h=4, w=5, group=2, gc=2, seed=2)
+    x, off, _, args = random_case(batch=2, height=4, width=5, group=2, group_channels=2, seed=2)
     logits = torch.randn(2, 4, 5, 2 * 9, dtype=torch.float64)
-    inputs = tuple(_leaf(x, off, logits))
+    inputs = tuple(leaves(x, off, logits))
     assert torch.autograd.gradcheck(
         lambda a, b, c: ext.dcnv3(a, b, c, *args, mask_is_logits=True), inputs, eps=1e-6, atol=1e-6
     )
 
 
 def test_mask_logits_matches_softmax_then_op():
-    x, off, _, args = random_case(n=2, h=7, w=6, group=4, gc=4, seed=3)
+    x, off, _, args = random_case(batch=2, height=7, width=6, group=4, group_channels=4, seed=3)
     group, p = 4, 9
     logits = torch.randn(2, 7, 6, group * p, dtype=torch.float64) * 3
     gout = torch.randn(2, 7, 6, group * 4, dtype=torch.float64)
-    fused = _run(ext.dcnv3, x, off, logits, args, gout, mask_is_logits=True)
+    fused = forward_backward(ext.dcnv3, (x, off, logits), gout, *args, mask_is_logits=True)
 
     def unfused(a, b, c, *rest):
         c = torch.softmax(c.reshape(*c.shape[:3], group, p), -1).reshape(c.shape)
         return ext.dcnv3(a, b, c, *rest)
 
-    expected = _run(unfused, x, off, logits, args, gout)
+    expected = forward_backward(unfused, (x, off, logits), gout, *args)
     for got, exp in zip(fused, expected):
         torch.testing.assert_close(got, exp, rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- dtypes vs reference
-DTYPE_TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=1e-4, atol=1e-4),
-    torch.float16: dict(rtol=2e-2, atol=2e-2),
-    torch.bfloat16: dict(rtol=8e-2, atol=8e-2),
-}
+# Largest allowed |op - float64 reference| of each result, as a multiple of its scale max(1, max|reference|).
+# Measured on an AVX2 EPYC over RANDOM_CASES and the ISA cases, baseline, AVX2 and auto CPU paths alike
+# (output / grad_input / grad_offset / grad_mask):
+#   float64   2.9e-16 / 6.2e-16 / 4.3e-16 / 3.6e-16: the tolerance stays at the suite's float64 agreement (the
+#             reference README's 1e-10): here float64 checks the semantics, which any slip moves by >= 1e-6
+#             (float32 grids); its rounding is checked in float32 below.
+#   float32   4.7e-7 / 4.1e-7 / 4.4e-7 / 5.6e-7 (about 5 ulps of the scale): tolerance 2e-6.
+#   float16   2.7e-4 / 3.9e-4 / 4.3e-4 / 3.8e-4; bfloat16 2.9e-3 / 3.4e-3 / 3.1e-3 / 3.1e-3. Both sides compute in
+#             float and round once, so they differ by at most half an ulp of the scale's binade (2^-11 and 2^-8
+#             of the scale); the tolerance is one ulp, 2^-10 and 2^-7.
+# On a GPU (test_cuda_matches_cpu) not measured here (no CUDA build on the test machine); the same kernel bodies,
+# emulated on the host (test_cuda_emulation.py), stay within these against the CPU op.
+DTYPE_TOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+RESULTS = ("output", "grad_input", "grad_offset", "grad_mask")
 RANDOM_CASES = [
-    dict(n=2, h=9, w=7, group=4, gc=8),
+    dict(batch=2, height=9, width=7, group=4, group_channels=8),
     # 16 and 32 channels per group (every InternImage variant) run kernels compiled for that width.
-    dict(n=2, h=6, w=7, group=2, gc=16),
-    dict(n=1, h=5, w=6, group=3, gc=32, remove_center=True, scale=0.5),
-    dict(n=1, h=10, w=11, group=2, gc=16, stride=2, pad=1, remove_center=True),
-    dict(n=3, h=6, w=8, group=3, gc=5, kh=5, kw=5, pad=2, scale=2.0),
+    dict(batch=2, height=6, width=7, group=2, group_channels=16),
+    dict(batch=1, height=5, width=6, group=3, group_channels=32, remove_center=True, offset_scale=0.5),
+    dict(batch=1, height=10, width=11, group=2, group_channels=16, stride=2, pad=1, remove_center=True),
+    dict(batch=3, height=6, width=8, group=3, group_channels=5, kernel=5, pad=2, offset_scale=2.0),
 ]
 
 
-def _reference_in_float64(x, off, mask, args, gout):
-    return _run(reference_dcnv3, x.double(), off.double(), mask.double(), args, gout.double())
+def _reference_in_float64(inputs, gout, args):
+    return forward_backward(reference_dcnv3, [t.double() for t in inputs], gout.double(), *args)
+
+
+def _assert_close_to_scale(got, expected, dtype):
+    """Each result within DTYPE_TOL[dtype] of its scale max(1, max|expected|)."""
+    for name, value, target in zip(RESULTS, got, expected, strict=True):
+        assert value.dtype == dtype, name
+        scale = max(1.0, target.abs().max().item())
+        torch.testing.assert_close(value.cpu().double(), target.cpu().double(), rtol=0,
+                                   atol=DTYPE_TOL[dtype] * scale, msg=lambda m: f"{name} (scale {scale:.3g}): {m}")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_TOL), ids=str)
@@ -201,38 +176,32 @@ def _reference_in_float64(x, off, mask, args, gout):
 def test_matches_reference(cfg, dtype):
     x, off, mask, args = random_case(**cfg, dtype=dtype, seed=4)
     gout = torch.randn(*ext.dcnv3(x, off, mask, *args).shape, dtype=torch.float64).to(dtype)
-    got = _run(ext.dcnv3, x, off, mask, args, gout)
-    exp = _reference_in_float64(x, off, mask, args, gout)
+    got = forward_backward(ext.dcnv3, (x, off, mask), gout, *args)
     # Offsets are perturbed on purpose so samples sit off the bilinear kinks in
     # low precision the same way in both implementations.
-    tol = DTYPE_TOL[dtype]
-    names = ("output", "grad_input", "grad_offset", "grad_mask")
-    for name, a, b in zip(names, got, exp):
-        assert a.dtype == dtype
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a.double() / scale, b / scale, **tol, msg=lambda m: f"{name}: {m}")
+    _assert_close_to_scale(got, _reference_in_float64((x, off, mask), gout, args), dtype)
+
+
+def _assert_same_function_in_float64(other, x, off, mask, args):
+    """ext.dcnv3 and ``other``: outputs and all gradients equal to 1e-10 in float64, for a random upstream gradient."""
+    gout = torch.randn(*ext.dcnv3(x, off, mask, *args).shape, dtype=torch.float64)
+    got = forward_backward(ext.dcnv3, (x, off, mask), gout, *args)
+    expected = forward_backward(other, (x, off, mask), gout, *args)
+    for name, value, target in zip(RESULTS, got, expected, strict=True):
+        torch.testing.assert_close(value, target, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_matches_pure_pytorch_op():
     torch_ops = pytest.importorskip("timm_internimage.ops.dcnv3_torch", reason="pure-PyTorch op not available")
     for seed, cfg in enumerate(RANDOM_CASES):
-        x, off, mask, args = random_case(**cfg, seed=10 + seed)
-        gout = torch.randn(*ext.dcnv3(x, off, mask, *args).shape, dtype=torch.float64)
-        got = _run(ext.dcnv3, x, off, mask, args, gout)
-        exp = _run(torch_ops.dcnv3_torch, x, off, mask, args, gout)
-        for a, b in zip(got, exp):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        _assert_same_function_in_float64(torch_ops.dcnv3_torch, *random_case(**cfg, seed=10 + seed))
 
 
 # --------------------------------------------------------------------------- batch sizes / paths
 @pytest.mark.parametrize("n", [1, 3, 300])
 def test_batch_sizes(n):
-    x, off, mask, args = random_case(n=n, h=4, w=5, group=2, gc=3, seed=5)
-    gout = torch.randn(n, 4, 5, 6, dtype=torch.float64)
-    got = _run(ext.dcnv3, x, off, mask, args, gout)
-    exp = _run(reference_dcnv3, x, off, mask, args, gout)
-    for a, b in zip(got, exp):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    _assert_same_function_in_float64(
+        reference_dcnv3, *random_case(batch=n, height=4, width=5, group=2, group_channels=3, seed=5))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -241,13 +210,9 @@ def test_backward_partitions(threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for cfg in (dict(n=1, h=16, w=16, group=1, gc=8), dict(n=3, h=8, w=9, group=2, gc=4)):
-            x, off, mask, args = random_case(**cfg, seed=6)
-            gout = torch.randn(*ext.dcnv3(x, off, mask, *args).shape, dtype=torch.float64)
-            got = _run(ext.dcnv3, x, off, mask, args, gout)
-            exp = _run(reference_dcnv3, x, off, mask, args, gout)
-            for a, b in zip(got, exp):
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        for cfg in (dict(batch=1, height=16, width=16, group=1, group_channels=8),
+                    dict(batch=3, height=8, width=9, group=2, group_channels=4)):
+            _assert_same_function_in_float64(reference_dcnv3, *random_case(**cfg, seed=6))
     finally:
         torch.set_num_threads(old)
 
@@ -261,15 +226,16 @@ import test_compiled_op as t
 res = []
 for gc in t._ISA_WIDTHS:
     for dtype in t._ISA_DTYPES:
-        res.append(t._run(t.ext.dcnv3, *t._isa_case(gc, dtype)))
+        inputs, gout, args = t._isa_case(gc, dtype)
+        res.append(t.forward_backward(t.ext.dcnv3, inputs, gout, *args))
 torch.save(res, sys.argv[1])
 """
 
 
 def _isa_case(gc, dtype):
-    x, off, mask, args = random_case(n=2, h=7, w=9, group=2, gc=gc, dtype=dtype, seed=21)
+    x, off, mask, args = random_case(batch=2, height=7, width=9, group=2, group_channels=gc, dtype=dtype, seed=21)
     gout = torch.randn(2, 7, 9, 2 * gc, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
-    return x, off, mask, args, gout
+    return (x, off, mask), gout, args
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
@@ -286,27 +252,26 @@ def test_cpu_isa_variants(isa, tmp_path):
     results = iter(torch.load(out))
     for gc in _ISA_WIDTHS:
         for dtype in _ISA_DTYPES:
-            x, off, mask, args, gout = _isa_case(gc, dtype)
-            exp = _reference_in_float64(x, off, mask, args, gout)
-            for a, b in zip(next(results), exp):
-                scale = max(1.0, b.abs().max().item())
-                torch.testing.assert_close(a.double() / scale, b / scale, **DTYPE_TOL[dtype])
+            inputs, gout, args = _isa_case(gc, dtype)
+            _assert_close_to_scale(next(results), _reference_in_float64(inputs, gout, args), dtype)
 
 
 @pytest.mark.parametrize("gc", [8, 16])
 def test_fused_softmax_float32(gc):
-    """The in-kernel softmax of float32 logits (its own vectorised exp) is accurate to float32 rounding."""
-    x, off, _, args = random_case(n=2, h=6, w=5, group=3, gc=gc, seed=22)
+    """The in-kernel softmax of float32 logits (its own vectorised exp) is accurate to float32 rounding: measured
+    9.0e-7 (outputs up to 2.5, AVX2 EPYC)."""
+    x, off, _, args = random_case(batch=2, height=6, width=5, group=3, group_channels=gc, seed=22)
     logits = torch.randn(2, 6, 5, 3 * 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4
     got = ext.dcnv3(x.float(), off.float(), logits.float(), *args, mask_is_logits=True)
     prob = torch.softmax(logits.float().double().reshape(2, 6, 5, 3, 9), -1).reshape(logits.shape)
     exp = reference_dcnv3(x.float().double(), off.float().double(), prob, *args)
-    torch.testing.assert_close(got.double(), exp, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got.double(), exp, rtol=0, atol=3e-6)
 
 
 def test_nan_logits_propagate():
     """A NaN logit makes that group's output NaN (as a softmax would), and nothing else."""
-    x, off, _, args = random_case(n=1, h=4, w=4, group=2, gc=16, dtype=torch.float32, seed=23)
+    x, off, _, args = random_case(batch=1, height=4, width=4, group=2, group_channels=16, dtype=torch.float32,
+                                  seed=23)
     logits = torch.zeros(1, 4, 4, 2 * 9)
     logits[0, 1, 2, 3] = float("nan")
     y = ext.dcnv3(x, off, logits, *args, mask_is_logits=True)
@@ -317,7 +282,7 @@ def test_nan_logits_propagate():
 
 
 def test_non_contiguous_inputs():
-    x, off, mask, args = random_case(n=2, h=6, w=7, group=2, gc=4, seed=7)
+    x, off, mask, args = random_case(batch=2, height=6, width=7, group=2, group_channels=4, seed=7)
     xt = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
     assert not xt.is_contiguous()
     torch.testing.assert_close(ext.dcnv3(xt, off, mask, *args), ext.dcnv3(x, off, mask, *args), rtol=0, atol=0)
@@ -327,14 +292,15 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize("gc", [4, 16])
 def test_far_out_of_bounds_positions(far, gc):
     """Positions far outside the image (beyond int32) sample zeros: clamped in floating point, never wrapped."""
-    x, off, mask, args = random_case(n=1, h=5, w=5, group=1, gc=gc, seed=8, dtype=torch.float32)
+    x, off, mask, args = random_case(batch=1, height=5, width=5, group=1, group_channels=gc, seed=8,
+                                     dtype=torch.float32)
     off = torch.full_like(off, far)
     y = ext.dcnv3(x, off, mask, *args)
     assert torch.equal(y, torch.zeros_like(y))
 
 
 def test_bad_arguments_raise():
-    x, off, mask, args = random_case(n=1, h=5, w=5, group=2, gc=4, seed=9)
+    x, off, mask, args = random_case(batch=1, height=5, width=5, group=2, group_channels=4, seed=9)
     with pytest.raises(RuntimeError, match="group_channels"):
         ext.dcnv3(x, off, mask, *args[:8], 2, 3, *args[10:])
     with pytest.raises(RuntimeError, match="offset"):
@@ -345,30 +311,34 @@ def test_bad_arguments_raise():
 
 # --------------------------------------------------------------------------- torch.library integration
 def test_opcheck():
-    x, off, mask, args = random_case(n=2, h=5, w=6, group=2, gc=3, seed=11)
-    for op in (torch.ops.timm_internimage.dcnv3_forward.default, torch.ops.timm_internimage.dcnv3_softmax_forward.default):
-        torch.library.opcheck(op, (*_leaf(x, off, mask), *args))
+    x, off, mask, args = random_case(batch=2, height=5, width=6, group=2, group_channels=3, seed=11)
+    ops = torch.ops.timm_internimage
+    for op in (ops.dcnv3_forward.default, ops.dcnv3_softmax_forward.default):
+        torch.library.opcheck(op, (*leaves(x, off, mask), *args))
     gout = torch.randn(2, 5, 6, 6, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.timm_internimage.dcnv3_backward.default, (gout, x, off, mask, *args))
+    torch.library.opcheck(ops.dcnv3_backward.default, (gout, x, off, mask, *args))
 
 
 def test_torch_compile_fullgraph():
-    x, off, mask, args = random_case(n=2, h=6, w=5, group=2, gc=4, dtype=torch.float32, seed=12)
+    """Gradients through the compiled (inductor) graph around the op: measured bit-identical to eager (AVX2 EPYC);
+    the tolerance is assert_close's float32 default (rounding of a reordered graph)."""
+    x, off, mask, args = random_case(batch=2, height=6, width=5, group=2, group_channels=4, dtype=torch.float32,
+                                     seed=12)
 
     def f(a, b, c):
         return (ext.dcnv3(a * 2, b, c, *args) + 1).square().sum()
 
     compiled = torch.compile(f, fullgraph=True, dynamic=False)
-    xa, oa, ma = _leaf(x, off, mask)
-    xb, ob, mb = _leaf(x, off, mask)
-    f(xa, oa, ma).backward()
-    compiled(xb, ob, mb).backward()
-    for a, b in ((xa, xb), (oa, ob), (ma, mb)):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    eager_inputs, compiled_inputs = leaves(x, off, mask), leaves(x, off, mask)
+    f(*eager_inputs).backward()
+    compiled(*compiled_inputs).backward()
+    for a, b in zip(eager_inputs, compiled_inputs):
+        torch.testing.assert_close(b.grad, a.grad)
 
 
 def test_torch_export():
-    x, off, mask, args = random_case(n=2, h=6, w=5, group=2, gc=4, dtype=torch.float32, seed=13)
+    x, off, mask, args = random_case(batch=2, height=6, width=5, group=2, group_channels=4, dtype=torch.float32,
+                                     seed=13)
 
     class M(torch.nn.Module):
         def forward(self, a, b, c):
@@ -388,15 +358,14 @@ def test_cuda_loaded():
 
 
 @CUDA
-@pytest.mark.parametrize("case", _golden_cases(), ids=lambda c: c["file"])
+@pytest.mark.parametrize("case", op_cases(), ids=lambda c: c["file"])
 def test_cuda_golden_float64(case):
-    from safetensors.torch import load_file
-
-    data = {k: v.cuda() for k, v in load_file(str(GOLDEN / case["file"])).items()}
-    args = tuple(case[k] for k in ARG_NAMES)
-    got = _run(ext.dcnv3, data["input"], data["offset"], data["mask"], args, data["grad_output"])
-    for name, a in zip(("output", "grad_input", "grad_offset", "grad_mask"), got):
-        torch.testing.assert_close(a, data[name], rtol=0, atol=1e-10)
+    data = {k: v.cuda() for k, v in load_op_case(case).items()}
+    got = forward_backward(ext.dcnv3, [data[k] for k in ("input", "offset", "mask")], data["grad_output"],
+                           *op_args(case))
+    for name, a in zip(RESULTS, got):
+        assert a.is_cuda, name
+        torch.testing.assert_close(a, data[name], rtol=0, atol=1e-10, msg=name)
 
 
 @CUDA
@@ -406,27 +375,27 @@ def test_cuda_golden_float64(case):
 def test_cuda_matches_cpu(cfg, dtype, mask_is_logits):
     x, off, mask, args = random_case(**cfg, dtype=dtype, seed=14)
     gout = torch.randn(*ext.dcnv3(x, off, mask, *args).shape).to(dtype)
-    cpu = _run(ext.dcnv3, x, off, mask, args, gout, mask_is_logits=mask_is_logits)
-    gpu = _run(ext.dcnv3, x.cuda(), off.cuda(), mask.cuda(), args, gout.cuda(), mask_is_logits=mask_is_logits)
-    for a, b in zip(gpu, cpu):
-        assert a.is_cuda and a.dtype == dtype
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a.cpu().double() / scale, b.double() / scale, **DTYPE_TOL[dtype])
+    cpu = forward_backward(ext.dcnv3, (x, off, mask), gout, *args, mask_is_logits=mask_is_logits)
+    gpu = forward_backward(ext.dcnv3, (x.cuda(), off.cuda(), mask.cuda()), gout.cuda(), *args,
+                           mask_is_logits=mask_is_logits)
+    assert all(a.is_cuda for a in gpu)
+    _assert_close_to_scale(gpu, cpu, dtype)
 
 
 @CUDA
 def test_cuda_gradcheck_and_large_batch():
-    x, off, mask, args = random_case(n=2, h=5, w=6, group=2, gc=3, device="cuda", seed=15)
+    x, off, mask, args = random_case(batch=2, height=5, width=6, group=2, group_channels=3, device="cuda", seed=15)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: ext.dcnv3(a, b, c, *args), tuple(_leaf(x, off, mask)), eps=1e-6, atol=1e-6
+        lambda a, b, c: ext.dcnv3(a, b, c, *args), tuple(leaves(x, off, mask)), eps=1e-6, atol=1e-6
     )
-    x, off, mask, args = random_case(n=300, h=4, w=5, group=2, gc=3, device="cuda", seed=16)
+    x, off, mask, args = random_case(batch=300, height=4, width=5, group=2, group_channels=3, device="cuda", seed=16)
     torch.testing.assert_close(ext.dcnv3(x, off, mask, *args).cpu(), ext.dcnv3(x.cpu(), off.cpu(), mask.cpu(), *args))
 
 
 @CUDA
 def test_cuda_compile_and_opcheck():
-    x, off, mask, args = random_case(n=2, h=5, w=6, group=2, gc=3, dtype=torch.float32, device="cuda", seed=17)
-    torch.library.opcheck(torch.ops.timm_internimage.dcnv3_forward.default, (*_leaf(x, off, mask), *args))
+    x, off, mask, args = random_case(batch=2, height=5, width=6, group=2, group_channels=3, dtype=torch.float32,
+                                     device="cuda", seed=17)
+    torch.library.opcheck(torch.ops.timm_internimage.dcnv3_forward.default, (*leaves(x, off, mask), *args))
     compiled = torch.compile(lambda a, b, c: ext.dcnv3(a, b, c, *args), fullgraph=True)
     torch.testing.assert_close(compiled(x, off, mask), ext.dcnv3(x, off, mask, *args))

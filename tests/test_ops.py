@@ -2,38 +2,23 @@
 import pytest
 import torch
 
-from timm_internimage.ops import DCNv3, dcnv3, dcnv3_reference, dcnv3_torch
+from timm_internimage.ops import compiled_backend_available, dcnv3, dcnv3_reference, dcnv3_torch
+from conftest import dcnv3_module, forward_backward, random_case
 from golden import load_op_case, op_args, op_cases
 
 PURE_BACKENDS = {'torch': dcnv3_torch, 'reference': dcnv3_reference}
-
-
-def random_case(
-        batch=2, height=7, width=9, group=2, group_channels=4, kernel=3, stride=1, pad=1, dilation=1,
-        offset_scale=1.0, remove_center=False, dtype=torch.float64, spread=3.0, seed=0):
-    """Random op inputs with offsets large enough to sample outside the map and between pixels."""
-    generator = torch.Generator().manual_seed(seed)
-    points = kernel * kernel - int(remove_center)
-    height_out = (height + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
-    width_out = (width + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
-    input = torch.randn(batch, height, width, group * group_channels, generator=generator, dtype=torch.float64)
-    offset = spread * torch.randn(batch, height_out, width_out, group * points * 2, generator=generator, dtype=torch.float64)
-    mask = torch.randn(batch, height_out, width_out, group, points, generator=generator, dtype=torch.float64)
-    mask = mask.softmax(-1).flatten(-2)
-    args = (kernel, kernel, stride, stride, pad, pad, dilation, dilation, group, group_channels, offset_scale, remove_center)
-    return input.to(dtype), offset.to(dtype), mask.to(dtype), args
+NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
+KERNEL_BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
 
 
 @pytest.mark.parametrize('backend', sorted(PURE_BACKENDS))
 @pytest.mark.parametrize('case', op_cases(), ids=lambda c: c['file'].split('.')[0])
 def test_golden_op_forward_and_gradients(backend, case):
     tensors = load_op_case(case)
-    inputs = [tensors[k].clone().requires_grad_() for k in ('input', 'offset', 'mask')]
-    output = PURE_BACKENDS[backend](*inputs, *op_args(case))
-    output.backward(tensors['grad_output'])
-    torch.testing.assert_close(output, tensors['output'], rtol=0, atol=1e-10)
-    for tensor, name in zip(inputs, ('grad_input', 'grad_offset', 'grad_mask')):
-        torch.testing.assert_close(tensor.grad, tensors[name], rtol=0, atol=1e-10, msg=name)
+    got = forward_backward(PURE_BACKENDS[backend], [tensors[k] for k in ('input', 'offset', 'mask')],
+                           tensors['grad_output'], *op_args(case))
+    for value, name in zip(got, ('output', 'grad_input', 'grad_offset', 'grad_mask')):
+        torch.testing.assert_close(value, tensors[name], rtol=0, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize('case_kwargs', [
@@ -48,7 +33,9 @@ def test_gradcheck(case_kwargs):
     assert torch.autograd.gradcheck(lambda *t: dcnv3_torch(*t, *args), inputs)
 
 
-@pytest.mark.parametrize('dtype,atol', [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+# Largest |torch backend - float64 reference| of the case below (outputs up to 1.6), measured on an AVX2 EPYC:
+# float32 9.8e-7, float16 5.6e-4, bfloat16 6.4e-3.
+@pytest.mark.parametrize('dtype,atol', [(torch.float32, 4e-6), (torch.float16, 2.5e-3), (torch.bfloat16, 2.5e-2)])
 def test_fast_matches_reference_in_low_precision(dtype, atol):
     input, offset, mask, args = random_case(batch=3, height=11, width=6, group=4, group_channels=8, dtype=dtype)
     expected = dcnv3_reference(input.double(), offset.double(), mask.double(), *args)
@@ -95,7 +82,8 @@ def test_backend_selection_by_argument_and_environment(backend, monkeypatch):
 
 
 def test_fast_and_reference_differ_only_by_rounding_in_float32():
-    # Different float operation orders: equal to float32 precision, not bit for bit.
+    # Different float operation orders: equal to float32 precision, not bit for bit (measured 3.5e-6 on outputs up
+    # to 2, AVX2 EPYC).
     input, offset, mask, args = random_case(dtype=torch.float32, batch=4, height=12, width=12, group=4, group_channels=16)
     fast, reference = dcnv3_torch(input, offset, mask, *args), dcnv3_reference(input, offset, mask, *args)
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
@@ -129,59 +117,47 @@ def test_meta_device_shapes(backend):
     assert output.shape == (2, 5, 5, 8) and output.device.type == 'meta'
 
 
-def _module(dtype=torch.float32, **kwargs):
-    torch.manual_seed(0)
-    module = DCNv3(channels=16, group=2, **kwargs).to(dtype)
-    for layer in (module.offset, module.mask):  # the official init makes offsets zero; make them matter
-        torch.nn.init.normal_(layer.weight, std=0.5)
-    return module
-
-
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_module_runs_in_half_precision(dtype):
-    module = _module(dtype=dtype, center_feature_scale=True)
+# The module in half precision next to float32 (outputs up to 2). Largest error measured on an AVX2 EPYC, torch /
+# compiled backend: float16 1.6e-3 / 1.3e-3, bfloat16 1.15e-2 / 1.14e-2, bfloat16 autocast 2.05e-2 / 1.9e-2; the
+# same with ATen, oneDNN and MKL held to their baseline ISA (the issue's AVX-512 figures for the compiled backend:
+# 1.3e-3, 1.1e-2, 1.9e-2). Not tested here: the official reference backend, whose sampling grid (normalised
+# coordinates) is itself in the low-precision dtype: 3.7e-3, 3.8e-2, 4.5e-2.
+@pytest.mark.parametrize('dtype,atol', [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)], ids=['float16', 'bfloat16'])
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+def test_module_runs_in_half_precision(backend, dtype, atol, monkeypatch):
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    module = dcnv3_module(dtype=dtype, center_feature_scale=True)
     x = torch.randn(2, 6, 7, 16)
     output = module(x.to(dtype))
     assert output.dtype == dtype
-    torch.testing.assert_close(output.float(), module.float()(x), rtol=0, atol=0.15)
+    torch.testing.assert_close(output.float(), module.float()(x), rtol=0, atol=atol)
 
 
-def test_module_under_autocast():
-    module = _module()
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+def test_module_under_autocast(backend, monkeypatch):
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    module = dcnv3_module()
     x = torch.randn(2, 6, 7, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         output = module(x)
     assert output.dtype == torch.bfloat16
-    torch.testing.assert_close(output.float(), module(x), rtol=0, atol=0.15)
-
-
-def test_compile_fullgraph_matches_eager_forward_and_backward():
-    module = _module(dw_kernel_size=5, center_feature_scale=True)
-    x = torch.randn(2, 6, 7, 16, requires_grad=True)
-    compiled = torch.compile(module, fullgraph=True, backend='aot_eager')
-    eager_out = module(x)
-    eager_out.sum().backward()
-    eager_grad = x.grad.clone()
-    x.grad = None
-    compiled_out = compiled(x)
-    compiled_out.sum().backward()
-    torch.testing.assert_close(compiled_out, eager_out)
-    torch.testing.assert_close(x.grad, eager_grad)
+    torch.testing.assert_close(output.float(), module(x), rtol=0, atol=6e-2)
 
 
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
     import onnxruntime
 
-    module = _module(center_feature_scale=True).eval()
+    module = dcnv3_module(center_feature_scale=True).eval()
     x = torch.randn(1, 6, 7, 16)
     path = tmp_path / 'dcnv3.onnx'
     torch.onnx.export(module, (x,), str(path), input_names=['x'], output_names=['y'], dynamo=True)
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     (result,) = session.run(None, {'x': x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(result), module(x).detach(), rtol=0, atol=1e-5)
+    # measured 2.7e-7 (outputs up to 1.9, AVX2 EPYC)
+    torch.testing.assert_close(torch.from_numpy(result), module(x).detach(), rtol=0, atol=1.2e-6)
 
 
 def test_torchscript_module_matches_eager():
-    module = _module().eval()
+    module = dcnv3_module().eval()
     x = torch.randn(1, 5, 5, 16)
     torch.testing.assert_close(torch.jit.script(module)(x), module(x))
