@@ -12,7 +12,7 @@ from timm_internimage.cli import _infer_model, convert, main, sample_image_path
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest
 from timm_internimage.internimage import pretrained_cfgs
 
-from conftest import assert_same_weights, official_model
+from conftest import TINY, assert_same_weights, official_model, tiny_model
 from hub_server import hf_format, safetensors_bytes, sharded_repo, single_file_repo, tiny_case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +240,260 @@ def test_manifest_refresh_unknown_repo_is_a_clear_error(hf_env, tmp_path, capsys
     assert main(['manifest-refresh', '--manifest', str(path), '--tags', 'internimage_b.in1k']) == 1
     assert 'internimage_b_1k_224' in capsys.readouterr().err
     assert path.read_text() == dump_manifest(manifest)  # nothing written on failure
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# off the happy path (issue 10)
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+    """``(model args JSON, safetensors path)`` of the ``tiny_t`` case, for ``predict --checkpoint`` without a Hub."""
+    kwargs, official = tiny_case('tiny_t')
+    path = tmp_path_factory.mktemp('weights') / 'tiny.safetensors'
+    path.write_bytes(safetensors_bytes(official))
+    return _tiny_args(kwargs), path
+
+
+def _predict_args(tiny_checkpoint, *extra):
+    model_args, weights = tiny_checkpoint
+    return ['predict', '--model', 'internimage_t', '--checkpoint', str(weights), '--model-args', model_args,
+            '--device', 'cpu', *extra]
+
+
+def _png_header_only(path, width, height):
+    """A PNG file that declares ``width`` x ``height`` pixels and holds none: enough for Pillow's size checks."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    header = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IEND', b''))
+    return path
+
+
+def test_predict_scales_high_bit_depth_and_applies_exif_orientation_subprocess(tiny_checkpoint, hf_env, tmp_path):
+    """A 16-bit PNG and float TIFFs classify like the 8-bit image; an orientation-6 photo like the upright one."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(sample_image_path()) as photo:
+        photo = photo.convert('RGB')
+    gray = np.asarray(photo.convert('L'))
+    images = {'rgb.png': photo, 'gray8.png': Image.fromarray(gray),
+              'gray16.png': Image.fromarray(gray.astype(np.uint16) * 257),
+              'unit_float.tiff': Image.fromarray(gray.astype(np.float32) / 255),
+              'wide_float.tiff': Image.fromarray(gray.astype(np.float32) * 257)}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'rotated.png', exif=exif)
+    with Image.open(tmp_path / 'gray16.png') as image16, Image.open(tmp_path / 'unit_float.tiff') as image_float:
+        assert (image16.mode, image_float.mode) == ('I;16', 'F')
+    names = [*images, 'rotated.png']
+    result = _run(_predict_args(tiny_checkpoint, *[str(tmp_path / name) for name in names], '--json', '-k', '5'),
+                  hf_env.subprocess_env())
+    assert result.returncode == 0, result.stderr
+    by_name = {Path(r['image']).name: r['predictions'] for r in json.loads(result.stdout)['results']}
+    for name, reference in (('gray16.png', 'gray8.png'), ('unit_float.tiff', 'gray8.png'),
+                            ('wide_float.tiff', 'gray8.png'), ('rotated.png', 'rgb.png')):
+        got, want = by_name[name], by_name[reference]
+        assert [p['index'] for p in got] == [p['index'] for p in want], name
+        assert [p['probability'] for p in got] == pytest.approx([p['probability'] for p in want], abs=1e-5), name
+
+
+def test_predict_decodes_each_image_once_one_batch_at_a_time(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from PIL import Image, ImageFile
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f'{i}.png'))
+        Image.new('RGB', (40 + i, 30), (50 * i, 0, 0)).save(paths[-1])
+    decodes = []
+    load = ImageFile.ImageFile.load
+
+    def counting_load(image):
+        if image.tile:  # pixel data not decoded yet
+            decodes.append(Path(image.filename).name)
+        return load(image)
+    monkeypatch.setattr(ImageFile.ImageFile, 'load', counting_load)
+    assert main(_predict_args(tiny_checkpoint, *paths, '--batch-size', '2', '--json', '-k', '5000')) == 0
+    results = json.loads(capsys.readouterr().out)['results']
+    assert sorted(decodes) == sorted(Path(p).name for p in paths)
+    assert [len(r['predictions']) for r in results] == [1000] * 5  # --top-k is capped at the class count
+    from timm_internimage.cli import _image_batches
+    decodes.clear()
+    batches = _image_batches(paths, lambda image: torch.zeros(3, 4, 4), batch_size=2)
+    assert decodes == []
+    assert next(batches)[0] == paths[:2] and len(decodes) == 2
+    assert [chunk for chunk, _ in batches] == [paths[2:4], paths[4:]] and len(decodes) == 5
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['-k', '0'], 'argument --top-k/-k: must be at least 1, got 0'),
+    (['--top-k', '-1'], 'argument --top-k/-k: must be at least 1, got -1'),
+    (['--batch-size', '0'], 'argument --batch-size: must be at least 1, got 0'),
+    (['--batch-size', '-1'], 'argument --batch-size: must be at least 1, got -1'),
+])
+def test_predict_rejects_non_positive_counts(tiny_checkpoint, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_predict_args(tiny_checkpoint, str(sample_image_path()), *extra))
+    assert exit_info.value.code == 2
+    assert f'error: {message}' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('case', ['unknown model', 'unknown tag', 'bad device', 'absent device', 'unknown model arg',
+                                  'decompression bomb', 'NaN weights', 'corrupt safetensors',
+                                  'truncated safetensors'])
+def test_predict_failures_are_one_error_line(tiny_checkpoint, tmp_path, capsys, monkeypatch, case):
+    """Each ends as ``error: ...`` naming the input, with a non-zero status and nothing on stdout (not NaN JSON)."""
+    from safetensors.torch import load_file, save_file
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    model_args, weights = tiny_checkpoint
+    image = str(sample_image_path())
+    images = [image]
+    if case == 'unknown model':
+        extra, message = ['--model', 'internimage_q'], "unknown model 'internimage_q'"
+    elif case == 'unknown tag':
+        extra, message = ['--model', 'internimage_t.in99k'], "unknown tag 'in99k' for internimage_t; its tags: internimage_t.in1k"
+    elif case == 'bad device':
+        extra, message = ['--device', 'gpu0'], "--device 'gpu0' is not a torch device"
+    elif case == 'absent device':
+        extra, message = ['--device', 'cuda'], '--device cuda: no cuda device is available here'
+    elif case == 'unknown model arg':
+        extra, message = ['--model-args', json.dumps(dict(json.loads(model_args), colour='red'))], "'colour'"
+    elif case == 'decompression bomb':
+        bomb = str(_png_header_only(tmp_path / 'bomb.png', 30000, 30000))
+        images.append(bomb)
+        extra, message = [], f'{bomb}: refused as a possible decompression bomb'
+    else:
+        broken = tmp_path / 'broken.safetensors'
+        if case == 'NaN weights':
+            tensors = load_file(str(weights))
+            save_file({k: v.fill_(float('nan')) if k.startswith('head') else v for k, v in tensors.items()},
+                      str(broken))
+            message = f'internimage_t gave NaN or infinite outputs for {image}'
+        else:
+            data = weights.read_bytes()
+            broken.write_bytes(data[:len(data) // 2] if case == 'truncated safetensors' else data[:8] + b'{"x"')
+            message = f'{broken}: corrupt or truncated safetensors file'
+        extra = ['--checkpoint', str(broken)]
+    code = main(_predict_args(tiny_checkpoint, *images, '--json', *extra))
+    out, err = capsys.readouterr()
+    assert code != 0 and out == ''
+    assert err.startswith('error: ') and message in err, err
+
+
+def test_predict_device_defaults_to_auto_cuda_then_mps_then_cpu(monkeypatch):
+    from timm_internimage.cli import build_parser, resolve_device
+    assert build_parser().parse_args(['predict']).device == 'auto'
+    for cuda, mps, want in ((True, True, 'cuda'), (False, True, 'mps'), (False, False, 'cpu')):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: mps)
+        assert resolve_device('auto') == torch.device(want)
+
+
+def test_predict_22k_tag_prints_imagenet22k_names(hf_env, capsys):
+    """A 21841-class tag's labels are the ImageNet-22k names in sorted-wnid order (timm's imagenet22k_synsets.txt)."""
+    from timm.data import ImageNetInfo
+    torch.manual_seed(0)
+    weights = tiny_model('internimage_l', num_classes=21841).state_dict()
+    hf_env.hub.add_repo('OpenGVLab/internimage_l_22k_384', single_file_repo(weights))
+    assert main(['predict', '--model', 'internimage_l.in22k_384', '--model-args', _tiny_args(TINY),
+                 '--json', '-k', '3']) == 0
+    predictions = json.loads(capsys.readouterr().out)['results'][0]['predictions']
+    info = ImageNetInfo('imagenet-22k')
+    synsets = info.label_names()
+    assert len(synsets) == 21841 and synsets == sorted(synsets)
+    assert [p['label'] for p in predictions] == [info.index_to_description(p['index']) for p in predictions]
+    assert {p['label'] for p in predictions}.isdisjoint(ImageNetInfo('imagenet-1k').label_descriptions())
+
+
+@pytest.fixture
+def tiny_pth(tmp_path):
+    """``(model args JSON, path)`` of the ``tiny_t`` case as an official ``.pth``."""
+    kwargs, official = tiny_case('tiny_t')
+    path = tmp_path / 'tiny_t.pth'
+    torch.save({'model': official}, path)
+    return _tiny_args(kwargs), path
+
+
+@pytest.mark.parametrize('case,message', [
+    ('text file', 'not a checkpoint (neither safetensors nor a PyTorch .pth archive or pickle)'),
+    ('random bytes .pth', 'not a checkpoint (neither safetensors nor a PyTorch .pth archive or pickle)'),
+    ('corrupt safetensors', 'corrupt or truncated safetensors file'),
+    ('truncated safetensors', 'corrupt or truncated safetensors file'),
+    ('truncated .pth', 'cannot be read as a checkpoint'),
+    ('/dev/zero', 'not a regular file (a device, FIFO or socket)'),
+    ('FIFO', 'not a regular file (a device, FIFO or socket)'),
+    ('empty folder', 'no model.safetensors or model.safetensors.index.json in this folder'),
+])
+def test_convert_unreadable_sources_name_the_file(tmp_path, tiny_pth, capsys, case, message):
+    import os
+    weights = tmp_path / 'tiny.safetensors'
+    weights.write_bytes(safetensors_bytes(tiny_case('tiny_t')[1]))
+    src = {'text file': tmp_path / 'notes.txt', 'random bytes .pth': tmp_path / 'random.pth',
+           'corrupt safetensors': tmp_path / 'corrupt.safetensors',
+           'truncated safetensors': tmp_path / 'truncated.safetensors', 'truncated .pth': tmp_path / 'truncated.pth',
+           '/dev/zero': Path('/dev/zero'), 'FIFO': tmp_path / 'fifo', 'empty folder': tmp_path / 'empty'}[case]
+    if case == 'text file':
+        src.write_text('hello, not weights\n')
+    elif case == 'random bytes .pth':
+        src.write_bytes(bytes(range(7, 256)) * 40)
+    elif case == 'corrupt safetensors':
+        src.write_bytes(weights.read_bytes()[:8] + b'{"x"' + bytes(100))
+    elif case == 'truncated safetensors':
+        src.write_bytes(weights.read_bytes()[:-100])
+    elif case == 'truncated .pth':
+        src.write_bytes(tiny_pth[1].read_bytes()[:3000])
+    elif case == 'FIFO':
+        os.mkfifo(src)
+    elif case == 'empty folder':
+        src.mkdir()
+    out = tmp_path / 'out'
+    assert main(['convert', str(src), str(out), '--model', 'internimage_t', '--model-args', tiny_pth[0]]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and str(src) in err and message in err, err
+    assert not out.exists()
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path, tiny_pth, capsys):
+    model_args, pth = tiny_pth
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'config.json').write_text('{"mine": true}')
+    args = ['convert', str(pth), str(out), '--model', 'internimage_t', '--model-args', model_args]
+    assert main(args) == 2
+    assert f'{out / "config.json"} already exist(s); pass --force' in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ['config.json'] and (out / 'config.json').read_text() == '{"mine": true}'
+    assert main(args + ['--force']) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'internimage_t'
+
+
+@pytest.mark.parametrize('failing', ['model.safetensors', 'config.json'])
+def test_convert_writes_temporaries_and_cleans_up_on_failure(tmp_path, tiny_pth, monkeypatch, capsys, failing):
+    """Each output is written under a temporary name in OUT_DIR, then renamed; a failed write removes everything
+    convert created, folders included."""
+    import safetensors.torch
+    import timm.models._hub
+    written = []
+
+    def failing_writer(original):
+        def write(*args, **kwargs):
+            path = Path(args[1])
+            written.append(path)
+            path.write_bytes(b'partial')
+            if failing in ('model.safetensors' if original is save_file else 'config.json'):
+                raise OSError(28, 'No space left on device')
+            return original(*args, **kwargs)
+        return write
+    save_file, save_config = safetensors.torch.save_file, timm.models._hub.save_config_for_hf
+    monkeypatch.setattr(safetensors.torch, 'save_file', failing_writer(save_file))
+    monkeypatch.setattr(timm.models._hub, 'save_config_for_hf', failing_writer(save_config))
+    out = tmp_path / 'new' / 'out'
+    assert main(['convert', str(tiny_pth[1]), str(out), '--model', 'internimage_t',
+                 '--model-args', tiny_pth[0]]) == 1
+    assert 'No space left on device' in capsys.readouterr().err
+    assert not (tmp_path / 'new').exists()
+    assert written and all(p.parent == out and p.name not in ('model.safetensors', 'config.json') for p in written)

@@ -10,10 +10,15 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ['main', 'build_parser', 'SAMPLE_IMAGE_NAME']
 
@@ -56,67 +61,211 @@ def sample_image_path() -> Path:
     return Path(str(resources.files('timm_internimage').joinpath('data', SAMPLE_IMAGE_NAME)))
 
 
-def _read_images(paths: Sequence[str]):
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def _open_image(path: str):
+    """The Pillow image of ``path``, header read but not decoded; ``CliError`` naming the file if it is not one.
+
+    Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused, not just warned about.
+    """
     from PIL import Image, UnidentifiedImageError
-    images, problems = [], []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            return Image.open(path)
+    except FileNotFoundError:
+        raise CliError(f'{path}: no such file') from None
+    except IsADirectoryError:
+        raise CliError(f'{path}: is a directory, not an image') from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CliError(f'{path}: refused as a possible decompression bomb ({e})') from None
+    except UnidentifiedImageError:
+        raise CliError(f'{path}: not an image file Pillow can read (unknown or corrupt format)') from None
+    except (OSError, ValueError) as e:
+        raise CliError(f'{path}: cannot be read as an image ({e})') from None
+
+
+def _check_images(paths: Sequence[str]) -> None:
+    """Open every image (headers only), reporting all that cannot be read in one ``CliError``."""
+    problems = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append((path, image.convert('RGB')))
-        except FileNotFoundError:
-            problems.append(f'{path}: no such file')
-        except IsADirectoryError:
-            problems.append(f'{path}: is a directory, not an image')
-        except UnidentifiedImageError:
-            problems.append(f'{path}: not an image file Pillow can read (unknown or corrupt format)')
-        except (OSError, ValueError) as e:
-            problems.append(f'{path}: cannot be read as an image ({e})')
+            _open_image(path).close()
+        except CliError as e:
+            problems.append(str(e))
     if problems:
         raise CliError('cannot read image(s):\n  ' + '\n  '.join(problems))
-    return images
 
 
-def _label_fn(model):
+def _white_level(mode: str, peak: float) -> float:
+    """The value that is white in a single-channel high-bit-depth image.
+
+    65535 for 16-bit images. 32-bit integer (``I``) and float (``F``) images carry no range, so it is the
+    smallest of 1 (floats only), 255 and 65535 that holds the brightest pixel, or else that pixel.
+    """
+    if mode.startswith('I;16'):
+        return 65535.0
+    for level in ((1.0, 255.0, 65535.0) if mode == 'F' else (255.0, 65535.0)):
+        if peak <= level:
+            return level
+    return peak
+
+
+def _to_rgb(image):
+    """8-bit RGB of a Pillow image; 16-bit, 32-bit integer and float images are scaled to 0-255, not clipped."""
+    import numpy as np
+    from PIL import Image
+    if image.mode not in ('I', 'F') and not image.mode.startswith('I;16'):
+        return image.convert('RGB')
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    scale = 255.0 / _white_level(image.mode, float(values.max(initial=0.0)))
+    gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, 'L').convert('RGB')
+
+
+def _decode_image(path: str):
+    """Decode ``path`` once: EXIF orientation applied, as 8-bit RGB."""
+    from PIL import ImageOps
+    with _open_image(path) as image:
+        try:
+            return _to_rgb(ImageOps.exif_transpose(image))
+        except (OSError, ValueError) as e:  # truncated or corrupt image data
+            raise CliError(f'{path}: cannot be decoded ({e})') from None
+
+
+def _image_batches(paths: Sequence[str], transform: Callable, batch_size: int) -> Iterator[Tuple[List[str], Any]]:
+    """``(paths, batch tensor)`` per batch, each image decoded when its batch is made: one batch in memory."""
+    import torch
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        yield chunk, torch.stack([transform(_decode_image(path)) for path in chunk])
+
+
+def _label_fn(num_classes: int) -> Callable[[int], str]:
+    """Class index -> name: ImageNet-1k or ImageNet-22k (sorted wnids, as timm's ``imagenet22k_synsets.txt``)
+    names by class count, else ``class N``."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
-    subset = infer_imagenet_subset(model)
+    subset = infer_imagenet_subset({'num_classes': num_classes})
     if subset is None:
         return lambda index: f'class {index}'
     info = ImageNetInfo(subset)
-    return lambda index: info.index_to_description(index)
+    return info.index_to_description
+
+
+def resolve_device(name: str) -> 'torch.device':
+    """The torch device for ``--device``: ``auto`` is CUDA if available, then MPS, else CPU; a named device must
+    exist here (``CliError`` otherwise)."""
+    import torch
+
+    def available(kind: str) -> bool:
+        backend = torch.backends.mps if kind == 'mps' else getattr(torch, kind, None)  # torch.cpu, torch.cuda, ...
+        return bool(getattr(backend, 'is_available', lambda: False)())
+
+    if name == 'auto':
+        return torch.device(next((kind for kind in ('cuda', 'mps') if available(kind)), 'cpu'))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f'--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps') from None
+    if not available(device.type):
+        raise CliError(f'--device {name}: no {device.type} device is available here; use --device auto or cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise CliError(f'--device {name}: there are {torch.cuda.device_count()} CUDA device(s)')
+    return device
+
+
+def _create_model(model_name: str, **kwargs: Any):
+    """``timm.create_model`` with ``CliError`` for an unknown model or tag, or keyword arguments it does not take."""
+    import timm
+    from timm.models import get_arch_pretrained_cfgs
+    from . import internimage  # noqa: F401  (registers the models)
+    arch, _, tag = model_name.partition('.')
+    if ':' not in arch:  # hf-hub:/local-dir: names are timm's to resolve
+        if not timm.is_model(arch):
+            raise CliError(f'unknown model {arch!r}; see `python -m timm_internimage list`')
+        tagged_names = list(get_arch_pretrained_cfgs(arch))
+        if tag and model_name not in tagged_names:
+            raise CliError(f'unknown tag {tag!r} for {arch}; its tags: {", ".join(tagged_names) or "none"}')
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as e:  # an unknown keyword argument, from --model-args
+        raise CliError(f'{model_name} cannot be built with these arguments (check --model-args): {e}') from None
+
+
+def _check_checkpoint(path_text: str) -> None:
+    """``CliError`` naming ``path_text`` unless it is a folder, a shard index, a PyTorch ``.pth`` (a
+    ``torch.save`` zip archive or a pickle) or a safetensors file whose header is whole."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise CliError(f'{path}: no such file or folder')
+    if path.is_dir() or path.suffix == '.json':
+        return
+    if not path.is_file():
+        raise CliError(f'{path}: not a regular file (a device, FIFO or socket); pass a checkpoint file or folder')
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if head[:1] == b'\x80' or head[:4] == b'PK\x03\x04':  # a pickle (protocol 2+) or a torch.save zip archive
+        return
+    if head[8:9] != b'{':  # safetensors: an 8-byte header length, then the JSON header
+        raise CliError(f'{path}: not a checkpoint (neither safetensors nor a PyTorch .pth archive or pickle)')
+    try:
+        with safe_open(str(path), framework='pt'):
+            pass
+    except SafetensorError as e:
+        raise CliError(f'{path}: corrupt or truncated safetensors file ({e})') from None
 
 
 def predict(
         images: Sequence[str],
         model_name: str = DEFAULT_MODEL,
         top_k: int = 5,
-        device: str = 'cpu',
+        device: str = 'auto',
         checkpoint: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         batch_size: int = 8,
 ) -> List[Dict[str, Any]]:
-    """Classify image files; returns ``[{image, predictions: [{rank, index, label, probability}]}]``."""
-    import torch
-    import timm
-    from timm.data import create_transform, resolve_data_config
-    from . import internimage  # noqa: F401  (registers the models)
+    """Classify image files; returns ``[{image, predictions: [{rank, index, label, probability}]}]``.
 
-    loaded = _read_images(images)  # fail on unreadable images before downloading weights
+    Each image is decoded once, when its batch is made. ``top_k`` is capped at the class count. A model output
+    that is not finite (NaN or inf) is a ``CliError`` naming the images.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from timm.data import create_transform, resolve_data_config
+
+    _check_images(images)  # fail on unreadable images before downloading weights
+    torch_device = resolve_device(device)
     kwargs = dict(model_kwargs or {})
     if checkpoint:
+        _check_checkpoint(checkpoint)
         kwargs['pretrained_cfg_overlay'] = dict(file=checkpoint)
-    model = timm.create_model(model_name, pretrained=True, **kwargs).eval().to(device)
-    data_config = resolve_data_config(model=model)
-    transform = create_transform(**data_config, is_training=False)
-    label = _label_fn(model)
-    top_k = max(1, min(top_k, model.num_classes))
+    try:
+        model = _create_model(model_name, pretrained=True, **kwargs).eval().to(torch_device)
+    except SafetensorError as e:
+        raise CliError(f'{checkpoint or model_name}: corrupt or truncated safetensors weights ({e})') from None
+    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    label = _label_fn(model.num_classes)
+    top_k = min(top_k, model.num_classes)
     results = []
     with torch.inference_mode():
-        for start in range(0, len(loaded), batch_size):
-            chunk = loaded[start:start + batch_size]
-            batch = torch.stack([transform(image) for _, image in chunk]).to(device)
-            probs = model(batch).float().softmax(dim=-1)
-            values, indices = probs.topk(top_k, dim=-1)
-            for (path, _), vals, idxs in zip(chunk, values.tolist(), indices.tolist()):
+        for paths, batch in _image_batches(images, transform, batch_size):
+            logits = model(batch.to(torch_device)).float()
+            finite = logits.isfinite().all(dim=-1).tolist()
+            if not all(finite):
+                bad = ', '.join(path for path, ok in zip(paths, finite) if not ok)
+                raise CliError(f'{model_name} gave NaN or infinite outputs for {bad}; check the weights')
+            values, indices = logits.softmax(dim=-1).topk(top_k, dim=-1)
+            for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
                 results.append({
                     'image': str(path),
                     'predictions': [
@@ -133,14 +282,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         images = [str(sample_image_path())]
         if not args.json:
             _err(f'No IMAGE given; classifying the sample photo {SAMPLE_IMAGE_CREDIT}.')
-    _read_images(images)  # report unreadable images before anything is downloaded
+    model_kwargs = _json_arg(args.model_args, '--model-args')
+    _check_images(images)  # report unreadable images before anything is downloaded
     if not args.json:
         _err(f'Loading {args.model} (weights are downloaded once, then read from the Hugging Face cache) ...')
-    results = predict(
-        images, args.model, args.top_k, device=args.device, checkpoint=args.checkpoint,
-        model_kwargs=_json_arg(args.model_args, '--model-args'), batch_size=args.batch_size)
+    results = predict(images, args.model, args.top_k, device=args.device, checkpoint=args.checkpoint,
+                      model_kwargs=model_kwargs, batch_size=args.batch_size)
     if args.json:
-        _out(json.dumps({'model': args.model, 'results': results}, indent=2))
+        _out(json.dumps({'model': args.model, 'results': results}, indent=2, allow_nan=False))
         return 0
     for result in results:
         _out(result['image'])
@@ -182,30 +331,73 @@ def _infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return inferred
 
 
+def _read_checkpoint(src: str) -> Dict[str, Any]:
+    """``load_checkpoint`` with a ``CliError`` naming ``src`` when it is not a readable checkpoint."""
+    import pickle
+    from safetensors import SafetensorError
+    from .pretrained import PretrainedWeightsError, load_checkpoint
+    _check_checkpoint(src)
+    try:
+        return load_checkpoint(src)
+    except PretrainedWeightsError:
+        raise
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise CliError(f'{src}: cannot be read as a checkpoint ({e})') from None
+
+
+def _write_atomically(out: Path, writers: Dict[str, Callable[[Path], None]], force: bool) -> None:
+    """Write ``out/NAME`` with ``writers[NAME](path)`` for each name: first to temporary names in ``out``, then
+    renamed. Existing outputs are a ``CliError`` unless ``force``. On failure, what was created is removed
+    (temporary files, new outputs, folders made for ``out``)."""
+    existing = [str(out / name) for name in writers if (out / name).exists()]
+    if existing and not force:
+        raise CliError(f'{", ".join(existing)} already exist(s); pass --force to overwrite')
+    new_folders = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = {name: out / f'.{name}.{os.getpid()}.tmp' for name in writers}
+    renamed = []
+    try:
+        for name, write in writers.items():
+            write(temporary[name])
+        for name, path in temporary.items():
+            os.replace(path, out / name)
+            renamed.append(out / name)
+    except BaseException:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+        for path in renamed:
+            if str(path) not in existing:
+                path.unlink(missing_ok=True)
+        for folder in new_folders:
+            folder.rmdir()
+        raise
+
+
 def convert(
         src: str,
         out_dir: str,
         model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
         revision: Optional[str] = None,
+        force: bool = False,
 ) -> Path:
-    """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` (this package's key names) from ``src``."""
-    import torch
-    import timm
+    """Write ``out_dir/config.json`` + ``out_dir/model.safetensors`` (this package's key names) from ``src``.
+
+    Existing outputs are overwritten only with ``force``; the files appear whole or not at all."""
     from safetensors.torch import save_file
     from timm.models import get_arch_pretrained_cfgs
     from timm.models._hub import save_config_for_hf
     from .internimage import checkpoint_filter_fn
-    from .pretrained import PretrainedWeightsError, fetch_hub_weights, load_checkpoint
+    from .pretrained import PretrainedWeightsError, fetch_hub_weights
 
     kwargs = dict(model_kwargs or {})
     src_path = Path(src).expanduser()
     if src_path.exists():
-        state_dict = load_checkpoint(src_path)
+        state_dict = _read_checkpoint(src)
     elif src.count('/') == 1 and not src.endswith(('.pth', '.safetensors', '.json')):
         repo_id, _, at_revision = src.partition('@')
         files = fetch_hub_weights(repo_id, revision or at_revision or None)
-        state_dict = load_checkpoint(next(iter(files.values())))
+        state_dict = _read_checkpoint(str(next(iter(files.values()))))
         model_name = model_name or _repo_tags().get(repo_id)
     else:
         raise CliError(f'{src}: no such file or folder (and not a Hub repo id like OpenGVLab/internimage_t_1k_224)')
@@ -219,23 +411,25 @@ def convert(
         # a released tag with the same class count carries the right preprocessing metadata
         model_name = next((name for name, cfg in get_arch_pretrained_cfgs(model_name).items()
                            if cfg.num_classes == kwargs['num_classes']), model_name)
-    meta_model = timm.create_model(model_name, pretrained=False, device='meta', **kwargs)
+    meta_model = _create_model(model_name, pretrained=False, device='meta', **kwargs)
     converted = checkpoint_filter_fn(state_dict, meta_model)
     try:
         meta_model.load_state_dict(converted, assign=True)  # every key and shape, before anything is written
     except RuntimeError as e:
         raise PretrainedWeightsError(f'checkpoint does not fit {model_name} {kwargs or ""}: {e}') from e
+    model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != 'num_classes'}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in converted.items()}, str(out / 'model.safetensors'),
-              metadata={'format': 'pt'})
-    save_config_for_hf(meta_model, str(out / 'config.json'), model_args={
-        k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != 'num_classes'})
+    _write_atomically(out, {
+        'model.safetensors': lambda path: save_file({k: v.contiguous() for k, v in converted.items()}, str(path),
+                                                    metadata={'format': 'pt'}),
+        'config.json': lambda path: save_config_for_hf(meta_model, str(path), model_args=model_args),
+    }, force)
     return out
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    out = convert(args.src, args.out_dir, args.model, _json_arg(args.model_args, '--model-args'), args.revision)
+    out = convert(args.src, args.out_dir, args.model, _json_arg(args.model_args, '--model-args'), args.revision,
+                  args.force)
     _err(f'Wrote {out / "config.json"} and {out / "model.safetensors"}.')
     _out(str(out))
     _err(f'Load it with timm.create_model("local-dir:{out}", pretrained=True) after `import timm_internimage`, '
@@ -357,10 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    'photo shipped with the package (' + SAMPLE_IMAGE_CREDIT + ').')
     p.add_argument('images', nargs='*', metavar='IMAGE', help='image files (any format Pillow reads)')
     p.add_argument('--model', '-m', default=DEFAULT_MODEL, help=f'model name or model.tag (default {DEFAULT_MODEL})')
-    p.add_argument('--top-k', '-k', type=int, default=5, help='number of classes to print (default 5)')
+    p.add_argument('--top-k', '-k', type=_positive_int, default=5,
+                   help='number of classes to print (default 5; at most the class count)')
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
-    p.add_argument('--device', default='cpu', help='torch device (default cpu)')
-    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--device', default='auto', help='torch device (default auto: CUDA if available, then MPS, '
+                                                    'else CPU)')
+    p.add_argument('--batch-size', type=_positive_int, default=8, help='images per forward pass (default 8)')
     p.add_argument('--checkpoint', help='local weights (.safetensors, official .pth, or a converted folder) '
                                         'instead of the Hub')
     p.add_argument('--model-args', help='extra timm.create_model keyword arguments as a JSON object')
@@ -375,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', help='model name or model.tag (default: inferred from the weights or the manifest)')
     p.add_argument('--model-args', help='model keyword arguments as a JSON object (non-standard configs)')
     p.add_argument('--revision', help='Hub revision for a repo id')
+    p.add_argument('--force', action='store_true', help='overwrite an existing config.json / model.safetensors')
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser('list', help='list the pretrained tags (from weights_manifest.json)')
