@@ -185,6 +185,7 @@ def hf_env(fake_hub, tmp_path, monkeypatch):
                         fake_hub.endpoint + '/{repo_id}/resolve/{revision}/{filename}')
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
     fake_hub.clear_log()
+    fake_hub.clear_faults()
 
     class Env:
         hub = fake_hub
@@ -206,7 +207,8 @@ def hf_env(fake_hub, tmp_path, monkeypatch):
                 [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get('PYTHONPATH')] if p])
             return out
 
-    return Env()
+    yield Env()
+    fake_hub.clear_faults()  # end the requests a test left stalled
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ It implements what ``huggingface_hub`` (2.x) uses to download and inspect model 
   ``siblings`` (``size``, ``blobId``, ``lfs.sha256`` with ``?blobs=true``).
 
 Repos are plain dicts of file name -> bytes; ``tampered`` lets a test serve bytes that differ from the ones the
-server advertises (a corrupted transfer or a compromised mirror). Every request is logged in ``requests``.
+server advertises (a corrupted transfer or a compromised mirror). ``faults`` makes the server misbehave on one
+file (see ``FAULTS``). Every request is logged in ``requests``.
 """
 import hashlib
 import json
@@ -19,6 +20,17 @@ from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit, parse_qs
 
 LFS_SUFFIXES = ('.safetensors', '.bin', '.pth', '.pt', '.jpg', '.png')
+
+# ``FakeRepo.faults[filename]``: how the server fails for that file. Transfers stop at the file's midpoint, so a
+# resumed (``Range``) download makes no further progress.
+FAULTS = {
+    'stall_head': 'accept the HEAD request and never answer it',
+    'stall_body': 'send the headers and the first half of the body, then keep the connection open, silent',
+    'truncate': 'send the headers and the first half of the body, then close the connection',
+    'server_error': 'answer HEAD and GET with 500',
+    'server_error_get': 'answer HEAD normally and GET with 503',
+}
+STALL_LIMIT_S = 60  # a stalled handler gives up after this long (or when the hub stops or its faults are cleared)
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -33,6 +45,7 @@ class FakeRepo:
             name.encode() + data for name, data in sorted(self.files.items()))).hexdigest()
         self.tampered: Dict[str, bytes] = {}
         self.token: Optional[str] = None  # set to make the repo private: requests need 'Authorization: Bearer <token>'
+        self.faults: Dict[str, str] = {}  # filename -> a FAULTS key
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
@@ -61,6 +74,7 @@ class FakeHub:
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
+        self._release_stalls = threading.Event()
 
     # -- repos ------------------------------------------------------------------------------------------------
     def add_repo(self, repo_id: str, files: Dict[str, bytes], commit: Optional[str] = None) -> FakeRepo:
@@ -72,6 +86,16 @@ class FakeHub:
         with self._lock:
             self.requests.clear()
             self.auth_headers.clear()
+
+    def clear_faults(self) -> None:
+        """Serve every file normally again and end the stalled requests."""
+        for repo in self.repos.values():
+            repo.faults.clear()
+        self._release_stalls.set()
+        self._release_stalls = threading.Event()
+
+    def _stall(self) -> None:
+        self._release_stalls.wait(STALL_LIMIT_S)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     @property
@@ -101,6 +125,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self.clear_faults()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -114,14 +139,24 @@ class FakeHub:
 
     # -- request handling -------------------------------------------------------------------------------------
     def _send(self, handler, status: int, body: bytes = b'', headers: Optional[Dict[str, str]] = None,
-              head: bool = False, content_length: Optional[int] = None) -> None:
+              head: bool = False, content_length: Optional[int] = None, fault: Optional[str] = None,
+              sent_limit: int = 0) -> None:
+        """Send a response; with a ``stall_body`` or ``truncate`` fault, only the first ``sent_limit`` body bytes."""
         handler.send_response(status)
         for key, value in (headers or {}).items():
             handler.send_header(key, value)
         handler.send_header('Content-Length', str(len(body) if content_length is None else content_length))
         handler.end_headers()
-        if not head and body:
+        if head or not body:
+            return
+        if fault not in ('stall_body', 'truncate'):
             handler.wfile.write(body)
+            return
+        handler.wfile.write(body[:sent_limit])
+        handler.wfile.flush()
+        if fault == 'stall_body':
+            self._stall()
+        handler.close_connection = True
 
     def _error(self, handler, status: int, code: str, head: bool, commit: Optional[str] = None) -> None:
         headers = {'X-Error-Code': code, 'Content-Type': 'application/json'}
@@ -155,6 +190,11 @@ class FakeHub:
         if filename not in repo.files:
             return self._error(handler, 404, 'EntryNotFound', head, repo.commit)
         data = repo.tampered.get(filename, repo.files[filename])
+        fault = repo.faults.get(filename)
+        if fault == 'stall_head' and head:
+            return self._stall()
+        if fault == 'server_error' or (fault == 'server_error_get' and not head):
+            return self._error(handler, 500 if fault == 'server_error' else 503, 'ServerError', head)
         headers = {
             'X-Repo-Commit': repo.commit,
             'ETag': f'"{repo.etag(filename)}"',
@@ -168,8 +208,9 @@ class FakeHub:
             end = int(end_s) if end_s else len(data) - 1
             chunk = data[start:end + 1]
             headers['Content-Range'] = f'bytes {start}-{start + len(chunk) - 1}/{len(data)}'
-            return self._send(handler, 206, chunk, headers)
-        self._send(handler, 200, data, headers, head=head, content_length=len(data))
+            return self._send(handler, 206, chunk, headers, fault=fault, sent_limit=max(len(data) // 2 - start, 0))
+        self._send(handler, 200, data, headers, head=head, content_length=len(data), fault=fault,
+                   sent_limit=len(data) // 2)
 
     def _authorized(self, handler, repo: FakeRepo) -> bool:
         with self._lock:

@@ -137,6 +137,46 @@ def test_features_only_returns_nchw_stage_outputs(name):
 
 
 @pytest.mark.parametrize('name', ['internimage_t', 'internimage_h'])
+def test_fx_feature_extraction_returns_nchw_stage_outputs(name):
+    """``feature_cls='fx'`` and timm's ``create_feature_extractor`` on the stages give the NCHW intermediates."""
+    from timm.models._features_fx import create_feature_extractor
+    torch.manual_seed(0)
+    model = tiny_model(name).eval()
+    x = torch.randn(1, 3, 64, 96)
+    expected = model.forward_intermediates(x, intermediates_only=True)
+    torch.manual_seed(0)
+    features = tiny_model(name, features_only=True, feature_cls='fx').eval()
+    extractor = create_feature_extractor(model, return_nodes={f'stages.{i}': str(i) for i in range(4)})
+    for outputs in (features(x), list(extractor(x).values())):
+        assert [o.shape for o in outputs] == [e.shape for e in expected]
+        for output, target in zip(outputs, expected):
+            torch.testing.assert_close(output, target)
+
+
+@pytest.mark.parametrize('size', [(80, 80), (720, 1280)])
+def test_hg_stage_outputs_take_any_size(size):
+    """The even ``ceil(side / 16)`` rule is the fused stride-16 neck's: stage outputs take any size."""
+    model = tiny_model('internimage_h', depths=(1, 1, 1, 1), level2_post_norm_block_ids=()).eval()
+    x = torch.randn(1, 3, *size)
+    intermediates = model.forward_intermediates(x, intermediates_only=True)
+    features = tiny_model('internimage_h', depths=(1, 1, 1, 1), level2_post_norm_block_ids=(), features_only=True)
+    for outputs in (intermediates, features.eval()(x)):
+        assert [o.shape[-2:] for o in outputs] == [
+            (-(-size[0] // 2 ** (i + 2)), -(-size[1] // 2 ** (i + 2))) for i in range(4)]
+    with pytest.raises(ValueError, match='multiple of 32'):
+        model.forward_intermediates(torch.randn(1, 3, 80, 80))
+
+
+@pytest.mark.parametrize('num_classes', [-1, -1000])
+def test_negative_num_classes_is_an_error(num_classes):
+    with pytest.raises(ValueError, match=f'num_classes={num_classes} is negative'):
+        tiny_model('internimage_t', num_classes=num_classes)
+    model = tiny_model('internimage_t')
+    with pytest.raises(ValueError, match=f'num_classes={num_classes} is negative'):
+        model.reset_classifier(num_classes)
+
+
+@pytest.mark.parametrize('name', ['internimage_t', 'internimage_h'])
 def test_forward_intermediates_and_heads(name):
     model = tiny_model(name).eval()
     x = torch.randn(2, 3, 64, 64)

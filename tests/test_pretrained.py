@@ -4,8 +4,10 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 import types
 from collections import OrderedDict
 
@@ -16,7 +18,7 @@ import timm
 from timm_internimage.pretrained import (
     ChecksumMismatchError, PretrainedWeightsError, WeightsNotCachedError, load_checkpoint, official_checkpoint_globals)
 
-from conftest import assert_same_weights, official_model
+from conftest import assert_same_weights, official_model, tiny_model
 from hub_server import hf_format, safetensors_bytes, sharded_repo, single_file_repo, tiny_case
 
 T_TAG, T_REPO = 'internimage_t.in1k', 'OpenGVLab/internimage_t_1k_224'
@@ -356,6 +358,84 @@ def test_cache_dir_argument(t_repo, hf_env, tmp_path):
     assert not list(hf_env.cache.rglob('*.safetensors'))
 
 
+@pytest.mark.parametrize('how', ['HF_HUB_CACHE', 'cache_dir', 'read-only'])
+def test_unwritable_cache_names_the_directory_and_the_fix(t_repo, hf_env, tmp_path, monkeypatch, how):
+    from huggingface_hub import constants
+    kwargs, _, _ = t_repo
+    if how == 'read-only':
+        if os.geteuid() == 0:
+            pytest.skip('root writes to read-only directories')
+        cache = tmp_path / 'read_only'
+        cache.mkdir(mode=0o500)
+    else:
+        (tmp_path / 'a_file').write_bytes(b'')
+        cache = tmp_path / 'a_file' / 'hub'  # under a file: no directory can be made there
+    if how == 'cache_dir':
+        kwargs = dict(kwargs, cache_dir=cache)
+    else:
+        monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    with pytest.raises(PretrainedWeightsError, match=f'cache {cache} cannot be written .*HF_HOME.*cache_dir='):
+        timm.create_model(T_TAG, pretrained=True, **kwargs)
+
+
+# ---- a Hub that stalls or fails: clear errors within huggingface_hub's timeouts ----------------------------------
+
+
+@pytest.fixture
+def short_hub_timeouts(monkeypatch):
+    """``HF_HUB_ETAG_TIMEOUT`` and ``HF_HUB_DOWNLOAD_TIMEOUT`` of 1 s (huggingface_hub reads them at import)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_ETAG_TIMEOUT', 1)
+    monkeypatch.setattr(constants, 'HF_HUB_DOWNLOAD_TIMEOUT', 1)
+
+
+@pytest.mark.parametrize('fault,error,message,max_seconds', [
+    ('server_error', PretrainedWeightsError, r'server error \(HTTP 500\)', 5),
+    ('server_error_get', PretrainedWeightsError, r'server error \(HTTP 503\)', 5),
+    ('truncate', PretrainedWeightsError, 'broke off .*RemoteProtocolError', 15),
+    # huggingface_hub resumes a stalled transfer 5 times, 1 s apart: 6 timeouts + 5 s
+    ('stall_body', PretrainedWeightsError, r'stopped answering .*HF_HUB_DOWNLOAD_TIMEOUT=1 s', 20),
+])
+def test_hub_failure_is_a_clear_error_within_the_timeouts(t_repo, short_hub_timeouts, fault, error, message,
+                                                          max_seconds):
+    kwargs, _, repo = t_repo
+    repo.faults['model.safetensors'] = fault
+    start = time.monotonic()
+    with pytest.raises(error, match=message) as info:
+        timm.create_model(T_TAG, pretrained=True, **kwargs)
+    assert time.monotonic() - start < max_seconds
+    assert f'{T_REPO}/model.safetensors (revision main)' in str(info.value)
+
+
+def test_stalled_hub_honours_hf_hub_etag_timeout(t_repo, hf_env):
+    """A Hub that accepts the connection but never answers: an error after HF_HUB_ETAG_TIMEOUT, no retries of
+    60 s each (a subprocess, so that huggingface_hub reads the variable at import as it does for users)."""
+    kwargs, _, repo = t_repo
+    repo.faults['model.safetensors'] = 'stall_head'
+    env = dict(hf_env.subprocess_env(), HF_HUB_ETAG_TIMEOUT='1')
+    code = f'import timm, timm_internimage; timm.create_model({T_TAG!r}, pretrained=True, **{kwargs!r})'
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert result.returncode != 0
+    assert 'PretrainedWeightsError' in result.stderr and 'stopped answering' in result.stderr
+    assert 'HF_HUB_ETAG_TIMEOUT=1 s' in result.stderr
+
+
+def test_unreachable_hub_with_a_cold_cache_fails_fast(t_repo, hf_env, monkeypatch):
+    from huggingface_hub import constants
+    kwargs, _, _ = t_repo
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(('127.0.0.1', 0))
+        endpoint = 'http://127.0.0.1:%d' % closed.getsockname()[1]
+    monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+    start = time.monotonic()
+    with pytest.raises(WeightsNotCachedError, match=f'the Hub at {endpoint} could not be reached'):
+        timm.create_model(T_TAG, pretrained=True, **kwargs)
+    assert time.monotonic() - start < 5
+
+
 # ---- local files through pretrained_cfg_overlay=dict(file=...) -------------------------------------------------
 
 
@@ -378,6 +458,20 @@ def test_overlay_local_sharded(tmp_path, where):
     file = tmp_path / 'model.safetensors.index.json' if where == 'index' else tmp_path
     model = timm.create_model('internimage_g', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
     assert_same_weights(model, official_model('internimage_g', kwargs, official))
+
+
+@pytest.mark.parametrize('index', [
+    [], {'weight_map': {'stem.conv1.weight': 3}}, {'weight_map': ['model-00001-of-00001.safetensors']}, {}, b'\xff'],
+    ids=['list', 'integer shard name', 'list weight_map', 'no weight_map', 'not text'])
+def test_malformed_local_index_names_the_file(tmp_path, index):
+    path = tmp_path / 'model.safetensors.index.json'
+    path.write_bytes(index if isinstance(index, bytes) else json.dumps(index).encode())
+    message = f'{path} is not a safetensors index'
+    for file in (path, tmp_path):
+        with pytest.raises(PretrainedWeightsError, match=message):
+            tiny_model('internimage_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+    with pytest.raises(PretrainedWeightsError, match=message):
+        load_checkpoint(path)
 
 
 def test_overlay_missing_file(tmp_path):
@@ -468,3 +562,50 @@ def test_malicious_pickle_does_not_run(tmp_path):
     with pytest.raises(RuntimeError, match=r'(posix|nt)\.mkdir'):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+# ---- dtypes: every loading path goes through checkpoint_filter_fn ----------------------------------------------
+
+
+def _load_through(path_kind, state_dict, tmp_path, kwargs):
+    """Load ``state_dict`` into an internimage_s model through one loading path; returns the loaded state dict."""
+    if path_kind == 'convert':
+        from timm_internimage.cli import convert
+        path = tmp_path / 'weights.safetensors'
+        path.write_bytes(safetensors_bytes(state_dict))
+        model_kwargs = {k: v for k, v in kwargs.items() if k != 'num_classes'}  # 1000, the default
+        out = convert(str(path), str(tmp_path / 'converted'), model_name='internimage_s', model_kwargs=model_kwargs)
+        return load_checkpoint(out / 'model.safetensors')
+    if path_kind == 'file':
+        file = tmp_path / 'weights.safetensors'
+        file.write_bytes(safetensors_bytes(state_dict))
+    else:
+        for name, data in sharded_repo(state_dict, num_shards=2).items():
+            (tmp_path / name).write_bytes(data)
+        file = tmp_path / 'model.safetensors.index.json'
+    return timm.create_model(
+        'internimage_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs).state_dict()
+
+
+@pytest.mark.parametrize('path_kind', ['file', 'sharded', 'convert'])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
+def test_float_checkpoint_of_another_dtype_is_cast_and_logged(tmp_path, caplog, path_kind, dtype):
+    kwargs, official = tiny_case('tiny_s')
+    reference = official_model('internimage_s', kwargs, official).state_dict()
+    with caplog.at_level(logging.WARNING, logger='timm_internimage'):
+        checkpoint = {k: v.to(dtype) if v.is_floating_point() else v for k, v in official.items()}
+        loaded = _load_through(path_kind, checkpoint, tmp_path, kwargs)
+    for key, value in reference.items():
+        expected = value.to(dtype).float() if value.is_floating_point() else value
+        assert loaded[key].dtype == value.dtype, key
+        torch.testing.assert_close(loaded[key], expected, rtol=0, atol=0, msg=key)
+    casts = [r.getMessage() for r in caplog.records if 'Cast checkpoint tensors' in r.getMessage()]
+    assert len(casts) == 1 and f'{dtype} -> torch.float32' in casts[0], casts
+
+
+@pytest.mark.parametrize('path_kind', ['file', 'sharded', 'convert'])
+def test_integer_tensor_for_a_float_parameter_is_an_error(tmp_path, path_kind):
+    kwargs, official = tiny_case('tiny_s')
+    state_dict = dict(official, **{'patch_embed.conv1.weight': official['patch_embed.conv1.weight'].to(torch.int32)})
+    with pytest.raises(PretrainedWeightsError, match=r"'stem\.conv1\.weight' is torch\.int32 .* float checkpoint"):
+        _load_through(path_kind, state_dict, tmp_path, kwargs)

@@ -316,8 +316,8 @@ def _repo_tags() -> Dict[str, str]:
 def _infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """Variant and class count of a checkpoint in any of the three key formats, from its stem and classifier."""
     import timm
-    from .internimage import _VARIANT_ARGS, checkpoint_filter_fn
-    keys = checkpoint_filter_fn(state_dict, timm.create_model('internimage_t', device='meta'))
+    from .internimage import _VARIANT_ARGS, remap_checkpoint_keys
+    keys = remap_checkpoint_keys(state_dict, timm.create_model('internimage_t', device='meta'))
     if 'stem.conv1.weight' not in keys:
         raise CliError('cannot tell the architecture: the checkpoint has no stem convolution '
                        '(patch_embed.conv1.weight); pass --model')

@@ -4,8 +4,9 @@ Paper: `InternImage: Exploring Large-Scale Vision Foundation Models with Deforma
     - https://arxiv.org/abs/2211.05778 (CVPR 2023)
 
 A timm-style port of the official classification models (OpenGVLab/InternImage), numerically
-identical to them. Stages run channels-last (NHWC) internally; everything a user sees
-(``forward_features``, intermediates, feature maps) is NCHW.
+identical to them. Blocks run channels-last (NHWC) internally; the stem and every stage return NCHW views of
+their channels-last results, so everything a user sees (``forward_features``, intermediates, feature maps, FX
+feature extraction of the stages) is NCHW.
 
 Heads:
     T/S/B/L/XL: ``forward_features`` returns the last stage (``num_features = 8 * channels``); the head
@@ -13,8 +14,10 @@ Heads:
     H/G: the official head fuses stages 2 and 3 (1x1 conv + pixel shuffle on stage 3, 1x1 conv on
     stage 2) into a 1024-channel map at stride 16; ``forward_features`` returns that map
     (``num_features = 1024``), and ``forward_head`` applies the attention pooling, LayerNorm and fc.
-    Since the two maps must align, H/G inputs need ``ceil(side / 16)`` even (any multiple of 32 works).
+    Since the two maps must align, H/G classification inputs need ``ceil(side / 16)`` even (any multiple of 32
+    works); stage outputs (``features_only``, intermediates) take any size of at least 32x32.
 """
+import logging
 import re
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -37,7 +40,9 @@ from .ops import DCNv3
 from .ops.dcn_v3 import use_fused_linear
 from .ops.fused_linear import linear, linear_gelu, linear_residual
 
-__all__ = ['InternImage', 'checkpoint_filter_fn']
+__all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys']
+
+_logger = logging.getLogger(__name__)
 
 _LN_EPS = 1e-6
 _ATTN_POOL_DIM = 1024
@@ -105,7 +110,7 @@ class LayerScale(nn.Module):
 
 
 class Stem(nn.Module):
-    """Two stride-2 3x3 convs (NCHW in, NHWC out)."""
+    """Two stride-2 3x3 convs (NCHW in and out; the output is a view of a channels-last map)."""
 
     def __init__(
             self,
@@ -127,11 +132,11 @@ class Stem(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The activation runs on the NCHW view, as in the official model: same values, same float rounding.
         x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
-        return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
+        return self.norm2(self.conv2(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv doubling the channels, then the norm (NHWC in and out)."""
+    """Stride-2 3x3 conv doubling the channels, then the norm (NCHW in, NHWC out)."""
 
     def __init__(
             self,
@@ -147,7 +152,7 @@ class Downsample(nn.Module):
         self.norm = norm_layer(out_chans, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
 class Mlp(nn.Module):
@@ -244,7 +249,11 @@ class InternImageBlock(nn.Module):
 
 
 class InternImageStage(nn.Module):
-    """Optional downsample, then blocks, then the stage norm (NHWC in and out)."""
+    """Optional downsample, then blocks (NHWC), then the stage norm.
+
+    NCHW in and out, as timm's feature extractors expect of a stage; the permutes are views of channels-last
+    maps, so the blocks see contiguous NHWC tensors.
+    """
 
     def __init__(
             self,
@@ -264,6 +273,7 @@ class InternImageStage(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.grad_checkpointing = False
+        self.has_downsample = downsample
         self.downsample = Downsample(in_chs, out_chs, norm_layer, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             InternImageBlock(
@@ -274,12 +284,12 @@ class InternImageStage(nn.Module):
         self.norm = nn.LayerNorm(out_chs, eps=_LN_EPS, **dd) if use_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
+        x = self.downsample(x) if self.has_downsample else x.permute(0, 2, 3, 1)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return self.norm(x)
+        return self.norm(x).permute(0, 3, 1, 2)
 
 
 class ConvPoolHead(nn.Module):
@@ -418,6 +428,11 @@ def _check_pool(pool_type: str, allowed: Sequence[str]) -> None:
         raise ValueError(f'global_pool={pool_type!r} is not supported here; use one of {list(allowed) + [""]}')
 
 
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 0:
+        raise ValueError(f'num_classes={num_classes} is negative; use 0 for no classifier, or the number of classes')
+
+
 def _check_pooled(pool_type: str, num_classes: int) -> None:
     if not pool_type and num_classes > 0:
         raise ValueError(
@@ -536,6 +551,7 @@ class InternImage(nn.Module):
                 raise ValueError(
                     f'stage {i} has {channels * 2 ** i} channels, not divisible by groups[{i}]={group}; '
                     f'choose groups that divide channels * 2**i')
+        _check_num_classes(num_classes)
         if drop_path_type not in ('linear', 'uniform'):
             raise ValueError(f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}")
         act_layer = _resolve_act_layer(act_layer)
@@ -640,6 +656,7 @@ class InternImage(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier (on the model's device and dtype, in its train/eval mode); ``global_pool``
         None keeps the pooling, ``''`` removes it (then use ``num_classes=0``: unpooled NCHW maps)."""
+        _check_num_classes(num_classes)
         reference = self.stem.conv1.weight
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, device=reference.device, dtype=reference.dtype)
@@ -669,8 +686,8 @@ class InternImage(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"InternImage intermediates are 'NCHW', got output_fmt={output_fmt!r}")
-        if not torch.jit.is_scripting():
-            check_image_input(x, self.in_chans, self.neck is not None)
+        if not torch.jit.is_scripting():  # the fused stride-16 map is only computed for the final features
+            check_image_input(x, self.in_chans, self.neck is not None and not intermediates_only)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.pos_drop(self.stem(x))
@@ -683,7 +700,7 @@ class InternImage(nn.Module):
             x = stage(x)
             stage_outputs.append(x)
             if feat_idx in take_indices:
-                intermediates.append(x.permute(0, 3, 1, 2))
+                intermediates.append(x)
         if intermediates_only:
             return intermediates
         return self._finalize_features(stage_outputs), intermediates
@@ -707,8 +724,8 @@ class InternImage(nn.Module):
 
     def _finalize_features(self, stage_outputs: List[Tensor]) -> Tensor:
         if self.neck is not None:
-            return self.neck(stage_outputs[2].permute(0, 3, 1, 2), stage_outputs[3].permute(0, 3, 1, 2))
-        return stage_outputs[-1].permute(0, 3, 1, 2)
+            return self.neck(stage_outputs[2], stage_outputs[3])
+        return stage_outputs[-1]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Unpooled NCHW features: the last stage, or for H/G the fused stride-16 map."""
@@ -757,11 +774,20 @@ _OFFICIAL_KEY_RULES = (
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: InternImage) -> Dict[str, Tensor]:
+    """timm's ``pretrained_filter_fn``: :func:`remap_checkpoint_keys`, then the dtypes matched to the model's.
+
+    Every way of loading weights passes here: a floating tensor of another dtype than the model's is cast to it
+    (one log line says so); an integer or bool tensor for a floating model tensor raises
+    ``PretrainedWeightsError`` naming it. Whether all keys must be there is ``load_state_dict``'s decision
+    (timm's ``pretrained_strict``).
+    """
+    return _match_float_dtypes(remap_checkpoint_keys(state_dict, model), model)
+
+
+def remap_checkpoint_keys(state_dict: Dict[str, Any], model: InternImage) -> Dict[str, Any]:
     """Map an official checkpoint (``.pth``, also inside a ``model`` or ``module`` wrapper) or a Hugging Face one
     (``model.`` prefix, ``layer_scale1/2``) to this model's keys; this implementation's own keys pass as they are.
-
-    Keys only: whether all of them must be there is ``load_state_dict``'s decision (timm's ``pretrained_strict``).
-    """
+    Tensors pass untouched."""
     for wrapper in ('model', 'module'):
         state_dict = state_dict.get(wrapper, state_dict)
     if 'stem.conv1.weight' in state_dict:
@@ -778,6 +804,29 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: InternImage) -> Dict
             k = re.sub(pattern, replacement, k)
         out_dict[k] = v
     return out_dict
+
+
+def _match_float_dtypes(state_dict: Dict[str, Any], model: InternImage) -> Dict[str, Any]:
+    """Cast floating checkpoint tensors to the dtype of the model tensors they load into; refuse non-float ones."""
+    from .pretrained import PretrainedWeightsError
+    model_tensors = model.state_dict()
+    casts: Dict[Tuple[torch.dtype, torch.dtype], int] = {}
+    matched = {}
+    for key, value in state_dict.items():
+        target = model_tensors.get(key)
+        if isinstance(value, Tensor) and target is not None and target.is_floating_point() \
+                and value.dtype != target.dtype:
+            if not value.is_floating_point():
+                raise PretrainedWeightsError(
+                    f'checkpoint tensor {key!r} is {value.dtype} but the model expects {target.dtype}: non-float '
+                    f'(quantized or corrupt) weights cannot be loaded into float parameters; use a float checkpoint')
+            casts[value.dtype, target.dtype] = casts.get((value.dtype, target.dtype), 0) + 1
+            value = value.to(target.dtype)
+        matched[key] = value
+    if casts:
+        counts = ', '.join(f'{count} {source} -> {target}' for (source, target), count in casts.items())
+        _logger.warning(f'Cast checkpoint tensors to the model\'s dtype: {counts}')
+    return matched
 
 
 def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:

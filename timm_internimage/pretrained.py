@@ -18,10 +18,11 @@ accepts it through :func:`official_checkpoint_globals` and nothing else beyond t
 """
 import contextlib
 import dataclasses
+import errno
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, NoReturn, Optional, Union
 
 import torch
 from timm.models import PretrainedCfg, load_pretrained, load_state_dict
@@ -66,21 +67,88 @@ def official_checkpoint_globals() -> ContextManager:
 # ----------------------------------------------------------------------------------------------------------------
 # Hub files
 
+_UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)  # a cache directory we cannot write
+_HTTP_CLIENTS = ('httpx2', 'httpx', 'requests', 'urllib3')  # huggingface_hub's HTTP client, by its version
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+    return constants.is_offline_mode() if hasattr(constants, 'is_offline_mode') else constants.HF_HUB_OFFLINE
+
+
+def _transport_failure(error: BaseException) -> Optional[str]:
+    """``'timeout'`` or ``'network'`` for a transport failure of huggingface_hub's HTTP client, else None."""
+    classes = type(error).__mro__
+    if not any(cls.__module__.partition('.')[0] in _HTTP_CLIENTS for cls in classes):
+        return None
+    return 'timeout' if any('Timeout' in cls.__name__ for cls in classes) else 'network'
+
+
+def _raise_download_error(
+        error: Exception,
+        repo_id: str,
+        filename: str,
+        revision: str,
+        cache_dir: Optional[Union[str, Path]],
+        metadata_request: bool,
+) -> NoReturn:
+    """Raise ``error`` of a Hub request (the metadata request, or the download) as an error that says what failed
+    and how to fix it, where it is one of: not cached and not downloadable (offline, Hub unreachable), a Hub server
+    error (5xx), a Hub that stopped answering within huggingface_hub's timeout, a broken transfer, a cache that
+    cannot be written."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    where = f'{repo_id}/{filename} (revision {revision})'
+    cache = cache_dir or constants.HF_HUB_CACHE
+    hub = f'the Hub at {constants.ENDPOINT}'
+    timeout_variable = 'HF_HUB_ETAG_TIMEOUT' if metadata_request else 'HF_HUB_DOWNLOAD_TIMEOUT'
+    failure = _transport_failure(error) if not isinstance(error, HfHubHTTPError) else None
+    if isinstance(error, LocalEntryNotFoundError) or (failure == 'network' and metadata_request):
+        reason = 'HF_HUB_OFFLINE is set' if _hub_offline() else f'{hub} could not be reached'
+        raise WeightsNotCachedError(
+            f'{where} is not in the Hugging Face cache ({cache}) and cannot be downloaded because {reason}. Fetch it '
+            f'once with network access, e.g. `hf download {repo_id} {filename} --revision {revision}` (or run the '
+            f'same call online), then retry; or set HF_ENDPOINT to a reachable mirror.') from error
+    status = getattr(getattr(error, 'response', None), 'status_code', None)
+    if isinstance(error, HfHubHTTPError) and status is not None and status >= 500:
+        raise PretrainedWeightsError(
+            f'{hub} answered {where} with a server error (HTTP {status}); retry later, or set HF_ENDPOINT to a '
+            f'working mirror.') from error
+    if failure == 'timeout':
+        raise PretrainedWeightsError(
+            f'{hub} stopped answering for {where} ({timeout_variable}={getattr(constants, timeout_variable)} s '
+            f'without data); retry later, raise {timeout_variable} for a slow connection, or set HF_ENDPOINT to a '
+            f'working mirror.') from error
+    if failure == 'network':
+        raise PretrainedWeightsError(
+            f'the download of {where} from {hub} broke off ({type(error).__name__}: {error}); retry later, or '
+            f'set HF_ENDPOINT to a working mirror.') from error
+    if isinstance(error, OSError) and error.errno in _UNWRITABLE_ERRNOS:
+        raise PretrainedWeightsError(
+            f'cannot download {where}: the Hugging Face cache {cache} cannot be written ({error.strerror}: '
+            f'{error.filename}). Point HF_HOME (or HF_HUB_CACHE) at a writable directory, or pass cache_dir= to '
+            f'timm.create_model.') from error
+    raise error
+
 
 def _download(repo_id: str, filename: str, revision: str, cache_dir: Optional[Union[str, Path]]) -> Path:
-    """``hf_hub_download`` with an error that says what is missing and how to get it when offline."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    """``hf_hub_download`` with errors that say what failed and how to fix it, and bounded waits.
+
+    For a file that is not cached, huggingface_hub retries a failed metadata request for minutes (60 s timeouts,
+    then backoff): one request without retries, within ``HF_HUB_ETAG_TIMEOUT``, first finds a Hub that stalls,
+    fails or cannot be reached.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    if not _hub_offline() and try_to_load_from_cache(repo_id, filename, cache_dir, revision) is None:
+        try:
+            get_hf_file_metadata(
+                hf_hub_url(repo_id, filename, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except Exception as e:
+            _raise_download_error(e, repo_id, filename, revision, cache_dir, metadata_request=True)
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
-    except LocalEntryNotFoundError as e:
-        offline = constants.is_offline_mode() if hasattr(constants, 'is_offline_mode') else constants.HF_HUB_OFFLINE
-        reason = 'HF_HUB_OFFLINE is set' if offline else f'the Hub at {constants.ENDPOINT} could not be reached'
-        raise WeightsNotCachedError(
-            f'{repo_id}/{filename} (revision {revision}) is not in the Hugging Face cache '
-            f'({cache_dir or constants.HF_HUB_CACHE}) and cannot be downloaded because {reason}. Fetch it once with '
-            f'network access, e.g. `hf download {repo_id} {filename} --revision {revision}` (or run the same call '
-            f'online), then retry; or set HF_ENDPOINT to a reachable mirror.') from e
+    except Exception as e:
+        _raise_download_error(e, repo_id, filename, revision, cache_dir, metadata_request=False)
 
 
 def _verify(path: Path, expected: Dict[str, Any], label: str) -> None:
@@ -105,9 +173,14 @@ def _verify(path: Path, expected: Dict[str, Any], label: str) -> None:
 def shard_names(index_path: Union[str, Path]) -> List[str]:
     """The shard files a safetensors index lists, in order."""
     try:
-        weight_map = json.loads(Path(index_path).read_text(encoding='utf-8'))['weight_map']
-    except (ValueError, KeyError) as e:
-        raise PretrainedWeightsError(f'{index_path} is not a safetensors index (no "weight_map"): {e}') from e
+        index = json.loads(Path(index_path).read_text(encoding='utf-8'))
+    except ValueError as e:
+        raise PretrainedWeightsError(f'{index_path} is not a safetensors index (not JSON: {e})') from e
+    weight_map = index.get('weight_map') if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise PretrainedWeightsError(
+            f'{index_path} is not a safetensors index: it needs a "weight_map" object mapping each tensor name to '
+            f'the name of its shard file')
     shards = list(dict.fromkeys(weight_map.values()))
     unsupported = [shard for shard in shards if not shard.endswith('.safetensors')]
     if unsupported:
