@@ -573,3 +573,17 @@ def test_with_cp_is_gradient_checkpointing(monkeypatch):
     assert (plain_calls, checkpointed_calls) == (num_blocks, 2 * num_blocks)
     for value, target in zip(actual, expected, strict=True):
         torch.testing.assert_close(value, target, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('backend', ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
+def test_compile_dynamic_fullgraph_does_not_recompile_across_batch_sizes(backend, monkeypatch):
+    """One graph serves every batch size under ``torch.compile(dynamic=True, fullgraph=True)``: no guard in the
+    model or in the op's dispatch and validation specialises on the batch."""
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    torch._dynamo.reset()
+    model = tiny_model('internimage_t').eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend='eager')
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 64, 64)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
