@@ -825,7 +825,7 @@ def _match_float_dtypes(state_dict: Dict[str, Any], model: InternImage) -> Dict[
         matched[key] = value
     if casts:
         counts = ', '.join(f'{count} {source} -> {target}' for (source, target), count in casts.items())
-        _logger.warning(f'Cast checkpoint tensors to the model\'s dtype: {counts}')
+        _logger.warning("Cast checkpoint tensors to the model's dtype: %s", counts)
     return matched
 
 

@@ -13,7 +13,6 @@ call in one place (:func:`requested_backend`): a ``backend=`` argument, else ``T
 read at call time, else ``auto``. Arguments are validated once, before any backend runs.
 """
 import functools
-from functools import partial
 import importlib
 import logging
 import os
@@ -110,7 +109,7 @@ def _choose_backend(requested: str, input: Tensor) -> str:
     device = input.device
     # ONNX export needs the op as ATen operations, which only the pure-PyTorch backends are.
     exporting = torch.onnx.is_in_onnx_export()
-    usable = not exporting and _compiled_supports(device.type, -1 if device.index is None else device.index, input.dtype)
+    usable = not exporting and compiled_backend_available(device, input.dtype)
     fits = input.shape[1] <= _COMPILED_MAX_SIDE and input.shape[2] <= _COMPILED_MAX_SIDE
     if requested == 'compiled' and not (usable and fits):
         if not usable and _extension() is None:
@@ -336,7 +335,7 @@ class DCNv3(nn.Module):
             group: int = 4,
             offset_scale: float = 1.0,
             act_layer: type = nn.GELU,
-            norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+            norm_layer: Callable[..., nn.Module] = functools.partial(nn.LayerNorm, eps=1e-6),
             center_feature_scale: bool = False,
             remove_center: bool = False,
             device=None,
