@@ -126,3 +126,9 @@ def cuda_semantics_kwargs(case: dict) -> dict:
     """Keyword arguments of ``timm_internimage.ops.dcnv3`` for a cuda_semantics case."""
     names = ('kernel_size', 'stride', 'padding', 'dilation', 'group', 'offset_scale', 'remove_center')
     return {name: case[name] for name in names}
+
+
+def cuda_semantics_args(case: dict, channels: int) -> tuple:
+    """Positional scalar arguments of the official op signature for a cuda_semantics case of ``channels``."""
+    k, s, p, d, g = (case[name] for name in ('kernel_size', 'stride', 'padding', 'dilation', 'group'))
+    return (k, k, s, s, p, p, d, d, g, channels // g, case['offset_scale'], bool(case['remove_center']))

@@ -8,17 +8,17 @@ ASan/UBSan build (any sanitizer report fails). Skipped only where g++ is missing
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from golden import GOLDEN_DIR, load_op_case, op_args, op_cases
+from conftest import forward_backward, output_size
+from golden import (
+    cuda_semantics_args, cuda_semantics_cases, load_cuda_semantics_case, load_op_case, op_args, op_cases)
 
 REPO = Path(__file__).resolve().parents[1]
-SEMANTICS = GOLDEN_DIR / 'cuda_semantics'
 
 
 def _load_driver():
@@ -82,16 +82,6 @@ def ext():
 
 
 # --------------------------------------------------------------------------- golden
-def _semantics_cases():
-    return json.loads((SEMANTICS / 'cases.json').read_text())
-
-
-def _semantics_args(case: dict, channels: int) -> tuple:
-    """Positional op arguments of a cuda_semantics case (square kernel, stride, padding, dilation)."""
-    k, s, p, d, g = (case[name] for name in ('kernel_size', 'stride', 'padding', 'dilation', 'group'))
-    return (k, k, s, s, p, p, d, d, g, channels // g, case['offset_scale'], bool(case['remove_center']))
-
-
 def _assert_results(got, expected: dict, atol: float, what: str = ''):
     for name in FIELDS:
         torch.testing.assert_close(getattr(got, name), expected[name], rtol=0, atol=atol,
@@ -99,7 +89,7 @@ def _assert_results(got, expected: dict, atol: float, what: str = ''):
 
 
 def test_golden_cases_present():
-    assert len(op_cases()) >= 8 and len(_semantics_cases()) >= 7
+    assert len(op_cases()) >= 8 and len(cuda_semantics_cases()) >= 7
 
 
 @pytest.mark.parametrize('blocks,threads,seed', [(0, 0, 0), (2, 3, 1)], ids=['grid', 'tiny_grid'])
@@ -113,12 +103,11 @@ def test_golden_op(emulator, case, blocks, threads, seed):
 
 
 @pytest.mark.parametrize('blocks,threads,seed', [(0, 0, 0), (3, 2, 5)], ids=['grid', 'tiny_grid'])
-@pytest.mark.parametrize('case', _semantics_cases(), ids=lambda c: c['name'])
+@pytest.mark.parametrize('case', cuda_semantics_cases(), ids=lambda c: c['name'])
 def test_golden_cuda_semantics(emulator, case, blocks, threads, seed):
     """The official CUDA kernel's semantics (NaN/inf offsets, integer and border positions), within 1e-12."""
-    from safetensors.torch import load_file
-    data = load_file(str(SEMANTICS / case['file']))
-    args = _semantics_args(case, data['input'].shape[-1])
+    data = load_cuda_semantics_case(case)
+    args = cuda_semantics_args(case, data['input'].shape[-1])
     got = emulator(data['input'], data['offset'], data['mask'], data['grad_output'], *args,
                    blocks=blocks, threads=threads, seed=seed)
     _assert_results(got, data, 1e-12, case['name'])
@@ -140,8 +129,7 @@ def make_case(dtype, n=1, h=6, w=7, group=2, gc=16, k=3, stride=1, pad=1, dil=1,
     offset_scale must be a power of two, so that border positions stay exact whatever the rounding.
     """
     gen = torch.Generator().manual_seed(seed)
-    ho = (h + 2 * pad - (dil * (k - 1) + 1)) // stride + 1
-    wo = (w + 2 * pad - (dil * (k - 1) + 1)) // stride + 1
+    ho, wo = output_size(h, k, stride, pad, dil), output_size(w, k, stride, pad, dil)
     points = [(i, j) for i in range(k) for j in range(k) if not (remove_center and i == k // 2 and j == k // 2)]
     p = len(points)
     x = torch.randn(n, h, w, group * gc, generator=gen, dtype=torch.float64)
@@ -202,18 +190,10 @@ SANITIZED_CASES = ('odd_c5_g3', 'logits_k5_remove_center_c7', 'border_dil2_remov
                    'nonfinite_border_logits')
 
 
-def _cpu_reference(ext, x, off, mask, grad_out, args, logits):
-    """Forward and backward of the compiled CPU op."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, off, mask)]
-    y = ext.dcnv3(*leaves, *args, mask_is_logits=logits)
-    y.backward(grad_out)
-    return dict(zip(FIELDS, (y.detach(), *(t.grad for t in leaves))))
-
-
 def _check_against_cpu(emulator, ext, dtype, name, seed):
     kwargs, (blocks, threads) = RANDOM_CASES[name]
     x, off, mask, grad_out, args, logits = make_case(dtype, seed=seed, **kwargs)
-    expected = _cpu_reference(ext, x, off, mask, grad_out, args, logits)
+    expected = dict(zip(FIELDS, forward_backward(ext.dcnv3, (x, off, mask), grad_out, *args, mask_is_logits=logits)))
     got = emulator(x, off, mask, grad_out, *args, mask_is_logits=logits, blocks=blocks, threads=threads,
                    seed=seed)
     for field in FIELDS:

@@ -11,7 +11,7 @@ import torch
 
 from timm_internimage.ops import DCNv3, compiled_backend_available, dcnv3, dcnv3_core
 from conftest import dcnv3_module, forward_backward, output_size, tiny_model
-from golden import cuda_semantics_cases, cuda_semantics_kwargs, load_cuda_semantics_case
+from golden import cuda_semantics_args, cuda_semantics_cases, cuda_semantics_kwargs, load_cuda_semantics_case
 
 NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
 KERNEL_BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
@@ -54,13 +54,10 @@ def test_official_cuda_semantics_with_mask_logits(case, backend):
     """The model's path: the mask given as logits, softmax inside the op (fused in the compiled kernel).
     log(mask) are logits whose softmax is the mask, so the expected values follow from the case."""
     data = load_cuda_semantics_case(case)
-    kwargs = cuda_semantics_kwargs(case)
-    group, kernel = kwargs['group'], kwargs['kernel_size']
+    group = case['group']
     leaves = [data[k].clone().requires_grad_() for k in ('input', 'offset')] + [data['mask'].log().requires_grad_()]
-    output = dcnv3_core(
-        *leaves, kernel, kernel, kwargs['stride'], kwargs['stride'], kwargs['padding'], kwargs['padding'],
-        kwargs['dilation'], kwargs['dilation'], group, data['input'].shape[-1] // group, kwargs['offset_scale'],
-        kwargs['remove_center'], mask_is_logits=True, backend=backend)
+    output = dcnv3_core(*leaves, *cuda_semantics_args(case, data['input'].shape[-1]), mask_is_logits=True,
+                        backend=backend)
     output.backward(data['grad_output'])
     prob = data['mask'].unflatten(-1, (group, -1))
     grad_prob = data['grad_mask'].unflatten(-1, (group, -1))
