@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,13 +89,53 @@ def _torch_target_hex() -> str:
     return f"0x{int(major):02x}{int(minor):02x}000000000000"
 
 
+# GCC/Clang options used where the compiler accepts them (probed, so Apple clang and
+# GCC each keep theirs): -fno-trapping-math lets the stencil's selects become vector
+# blends, -fno-loop-unroll-and-jam (GCC) keeps two points' channel loops from being
+# fused into one scalar loop, -fopenmp-simd honours `#pragma omp simd` without OpenMP.
+_OPTIONAL_UNIX_FLAGS = ["-fno-math-errno", "-fno-trapping-math", "-fno-loop-unroll-and-jam", "-fopenmp-simd"]
+
+
+def _compiler_accepts(flag: str) -> bool:
+    """Whether the C++ compiler the extension builder uses ($CXX, else c++) accepts ``flag``."""
+    cxx = os.environ.get("CXX", "c++").split()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text("int probe() { return 0; }\n")
+        try:
+            done = subprocess.run(
+                [*cxx, flag, "-Werror", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return done.returncode == 0
+
+
+def _host_flags(common: list[str], platform: str = sys.platform) -> tuple[list[str], list[str]]:
+    """C++ compile and link flags for ``platform``'s compiler: MSVC, Apple clang or GCC/Clang.
+
+    ``platform`` is a ``sys.platform`` value; ``tools/cross_compile_check.sh`` passes another
+    platform's to compile the CPU kernels for it with the flags its build uses.
+    """
+    if platform == "win32":
+        # MSVC: /O2 and /MD come from setuptools and torch; `#pragma omp simd` is ignored
+        # (torch passes /wd4068) and MSVC's auto-vectoriser handles the loops on its own.
+        return ["/O2", "/std:c++17", "/fp:precise", "/Zc:__cplusplus", *common], []
+    flags = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
+    flags += [f for f in _OPTIONAL_UNIX_FLAGS if _compiler_accepts(f)]
+    if platform == "darwin":
+        return [*flags, *common], ["-Wl,-x"]  # ld64: strip local symbols
+    return [*flags, *common], ["-s"]  # strip: keeps the wheel small
+
+
 def _extensions(use_cuda: bool) -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     target = _torch_target_hex()
     common = [f"-DTORCH_TARGET_VERSION={target}"]  # Py_LIMITED_API: added by py_limited_api=True
-    cxx = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-fno-trapping-math", "-fno-loop-unroll-and-jam", "-fopenmp-simd", *common]
-    ldflags = ["-s"]  # strip: keeps the wheel small
+    cxx, ldflags = _host_flags(common)
     exts = [
         CppExtension(
             "timm_internimage_dcnv3._C",
@@ -108,16 +149,18 @@ def _extensions(use_cuda: bool) -> list:
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
         arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
-        archs_macro = "-DDCNV3_CUDA_ARCHS=\"" + arch_list.replace(" ", "").replace('"', "") + "\""
+        nvcc = ["-O3", "-DUSE_CUDA", *common]
+        if sys.platform != "win32":
+            # Windows: torch's builder passes its own -std to nvcc (a second one is an error), and
+            # a quoted string in a -D does not survive the Windows command line: the error
+            # message for a GPU without a kernel image then says "unknown" instead of the list.
+            nvcc += ["-std=c++17", "-DDCNV3_CUDA_ARCHS=\"" + arch_list.replace(" ", "").replace('"', "") + "\""]
         exts.append(
             CUDAExtension(
                 "timm_internimage_dcnv3._C_cuda",
                 sources=["csrc/cuda/dcnv3_kernel.cu"],
                 include_dirs=[str(HERE / "csrc")],
-                extra_compile_args={
-                    "cxx": [*cxx, "-DUSE_CUDA"],
-                    "nvcc": ["-O3", "-std=c++17", "-DUSE_CUDA", archs_macro, *common],
-                },
+                extra_compile_args={"cxx": [*cxx, "-DUSE_CUDA"], "nvcc": nvcc},
                 extra_link_args=ldflags,
                 py_limited_api=True,
             )

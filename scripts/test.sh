@@ -3,7 +3,8 @@
 #   - a virtual environment (.venv, or $VENV) with torch $TORCH_VERSION and this package with its test extras
 #   - the compiled DCNv3 op, built once for the CPU against that torch and installed
 #   - a CUDA compile check of the op's kernels when nvcc is present (no GPU needed)
-#   - a second environment with torch $OLD_TORCH_VERSION running the op tests against the same wheel
+#   - scripts/release_check.sh on that wheel: this package's sdist and wheel, auditwheel show/repair
+#     of the op wheel, and the repaired wheel in a fresh environment with torch $OLD_TORCH_VERSION
 #     (the wheel is built on the torch stable ABI; this proves it loads on an older torch)
 #
 #   bash scripts/test.sh [pytest arguments]
@@ -41,11 +42,9 @@ step "test suite"
 "$venv/bin/python" -m pytest -q tests "$@"
 
 if [ -n "$old_torch_version" ]; then
-  step "the same op wheel on torch $old_torch_version"
-  old_venv="$venv-torch$old_torch_version"
-  [ -x "$old_venv/bin/python" ] || "$python" -m venv "$old_venv"
-  "$old_venv/bin/python" -m pip install -q "torch==$old_torch_version" pytest safetensors numpy
-  "$old_venv/bin/python" -m pip install -q --no-deps --force-reinstall "$wheel"
-  # Only the op tests: they need the extension and torch, nothing from this package's other dependencies.
-  (cd tests && "../$old_venv/bin/python" -m pytest -q -p no:cacheprovider test_compiled_op.py)
+  # The Linux CPU part of the release workflow on the wheel built above: sdist + wheel of this
+  # package (twine check), auditwheel show/repair of the op wheel, and the repaired wheel in a fresh
+  # environment with torch $old_torch_version (tests/test_compiled_op.py and tests/test_release.py).
+  step "release check (op wheel on torch $old_torch_version)"
+  PYTHON="$python" BUILD_PYTHON="$venv/bin/python" bash scripts/release_check.sh --op-wheel "$wheel" --torch "$old_torch_version"
 fi

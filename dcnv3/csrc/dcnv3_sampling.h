@@ -11,7 +11,10 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DCNV3_HD __host__ __device__ __forceinline__
 #define DCNV3_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
+#elif defined(_MSC_VER)
+#define DCNV3_HD __forceinline
+#define DCNV3_UNROLL
+#elif defined(__GNUC__) || defined(__clang__)
 // always_inline: the CPU kernels inline these into ISA-specific loops.
 #define DCNV3_HD inline __attribute__((always_inline))
 #define DCNV3_UNROLL

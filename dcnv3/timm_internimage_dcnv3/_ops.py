@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import re
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -59,14 +61,68 @@ if _CPU_LIBRARY is None:
         "(see dcnv3/README.md)"
     )
 
+# What the dynamic loader says when a dependency is missing: glibc / musl, macOS, Windows.
+_MISSING_LIBRARY_PATTERNS = (
+    re.compile(r"([^\s:'\"]+\.so(?:\.[0-9]+)*): cannot open shared object file"),
+    re.compile(r"Error loading shared library ([^\s:'\"]+)"),
+    re.compile(r"Library not loaded: ([^\s'\"]+)"),
+    re.compile(r"Could not find module '([^']+)'"),
+)
+
+
+def _missing_library(message: str) -> str | None:
+    """The library a failed load names as missing (e.g. ``libcudart.so.13``), or None."""
+    for pattern in _MISSING_LIBRARY_PATTERNS:
+        found = pattern.search(message)
+        if found:
+            name = found.group(1).replace("\\", "/").rsplit("/", 1)[-1]
+            # Windows names the library being loaded, not its missing dependency.
+            return None if name.startswith("_C_cuda") else name
+    return None
+
+
+def _cuda_load_failure(exc: OSError) -> str:
+    """One sentence on why the CUDA library did not load, and what to install instead."""
+    try:
+        from ._build_info import CUDA_VERSION as built_cuda
+    except ImportError:
+        built_cuda = None
+    # torch.ops.load_library re-raises the loader's error as "Could not load this library: <path>".
+    messages = []
+    error: BaseException | None = exc
+    while error is not None and len(messages) < 4:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    detail = messages[-1]
+    missing = _missing_library(" | ".join(messages))
+    reason = f"missing library {missing}" if missing else detail
+    if missing is None and sys.platform == "win32" and built_cuda:
+        # Windows names no dependency; the one torch must have loaded is the CUDA runtime.
+        reason = f"missing library cudart64_{built_cuda.split('.')[0]}.dll or another dependency ({detail})"
+    torch_cuda = torch.version.cuda
+    text = (
+        f"timm_internimage_dcnv3: the CUDA kernels (built for CUDA {built_cuda or 'unknown'}) could not be "
+        f"loaded with torch {torch.__version__} (CUDA {torch_cuda}): {reason}. The CPU kernels work; CUDA "
+        "tensors use the pure-PyTorch op."
+    )
+    if built_cuda and torch_cuda and built_cuda.split(".")[0] != torch_cuda.split(".")[0]:
+        text += (
+            f" This wheel is for CUDA {built_cuda.split('.')[0]}.x and torch for CUDA {torch_cuda.split('.')[0]}.x: "
+            "install the matching variant (see 'Install' in the timm-internimage README)."
+        )
+    return text
+
+
 _CUDA_LIBRARY: str | None = None
 _CUDA_LOAD_ERROR: str | None = None
 if importlib.util.find_spec(f"{__package__}._C_cuda") is not None:
     try:
         _CUDA_LIBRARY = _load("_C_cuda")
-    except OSError as exc:  # CPU-only torch or missing CUDA runtime
-        _CUDA_LOAD_ERROR = str(exc)
-        _logger.debug("timm_internimage_dcnv3: CUDA kernels not loaded: %s", exc)
+    except OSError as exc:  # CPU-only torch, other CUDA major, missing CUDA runtime
+        _CUDA_LOAD_ERROR = _cuda_load_failure(exc)
+        # Runs once per process (at import). Expected with a CPU-only torch, so only a debug line
+        # there; with a CUDA torch the user has lost the CUDA kernels, so a warning.
+        _logger.log(logging.WARNING if torch.version.cuda else logging.DEBUG, "%s", _CUDA_LOAD_ERROR)
 
 
 def built_with_cuda() -> bool:

@@ -15,21 +15,34 @@
 
 #include "../dcnv3_common.h"
 
-// The hot loops are compiled three times on x86-64: for the baseline ISA,
-// for AVX2+FMA and for AVX-512, chosen at run time. The bodies are
-// always-inline templates, so the wide-ISA code exists only inside the
-// target(...) wrappers and no shared inline function is ever compiled for
-// them (no ODR hazard).
-#if defined(__GNUC__) && defined(__x86_64__)
+// Instruction sets, per platform (the numerics are the same code everywhere):
+//  - x86-64, GCC or Clang (Linux, macOS x86): the hot loops are compiled three
+//    times, for the baseline ISA, for AVX2+FMA and for AVX-512, through
+//    target(...) attributes, and chosen at run time. The bodies are
+//    always-inline templates, so the wide-ISA code exists only inside the
+//    target(...) wrappers and no shared inline function is ever compiled for
+//    them (no ODR hazard).
+//  - MSVC ABI (cl.exe, clang-cl; Windows): one baseline build (SSE2 on x64,
+//    auto-vectorised). MSVC has no per-function target attribute, and a whole
+//    file compiled with /arch:AVX2 would fault on CPUs without AVX2.
+//  - AArch64 (Linux, macOS) and anything else: one build for the baseline ISA;
+//    on AArch64 that includes the NEON (ASIMD) vector unit, which every
+//    AArch64 CPU has. No x86 code path is compiled there.
+#if defined(_MSC_VER)
+#define DCNV3_INLINE __forceinline
+#define DCNV3_RESTRICT __restrict
+#elif defined(__GNUC__) || defined(__clang__)
+#define DCNV3_INLINE inline __attribute__((always_inline))
+#define DCNV3_RESTRICT __restrict__
+#if defined(__x86_64__)
 #define DCNV3_X86_DISPATCH 1
 #define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define DCNV3_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #endif
-#if defined(__GNUC__)
-#define DCNV3_INLINE inline __attribute__((always_inline))
 #else
 #define DCNV3_INLINE inline
+#define DCNV3_RESTRICT
 #endif
 
 namespace dcnv3 {
@@ -105,12 +118,12 @@ DCNV3_INLINE float softmax_exp<float>(float x) {
 // scratch of the same size.
 template <typename scalar_t, typename acc_t>
 DCNV3_INLINE void point_weights(
-    const scalar_t* __restrict__ mask,
+    const scalar_t* DCNV3_RESTRICT mask,
     int64_t groups,
     int64_t P,
     bool logits,
-    acc_t* __restrict__ prob,
-    acc_t* __restrict__ shifted) {
+    acc_t* DCNV3_RESTRICT prob,
+    acc_t* DCNV3_RESTRICT shifted) {
   const int64_t n = groups * P;
   if (!logits) {
 #pragma omp simd
@@ -184,32 +197,32 @@ DCNV3_INLINE void compute_stencils(
     const Geometry& g,
     int64_t ho,
     int64_t wo,
-    const opmath_t<scalar_t>* __restrict__ kx,
-    const opmath_t<scalar_t>* __restrict__ ky,
-    const scalar_t* __restrict__ offp,
+    const opmath_t<scalar_t>* DCNV3_RESTRICT kx,
+    const opmath_t<scalar_t>* DCNV3_RESTRICT ky,
+    const scalar_t* DCNV3_RESTRICT offp,
     int64_t count,
     PointArrays<opmath_t<scalar_t>>& pts) {
   using acc_t = opmath_t<scalar_t>;
   const int32_t H = static_cast<int32_t>(g.H);
   const int32_t W = static_cast<int32_t>(g.W);
-  const acc_t* __restrict__ prob = pts.prob();
-  acc_t* __restrict__ w0 = pts.weight(0);
-  acc_t* __restrict__ w1 = pts.weight(1);
-  acc_t* __restrict__ w2 = pts.weight(2);
-  acc_t* __restrict__ w3 = pts.weight(3);
-  acc_t* __restrict__ wx0 = pts.weight_dx(0);
-  acc_t* __restrict__ wx1 = pts.weight_dx(1);
-  acc_t* __restrict__ wx2 = pts.weight_dx(2);
-  acc_t* __restrict__ wx3 = pts.weight_dx(3);
-  acc_t* __restrict__ wy0 = pts.weight_dy(0);
-  acc_t* __restrict__ wy1 = pts.weight_dy(1);
-  acc_t* __restrict__ wy2 = pts.weight_dy(2);
-  acc_t* __restrict__ wy3 = pts.weight_dy(3);
-  int32_t* __restrict__ cx0 = pts.coord(0);
-  int32_t* __restrict__ cx1 = pts.coord(1);
-  int32_t* __restrict__ cy0 = pts.coord(2);
-  int32_t* __restrict__ cy1 = pts.coord(3);
-  int32_t* __restrict__ flags = pts.flags();
+  const acc_t* DCNV3_RESTRICT prob = pts.prob();
+  acc_t* DCNV3_RESTRICT w0 = pts.weight(0);
+  acc_t* DCNV3_RESTRICT w1 = pts.weight(1);
+  acc_t* DCNV3_RESTRICT w2 = pts.weight(2);
+  acc_t* DCNV3_RESTRICT w3 = pts.weight(3);
+  acc_t* DCNV3_RESTRICT wx0 = pts.weight_dx(0);
+  acc_t* DCNV3_RESTRICT wx1 = pts.weight_dx(1);
+  acc_t* DCNV3_RESTRICT wx2 = pts.weight_dx(2);
+  acc_t* DCNV3_RESTRICT wx3 = pts.weight_dx(3);
+  acc_t* DCNV3_RESTRICT wy0 = pts.weight_dy(0);
+  acc_t* DCNV3_RESTRICT wy1 = pts.weight_dy(1);
+  acc_t* DCNV3_RESTRICT wy2 = pts.weight_dy(2);
+  acc_t* DCNV3_RESTRICT wy3 = pts.weight_dy(3);
+  int32_t* DCNV3_RESTRICT cx0 = pts.coord(0);
+  int32_t* DCNV3_RESTRICT cx1 = pts.coord(1);
+  int32_t* DCNV3_RESTRICT cy0 = pts.coord(2);
+  int32_t* DCNV3_RESTRICT cy1 = pts.coord(3);
+  int32_t* DCNV3_RESTRICT flags = pts.flags();
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) {
     acc_t px, py;
@@ -261,11 +274,11 @@ DCNV3_INLINE Stencil<acc_t> stencil_at(PointArrays<acc_t>& pts, int64_t j) {
 // channels (kC when fixed at compile time).
 template <typename acc_t, typename scalar_t, int kC>
 DCNV3_INLINE void accumulate_point(
-    acc_t* __restrict__ acc,
-    const scalar_t* __restrict__ v0,
-    const scalar_t* __restrict__ v1,
-    const scalar_t* __restrict__ v2,
-    const scalar_t* __restrict__ v3,
+    acc_t* DCNV3_RESTRICT acc,
+    const scalar_t* DCNV3_RESTRICT v0,
+    const scalar_t* DCNV3_RESTRICT v1,
+    const scalar_t* DCNV3_RESTRICT v2,
+    const scalar_t* DCNV3_RESTRICT v3,
     acc_t a0,
     acc_t a1,
     acc_t a2,
@@ -280,7 +293,7 @@ DCNV3_INLINE void accumulate_point(
 }
 
 template <typename acc_t, typename scalar_t, int kC>
-DCNV3_INLINE void store_channels(const acc_t* __restrict__ acc, scalar_t* __restrict__ out, int64_t C_runtime) {
+DCNV3_INLINE void store_channels(const acc_t* DCNV3_RESTRICT acc, scalar_t* DCNV3_RESTRICT out, int64_t C_runtime) {
   const int64_t C = kC > 0 ? kC : C_runtime;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
@@ -421,15 +434,15 @@ struct BackwardArgs {
 // are distinct pixels (restrict).
 template <typename acc_t, typename scalar_t, int kC, bool kScatter>
 DCNV3_INLINE void backward_channels(
-    const scalar_t* __restrict__ go,
-    const scalar_t* __restrict__ v0,
-    const scalar_t* __restrict__ v1,
-    const scalar_t* __restrict__ v2,
-    const scalar_t* __restrict__ v3,
-    acc_t* __restrict__ d0,
-    acc_t* __restrict__ d1,
-    acc_t* __restrict__ d2,
-    acc_t* __restrict__ d3,
+    const scalar_t* DCNV3_RESTRICT go,
+    const scalar_t* DCNV3_RESTRICT v0,
+    const scalar_t* DCNV3_RESTRICT v1,
+    const scalar_t* DCNV3_RESTRICT v2,
+    const scalar_t* DCNV3_RESTRICT v3,
+    acc_t* DCNV3_RESTRICT d0,
+    acc_t* DCNV3_RESTRICT d1,
+    acc_t* DCNV3_RESTRICT d2,
+    acc_t* DCNV3_RESTRICT d3,
     const acc_t mw[4],
     int64_t C_runtime,
     acc_t d[4]) {
@@ -538,7 +551,7 @@ DCNV3_INLINE void backward_range(
           if (mw[k] == acc_t(0)) {
             continue;
           }
-          acc_t* __restrict__ dst = gin + off[k];
+          acc_t* DCNV3_RESTRICT dst = gin + off[k];
           const acc_t wk = mw[k];
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
