@@ -2,6 +2,7 @@
 
 Commands:
     predict [IMAGE ...]       classify images (default: a photo shipped with the package)
+    validate DATA             top-1 / top-5, loss and throughput on a labelled image folder, vs the published top-1
     convert SRC OUT_DIR       official .pth / HF-format folder / Hub repo id -> timm folder (config.json + model.safetensors)
     list                      the pretrained tags and where their weights live
     manifest-refresh          (maintainers, online) pin revisions, sizes and sha256 in weights_manifest.json
@@ -225,6 +226,24 @@ def _check_checkpoint(path_text: str) -> None:
         raise CliError(f'{path}: corrupt or truncated safetensors file ({e})') from None
 
 
+def load_pretrained_model(model_name: str, checkpoint: Optional[str], model_kwargs: Optional[Dict[str, Any]],
+                          device: 'torch.device') -> 'torch.nn.Module':
+    """The pretrained model in eval mode on ``device``: the tag's Hub weights, or ``checkpoint`` (whose head has
+    ``model_kwargs['num_classes']`` classes when given, so a fine-tuned classifier is kept)."""
+    from safetensors import SafetensorError
+    kwargs = dict(model_kwargs or {})
+    if checkpoint:
+        _check_checkpoint(checkpoint)
+        overlay = dict(file=checkpoint)
+        if 'num_classes' in kwargs:
+            overlay['num_classes'] = kwargs['num_classes']
+        kwargs['pretrained_cfg_overlay'] = overlay
+    try:
+        return _create_model(model_name, pretrained=True, **kwargs).eval().to(device)
+    except SafetensorError as e:
+        raise CliError(f'{checkpoint or model_name}: corrupt or truncated safetensors weights ({e})') from None
+
+
 def predict(
         images: Sequence[str],
         model_name: str = DEFAULT_MODEL,
@@ -240,19 +259,11 @@ def predict(
     that is not finite (NaN or inf) is a ``CliError`` naming the images.
     """
     import torch
-    from safetensors import SafetensorError
     from timm.data import create_transform, resolve_data_config
 
     _check_images(images)  # fail on unreadable images before downloading weights
     torch_device = resolve_device(device)
-    kwargs = dict(model_kwargs or {})
-    if checkpoint:
-        _check_checkpoint(checkpoint)
-        kwargs['pretrained_cfg_overlay'] = dict(file=checkpoint)
-    try:
-        model = _create_model(model_name, pretrained=True, **kwargs).eval().to(torch_device)
-    except SafetensorError as e:
-        raise CliError(f'{checkpoint or model_name}: corrupt or truncated safetensors weights ({e})') from None
+    model = load_pretrained_model(model_name, checkpoint, model_kwargs, torch_device)
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
     label = _label_fn(model.num_classes)
     top_k = min(top_k, model.num_classes)
@@ -296,6 +307,43 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         width = max(len(p['label']) for p in result['predictions'])
         for p in result['predictions']:
             _out(f'  {p["rank"]:>2}. {p["label"]:<{width}}  {100 * p["probability"]:6.2f}%  (class {p["index"]})')
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validate (the evaluation itself is validate.py)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import FULL_VAL_IMAGES, GAP_POINTS, validate
+    if not args.json:
+        _err(f'Loading {args.model} (weights are downloaded once, then read from the Hugging Face cache) ...')
+    summary = validate(args.data, args.model, labels=args.labels, batch_size=args.batch_size, workers=args.workers,
+                       device=args.device, amp=args.amp, channels_last=args.channels_last, limit=args.limit,
+                       checkpoint=args.checkpoint, model_kwargs=_json_arg(args.model_args, '--model-args'),
+                       all_classes=args.all_classes, real=args.real_labels or args.real, progress=not args.json)
+    if args.json:
+        _out(json.dumps(summary, indent=2, allow_nan=False))
+        return 1 if summary['gap_flagged'] else 0
+    _out(f'{summary["model"]} on {summary["data"]}: {summary["images"]} images ({summary["layout"]}; '
+         f'labels: {summary["labels"]})')
+    _out(f'  top-1 {summary["top1"]:7.3f}%   top-5 {summary["top5"]:7.3f}%   loss {summary["loss"]:.4f}   '
+         f'{summary["img_per_s"]:.1f} img/s ({summary["device"]}, {summary["amp"] or "float32"}, '
+         f'batch {summary["batch_size"]})')
+    if summary.get('real_top1') is not None:
+        _out(f'  ImageNet-ReaL top-1 {summary["real_top1"]:7.3f}%   top-5 {summary["real_top5"]:7.3f}%   '
+             f'({summary["real_images"]} images with ReaL labels)')
+    published = summary['published_top1']
+    if published is None:
+        _out('  published top-1: none for this model and labels (only the ImageNet-1k tags have one)')
+        return 0
+    _out(f'  published top-1 {published:.1f}%, measured {summary["top1"]:.2f}% ({summary["top1_gap"]:+.2f} points)')
+    if summary['gap_flagged']:
+        _out(f'  WARNING: more than {GAP_POINTS} points from the published top-1 on the full {FULL_VAL_IMAGES:,}-image '
+             f'val set: check the weights (conversion) and the preprocessing')
+        return 1
+    if not summary['full_val']:
+        _out(f'  (not the full {FULL_VAL_IMAGES:,}-image ImageNet-1k val set: the comparison is indicative only)')
     return 0
 
 
@@ -561,6 +609,35 @@ def build_parser() -> argparse.ArgumentParser:
                                         'instead of the Hub')
     p.add_argument('--model-args', help='extra timm.create_model keyword arguments as a JSON object')
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser('validate', help='top-1 / top-5, loss and throughput on a labelled image folder',
+                       description='Evaluate a pretrained model on DATA: class folders (ImageNet wnids such as '
+                                   'n01440764, ImageNet-1k indices 0-999 as in ImageNet-V2, or any names for a '
+                                   'fine-tuned head), or a flat folder with --labels. Prints top-1 / top-5, loss '
+                                   'and throughput, and the published top-1 of the tag; on the full 50,000-image '
+                                   'val set a gap above 0.3 points is flagged (exit status 1).')
+    p.add_argument('data', metavar='DATA', help='image folder')
+    p.add_argument('--model', '-m', default=DEFAULT_MODEL, help=f'model name or model.tag (default {DEFAULT_MODEL})')
+    p.add_argument('--labels', help='labels of a flat folder: CSV filename,label (wnid or ImageNet-1k index), the '
+                                    "Caffe val.txt or Kaggle's LOC_val_solution.csv")
+    p.add_argument('--real', action='store_true',
+                   help='also score ImageNet-ReaL labels (timm\'s bundled real.json); ImageNet val images only')
+    p.add_argument('--real-labels', metavar='REAL_JSON', help='--real with this real.json instead of timm\'s')
+    p.add_argument('--all-classes', action='store_true',
+                   help='21841-class tags: score all outputs, not only the 1000 ImageNet-1k ones')
+    p.add_argument('--batch-size', '-b', type=_positive_int, default=64, help='images per batch (default 64)')
+    p.add_argument('--workers', '-j', type=int, default=min(8, os.cpu_count() or 1),
+                   help='DataLoader worker processes (default: CPU count, at most 8; 0 loads in this process)')
+    p.add_argument('--device', default='auto', help='torch device (default auto: CUDA if available, then MPS, '
+                                                    'else CPU)')
+    p.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast to this dtype (default: float32)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    p.add_argument('--limit', type=_positive_int, help='evaluate only N images, spread evenly over the data')
+    p.add_argument('--json', action='store_true', help='print the summary as JSON (no progress bar)')
+    p.add_argument('--checkpoint', help='local weights (.safetensors, official .pth, or a converted folder) '
+                                        'instead of the Hub')
+    p.add_argument('--model-args', help='extra timm.create_model keyword arguments as a JSON object')
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser('convert', help='write a timm folder (config.json + model.safetensors) from a checkpoint',
                        description='SRC: an official .pth, a .safetensors file or HF-format folder, or a Hub repo '
