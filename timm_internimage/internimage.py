@@ -37,8 +37,7 @@ from timm.models._features import feature_take_indices
 
 from ._manifest import hub_source, repo_entry
 from .ops import DCNv3
-from .ops.dcn_v3 import use_fused_linear
-from .ops.fused_linear import linear, linear_gelu, linear_residual
+from .ops.dcn_v3 import linear
 
 __all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys']
 
@@ -161,26 +160,17 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.act = act_layer()
-        # GELU can be applied in place on the fc1 output (fused CPU path).
+        # A GELU goes into fc1's oneDNN call on CPU (ops.dcn_v3.linear).
         self.gelu_approximate: Optional[str] = self.act.approximate if isinstance(self.act, nn.GELU) else None
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim, **dd)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """With ``residual``, returns ``residual + mlp(x)`` (the add fused into fc2 on CPU)."""
-        if not use_fused_linear(x):
-            out = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-            return out if residual is None else residual + out
-        if self.gelu_approximate is not None:
-            hidden = linear_gelu(x, self.fc1.weight, self.fc1.bias, self.gelu_approximate)
-        else:
-            hidden = self.act(linear(x, self.fc1.weight, self.fc1.bias))
-        hidden = self.drop1(hidden)
-        if residual is not None and not (self.training and self.drop2.p > 0.):
-            return linear_residual(hidden, self.fc2.weight, self.fc2.bias, residual)
-        out = self.drop2(linear(hidden, self.fc2.weight, self.fc2.bias))
-        return out if residual is None else residual + out
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = linear(x, self.fc1.weight, self.fc1.bias, gelu=self.gelu_approximate)
+        if self.gelu_approximate is None:
+            hidden = self.act(hidden)
+        return self.drop2(linear(self.drop1(hidden), self.fc2.weight, self.fc2.bias))
 
 
 class InternImageBlock(nn.Module):
@@ -230,15 +220,8 @@ class InternImageBlock(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.out_norm = nn.LayerNorm(dim, eps=_LN_EPS, **dd) if out_norm else nn.Identity()
-        # Plain pre-norm residual branches: the residual adds can be fused into the branches' last GEMMs.
-        self.fused_residual = not post_norm and not use_res_post_norm and layer_scale is None \
-            and drop_path == 0. and drop == 0.
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused_residual and use_fused_linear(x):
-            x = self.dcn(self.norm1(x), residual=x)
-            x = self.mlp(self.norm2(x), residual=x)
-            return self.out_norm(x)
         if self.post_norm:
             x = x + self.drop_path1(self.ls1(self.norm1(self.dcn(x))))
             x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))

@@ -21,21 +21,22 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch import Tensor
 
 from timm.layers import register_notrace_function
 
 from .dcnv3_reference import dcnv3_reference
-from .fused_linear import linear, linear_residual
 from .dcnv3_torch import dcnv3_output_size, dcnv3_torch
 
-__all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'requested_backend', 'use_fused_linear', 'BACKENDS']
+__all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'linear', 'requested_backend', 'use_fused_linear', 'BACKENDS']
 
 _logger = logging.getLogger(__name__)
 
 BACKENDS = ('auto', 'torch', 'reference', 'compiled')
 _BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
+_FUSED_LINEAR_ENV = 'TIMM_INTERNIMAGE_FUSED_LINEAR'
 _EXTENSION_MODULE = 'timm_internimage_dcnv3'
 # The compiled kernels address rows and columns in 32 bits; larger maps go to the torch backend.
 _COMPILED_MAX_SIDE = 2 ** 31 - 1
@@ -127,17 +128,62 @@ def _choose_backend(requested: str, input: Tensor) -> str:
     return chosen
 
 
-def use_fused_linear(x: Tensor) -> bool:
-    """Whether layers around the op use the fused CPU linear helpers (:mod:`.fused_linear`) for ``x``:
-    CPU tensors outside TorchScript, fx tracing and autocast, unless the requested backend
-    (:func:`requested_backend`) is ``reference``, which keeps the official float operation order in the whole
-    model."""
-    if torch.jit.is_scripting():
+@torch.jit.unused
+def use_fused_linear(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`linear` runs on oneDNN for input ``x`` and ``weight``: float32 CPU inference.
+
+    That is: CPU float32 tensors that autograd does not track, outside fx tracing, autocast and ONNX export,
+    with oneDNN available and enabled (``torch.backends.mkldnn``), unless ``TIMM_INTERNIMAGE_FUSED_LINEAR=0``
+    (read at call time) or the requested DCNv3 backend (:func:`requested_backend`) is ``reference``, which
+    keeps the official float operation order in the whole model.
+    """
+    if isinstance(x, torch.fx.Proxy) or torch.onnx.is_in_onnx_export():
         return False
-    if isinstance(x, torch.fx.Proxy):
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    return (x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu')
-            and requested_backend() != 'reference')
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return not torch.is_autocast_enabled('cpu') and _onednn_enabled() and requested_backend() != 'reference'
+
+
+@torch.compiler.assume_constant_result
+def _onednn_enabled() -> bool:
+    """oneDNN is built in and enabled, and the fused linear layers are not switched off (read now; a constant
+    for torch.compile, which evaluates it once while tracing)."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and os.environ.get(_FUSED_LINEAR_ENV, '1') != '0')
+
+
+@torch.library.custom_op('timm_internimage_cpu::linear', mutates_args=())
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: str) -> Tensor:
+    """oneDNN's linear with an optional GELU (``gelu``: ``'none'``/``'tanh'``, or ``''`` for no GELU).
+
+    A custom op so that torch.compile keeps it as one call (inductor lowers oneDNN's own op only with frozen
+    weights) and fuses the layers around it."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], gelu)
+
+
+@_onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: str) -> Tensor:
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+@torch.jit.unused
+def _fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optional[str]) -> Tensor:
+    return _onednn_linear(x, weight, bias, gelu or '')
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: Optional[str] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, then ``F.gelu(approximate=gelu)`` if ``gelu`` is given.
+
+    Where :func:`use_fused_linear` allows, one oneDNN call computes it all (GEMM, bias and GELU in one pass
+    over the output): the same function up to float32 rounding, and on CPUs where ATen's MKL GEMM is slow for
+    these thin matrices (measured on an AVX-512 AMD EPYC) much faster; see docs/benchmarks.md.
+    """
+    if not torch.jit.is_scripting() and use_fused_linear(x, weight):
+        return _fused_linear(x, weight, bias, gelu)
+    out = F.linear(x, weight, bias)
+    return out if gelu is None else F.gelu(out, approximate=gelu)
 
 
 @functools.lru_cache(maxsize=None)
@@ -388,20 +434,13 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj.weight)
             nn.init.zeros_(self.center_feature_scale_proj.bias)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``(N, H, W, C)`` in and out; with ``residual``, returns ``residual + DCNv3(x)`` (fused on CPU)."""
-        fused = use_fused_linear(x)
-        if fused:
-            projected = linear(x, self.input_proj.weight, self.input_proj.bias)
-        else:
-            projected = self.input_proj(x)
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, H, W, C)`` in and out."""
+        projected = linear(x, self.input_proj.weight, self.input_proj.bias)
         context = self.dw_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         context = self.dw_act(self.dw_norm(context))
-        if fused:
-            offset = linear(context, self.offset.weight, self.offset.bias)
-            mask = linear(context, self.mask.weight, self.mask.bias)
-        else:
-            offset, mask = self.offset(context), self.mask(context)
+        offset = linear(context, self.offset.weight, self.offset.bias)
+        mask = linear(context, self.mask.weight, self.mask.bias)
         out = dcnv3_core(
             projected, offset, mask,
             self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
@@ -411,9 +450,4 @@ class DCNv3(nn.Module):
             scale = torch.sigmoid(self.center_feature_scale_proj(context))
             scale = scale.repeat_interleave(self.group_channels, dim=-1)
             out = out * (1 - scale) + projected * scale
-        if not fused:
-            out = self.output_proj(out)
-            return out if residual is None else residual + out
-        if residual is None:
-            return linear(out, self.output_proj.weight, self.output_proj.bias)
-        return linear_residual(out, self.output_proj.weight, self.output_proj.bias, residual)
+        return linear(out, self.output_proj.weight, self.output_proj.bias)
