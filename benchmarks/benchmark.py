@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Throughput and peak-memory benchmark for timm-internimage models and the DCNv3 op.
 
-Model mode (default) times whole-model inference or a training step (forward + backward) and reports
-images/s and peak memory; ``--op`` times the DCNv3 op alone, forward and backward, on the shapes of
+Model mode (default) times whole-model inference or a training step (forward, backward and an SGD step) and
+reports images/s and peak memory; ``--op`` times the DCNv3 op alone, forward and backward, on the shapes of
 InternImage-T's four stages. Every configuration runs in a fresh subprocess so that its peak memory is
 its own. Results print as a table, or as JSON with ``--json``.
 
@@ -12,6 +12,13 @@ Examples::
     python benchmarks/benchmark.py --mode train --dtype bfloat16 --json
     python benchmarks/benchmark.py --op --backend torch,reference,compiled --compile
     python benchmarks/benchmark.py --backend reference,compiled --rounds 5   # interleaved, with speedups
+    python benchmarks/benchmark.py --backend reference,torch,compiled --peers --compile eager,default,freezing
+    python benchmarks/benchmark.py --backend compiled --fused-linear on,off --rounds 5
+    python benchmarks/benchmark.py --model internimage_t,internimage_b --batch-size 1,8,32 --img-size 224,384,512
+
+``--peers`` adds timm's ``convnext_tiny``, ``swin_tiny_patch4_window7_224`` and ``resnet50`` (their own layers,
+no DCNv3 backend). ``--compile`` takes ``eager`` (no compile), ``default`` (inductor) and ``freezing`` (inductor
+with ``torch._inductor.config.freezing``, inference only).
 
 Peak memory, of the timed iterations (after warmup): on CUDA, ``torch.cuda.max_memory_allocated`` above
 what was allocated before them (model, input). On CPU, the peak resident set size of the process above
@@ -33,6 +40,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
 BACKEND_CHOICES = ('auto', 'torch', 'reference', 'compiled')
+FUSED_LINEAR_ENV = 'TIMM_INTERNIMAGE_FUSED_LINEAR'
+COMPILE_CHOICES = ('eager', 'default', 'freezing')
+PEERS = ('convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50')
 DTYPE_CHOICES = ('float32', 'bfloat16', 'float16', 'float64')
 # (height = width, channels, groups) of the DCNv3 layers in InternImage-T's four stages at 224 px.
 OP_SHAPES = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))
@@ -217,7 +227,11 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     dtype = getattr(torch, cfg['dtype'])
     torch.manual_seed(0)
 
-    model = timm.create_model(cfg['model'], in_chans=cfg['in_chans'], **cfg['model_kwargs'])
+    try:  # models with a fixed input size (Swin) are built for the benchmark's resolution
+        model = timm.create_model(cfg['model'], in_chans=cfg['in_chans'], img_size=cfg['img_size'],
+                                  **cfg['model_kwargs'])
+    except TypeError:  # the others take any size and no img_size argument
+        model = timm.create_model(cfg['model'], in_chans=cfg['in_chans'], **cfg['model_kwargs'])
     num_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     if not cfg['amp']:
@@ -225,6 +239,8 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     train = cfg['mode'] == 'train'
     model.train(train)
     if cfg['compile']:
+        import torch._inductor.config
+        torch._inductor.config.freezing = cfg['compile'] == 'freezing'
         model = torch.compile(model)
 
     x = torch.randn(cfg['batch_size'], cfg['in_chans'], cfg['img_size'], cfg['img_size'], device=device)
@@ -236,11 +252,14 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg['amp'])
 
     if train:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
         def step() -> None:
             with autocast:
                 out = model(x)
             out.float().mean().backward()
-            model.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         grad_ctx = torch.enable_grad
     else:
         def step() -> None:
@@ -340,10 +359,7 @@ def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def _run_in_subprocess(cfg: Dict[str, Any]) -> Dict[str, Any]:
     env = dict(os.environ)
-    if cfg.get('backend') and cfg['backend'] != 'auto':
-        env[BACKEND_ENV] = cfg['backend']
-    elif cfg.get('backend') == 'auto':
-        env.pop(BACKEND_ENV, None)
+    _apply_settings(cfg, env)
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), _WORKER_FLAG, json.dumps(cfg)],
         env=env, capture_output=True, text=True)
@@ -353,22 +369,28 @@ def _run_in_subprocess(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _apply_settings(cfg: Dict[str, Any], env: Any) -> None:
+    """The DCNv3 backend and the fused-linear switch reach the package through its environment variables."""
+    for name, value in ((BACKEND_ENV, cfg.get('backend', 'auto')), (FUSED_LINEAR_ENV, cfg.get('fused_linear', 'on'))):
+        if value in ('auto', 'on', 'none'):
+            env.pop(name, None)
+        else:
+            env[name] = '0' if value == 'off' else value
+
+
 def _run_in_process(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    # The backend goes to the op through its environment variable, as in a subprocess.
-    previous = os.environ.get(BACKEND_ENV)
-    if cfg.get('backend', 'auto') != 'auto':
-        os.environ[BACKEND_ENV] = cfg['backend']
-    else:
-        os.environ.pop(BACKEND_ENV, None)
+    previous = {name: os.environ.get(name) for name in (BACKEND_ENV, FUSED_LINEAR_ENV)}
+    _apply_settings(cfg, os.environ)
     try:
         return run_op_config(cfg) if cfg['op'] else run_model_config(cfg)
     except Exception as error:  # reported like a failed subprocess, the other configurations still run
         return {'kind': 'op' if cfg['op'] else 'model', 'config': cfg, 'error': f'{type(error).__name__}: {error}'}
     finally:
-        if previous is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _worker_main(cfg_json: str) -> None:
@@ -381,48 +403,76 @@ def _worker_main(cfg_json: str) -> None:
     sys.stdout.write(json.dumps(result) + '\n')
 
 
+def _choices(value: str, option: str, allowed: Tuple[str, ...]) -> List[str]:
+    items = [v.strip() for v in value.split(',') if v.strip()]
+    for item in items:
+        if item not in allowed:
+            raise SystemExit(f'{option}: unknown value {item!r}; choose from {", ".join(allowed)}')
+    return items
+
+
+def _positive_ints(value: str, option: str) -> List[int]:
+    try:
+        items = [int(v) for v in value.split(',') if v.strip()]
+    except ValueError:
+        items = []
+    if not items or min(items) < 1:
+        raise SystemExit(f'{option}: expected positive integers separated by commas, got {value!r}')
+    return items
+
+
 def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    backends = [b.strip() for b in args.backend.split(',') if b.strip()]
-    for b in backends:
-        if b not in BACKEND_CHOICES:
-            raise SystemExit(f'--backend: unknown backend {b!r}; choose from {", ".join(BACKEND_CHOICES)}')
-    dtypes = [d.strip() for d in args.dtype.split(',') if d.strip()]
-    for d in dtypes:
-        if d not in DTYPE_CHOICES:
-            raise SystemExit(f'--dtype: unknown dtype {d!r}; choose from {", ".join(DTYPE_CHOICES)}')
-    modes = [m.strip() for m in args.mode.split(',') if m.strip()]
-    for m in modes:
-        if m not in ('infer', 'train'):
-            raise SystemExit(f'--mode: unknown mode {m!r}; choose infer or train')
-    compile_options = [False, True] if args.compile else [False]
-    common = {
-        'op': args.op, 'device': args.device, 'threads': args.threads, 'warmup': args.warmup, 'iters': args.iters,
-        'batch_size': args.batch_size, 'clock': args.clock,
-    }
+    """Every configuration, in the order they run: dtype, batch, resolution, mode, then model, backend,
+    fused linear and compile mode vary fastest (so that ``--rounds`` compares neighbours)."""
+    backends = _choices(args.backend, '--backend', BACKEND_CHOICES)
+    dtypes = _choices(args.dtype, '--dtype', DTYPE_CHOICES)
+    modes = _choices(args.mode, '--mode', ('infer', 'train'))
+    compiles = _choices(args.compile or 'eager', '--compile', COMPILE_CHOICES)
+    fused_linear = _choices(args.fused_linear, '--fused-linear', ('on', 'off'))
+    batch_sizes = _positive_ints(args.batch_size, '--batch-size')
+    img_sizes = _positive_ints(args.img_size, '--img-size')
+    models = [m.strip() for m in args.model.split(',') if m.strip()] + (list(PEERS) if args.peers else [])
+    if args.op and 'freezing' in compiles:
+        raise SystemExit('--compile freezing applies to models (it freezes their weights), not to --op')
+    common = {'op': args.op, 'device': args.device, 'threads': args.threads, 'warmup': args.warmup,
+              'iters': args.iters, 'clock': args.clock}
     configs = []
+    if args.op:
+        # one shape per worker: a fresh process per shape keeps the peak memory of each its own
+        shape_groups = [list(range(len(OP_SHAPES)))] if args.in_process else [[i] for i in range(len(OP_SHAPES))]
+        for dtype in dtypes:
+            for batch_size in batch_sizes:
+                for backend in backends:
+                    for compile_mode in compiles:
+                        for shapes in shape_groups:
+                            configs.append({**common, 'dtype': dtype, 'batch_size': batch_size, 'backend': backend,
+                                            'compile': False if compile_mode == 'eager' else compile_mode,
+                                            'shapes': shapes})
+        return configs
     for dtype in dtypes:
-        for backend in backends:
-            for compiled in compile_options:
-                if args.op:
-                    # one shape per worker: a fresh process per shape keeps the peak memory of each its own
-                    shape_groups = [[i] for i in range(len(OP_SHAPES))] if not args.in_process else [
-                        list(range(len(OP_SHAPES)))]
-                    for shapes in shape_groups:
-                        configs.append({**common, 'dtype': dtype, 'backend': backend, 'compile': compiled,
-                                        'shapes': shapes})
-                    continue
+        for batch_size in batch_sizes:
+            for img_size in img_sizes:
                 for mode in modes:
-                    configs.append({
-                        **common, 'dtype': dtype, 'backend': backend, 'compile': compiled, 'mode': mode,
-                        'model': args.model, 'img_size': args.img_size, 'in_chans': args.in_chans,
-                        'channels_last': args.channels_last, 'amp': args.amp,
-                        'model_kwargs': _parse_kwargs(args.model_kwargs),
-                    })
+                    for model in models:
+                        # timm's own models have no DCNv3 and no fused linear layers: one configuration each
+                        ours = model.startswith('internimage')
+                        for backend in backends if ours else ['none']:
+                            for linear in fused_linear if ours else ['on']:
+                                for compile_mode in compiles:
+                                    if compile_mode == 'freezing' and mode == 'train':
+                                        continue  # freezing is for inference
+                                    configs.append({
+                                        **common, 'dtype': dtype, 'batch_size': batch_size, 'img_size': img_size,
+                                        'mode': mode, 'model': model, 'backend': backend, 'fused_linear': linear,
+                                        'compile': False if compile_mode == 'eager' else compile_mode,
+                                        'in_chans': args.in_chans, 'channels_last': args.channels_last,
+                                        'amp': args.amp, 'model_kwargs': _parse_kwargs(args.model_kwargs) if ours else {},
+                                    })
     return configs
 
 
 def _merge_op_results(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One op result per (dtype, backend, compile), its shapes in order, whatever the workers were."""
+    """One op result per (dtype, batch, backend, compile), its shapes in order, whatever the workers were."""
     merged: List[Dict[str, Any]] = []
     by_key: Dict[Tuple, Dict[str, Any]] = {}
     for r in results:
@@ -430,7 +480,7 @@ def _merge_op_results(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             merged.append(r)
             continue
         c = r['config']
-        key = (c['dtype'], c['backend'], c['compile'])
+        key = (c['dtype'], c['batch_size'], c['backend'], c['compile'])
         if key not in by_key:
             first = dict(r, config={k: v for k, v in c.items() if k != 'shapes'}, shapes=list(r.get('shapes', [])))
             by_key[key] = first
@@ -444,10 +494,14 @@ def _merge_op_results(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return merged
 
 
+def _comparable(cfg: Dict[str, Any]) -> Tuple:
+    return cfg['mode'], cfg['dtype'], cfg['batch_size'], cfg['img_size']
+
+
 def _combine_rounds(rounds: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     """One model result per configuration from several interleaved rounds: the median over rounds, and
-    ``speedup``, the median over rounds of each round's time ratio to the first configuration of the
-    same mode (so that slow drifts of a shared machine cancel out)."""
+    ``speedup``, the median over rounds of each round's throughput ratio to the first configuration with the
+    same mode, dtype, batch and resolution (so that slow drifts of a shared machine cancel out)."""
     combined = []
     for index, runs in enumerate(zip(*rounds)):
         errors = [r for r in runs if 'error' in r]
@@ -459,7 +513,7 @@ def _combine_rounds(rounds: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
         row['img_per_s'] = row['config']['batch_size'] / (row['median_ms'] / 1e3)
         peaks = [r['peak_mem_mib'] for r in runs if r['peak_mem_mib'] is not None]
         row['peak_mem_mib'] = max(peaks) if peaks else None
-        first = next(i for i, r in enumerate(rounds[0]) if r['config']['mode'] == row['config']['mode'])
+        first = next(i for i, r in enumerate(rounds[0]) if _comparable(r['config']) == _comparable(row['config']))
         if all('error' not in round_results[first] for round_results in rounds):
             row['speedup'] = statistics.median(
                 round_results[first]['median_ms'] / round_results[index]['median_ms'] for round_results in rounds)
@@ -480,7 +534,8 @@ def _print_table(results: List[Dict[str, Any]]) -> None:
     model_rows = [r for r in results if r['kind'] == 'model']
     op_rows = [r for r in results if r['kind'] == 'op']
     if model_rows:
-        header = ('model', 'mode', 'dtype', 'backend', 'compile', 'batch', 'res', 'img/s', 'ms/iter', 'peak MiB')
+        header = ('model', 'mode', 'dtype', 'backend', 'linear', 'compile', 'batch', 'res', 'img/s', 'ms/iter',
+                  'peak MiB')
         with_speedup = any('speedup' in r for r in model_rows)
         if with_speedup:
             header += ('speedup',)
@@ -488,7 +543,8 @@ def _print_table(results: List[Dict[str, Any]]) -> None:
         for r in model_rows:
             c = r['config']
             base = (c['model'], c['mode'], c['dtype'] + ('+amp' if c['amp'] else ''), c['backend'],
-                    'yes' if c['compile'] else 'no', str(c['batch_size']), str(c['img_size']))
+                    'fused' if c.get('fused_linear', 'on') == 'on' else 'aten', c['compile'] or 'eager',
+                    str(c['batch_size']), str(c['img_size']))
             if 'error' in r:
                 lines.append(base + ('error', '', '') + (('',) if with_speedup else ()))
             else:
@@ -500,7 +556,7 @@ def _print_table(results: List[Dict[str, Any]]) -> None:
         lines = []
         for r in op_rows:
             c = r['config']
-            base = (c['backend'], c['dtype'], 'yes' if c['compile'] else 'no')
+            base = (c['backend'], c['dtype'], c['compile'] or 'eager')
             if 'error' in r and not r['shapes']:
                 lines.append(base + ('error',) + ('',) * 7)
                 continue
@@ -532,9 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description='Images/s and peak memory of timm-internimage models, or DCNv3 op timings (--op).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--model', default='internimage_t', help='timm model name')
-    p.add_argument('--batch-size', '-b', type=int, default=8, help='batch size (model) or N (--op)')
-    p.add_argument('--img-size', type=int, default=224, help='input resolution (square)')
+    p.add_argument('--model', default='internimage_t', help='comma-separated timm model names')
+    p.add_argument('--peers', action='store_true', help=f'also run timm\'s {", ".join(PEERS)}')
+    p.add_argument('--batch-size', '-b', default='8', help='comma-separated batch sizes (model) or N (--op)')
+    p.add_argument('--img-size', default='224', help='comma-separated input resolutions (square)')
     p.add_argument('--in-chans', type=int, default=3, help='input channels')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra create_model keyword arguments, e.g. channels=32 depths="[2,2,2,2]"')
@@ -543,10 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', action='store_true',
                    help='keep float32 weights and run under torch.autocast(dtype) instead of converting the model')
     p.add_argument('--mode', default='infer', help='comma-separated list of: infer (inference_mode, eval), '
-                                                   'train (forward + backward, train mode)')
+                                                   'train (forward, backward and SGD step, train mode)')
     p.add_argument('--backend', default='auto',
                    help=f'comma-separated DCNv3 backends: {", ".join(BACKEND_CHOICES)} (sets {BACKEND_ENV})')
-    p.add_argument('--compile', action='store_true', help='also benchmark each configuration under torch.compile')
+    p.add_argument('--compile', nargs='?', const='eager,default', default='eager', metavar='MODES',
+                   help='comma-separated list of: eager, default (torch.compile with inductor), freezing (inductor '
+                        'with freezing, inference only); the bare flag means eager,default')
+    p.add_argument('--fused-linear', default='on',
+                   help=f'comma-separated list of: on, off (sets {FUSED_LINEAR_ENV}=0: ATen\'s linear layers)')
     p.add_argument('--channels-last', action='store_true', help='channels_last input and model memory format')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: torch default)')
@@ -573,8 +634,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _worker_main(argv[1])
         return 0
     args = build_parser().parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1 or args.rounds < 1:
-        raise SystemExit('--iters and --rounds must be >= 1, --warmup >= 0, --batch-size >= 1')
+    if args.iters < 1 or args.warmup < 0 or args.rounds < 1:
+        raise SystemExit('--iters and --rounds must be >= 1, --warmup >= 0')
     if args.op and args.rounds > 1:
         raise SystemExit('--rounds applies to model benchmarks, not --op')
     configs = _configs(args)

@@ -54,3 +54,47 @@ def test_benchmark_rounds_report_medians_and_speedups():
         assert len(r['round_ms']) == 3 and r['median_ms'] == sorted(r['round_ms'])[1]
         assert r['img_per_s'] == 1 / (r['median_ms'] / 1e3)
     assert first['speedup'] == 1.0 and second['speedup'] > 0
+
+
+def _load_benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('_benchmark_under_test', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configurations_for_peers_compile_modes_and_the_fused_linear_switch():
+    bench = _load_benchmark()
+    args = bench.build_parser().parse_args([
+        '--peers', '--backend', 'reference,compiled', '--fused-linear', 'on,off', '--compile', 'eager,freezing',
+        '--mode', 'infer,train', '--batch-size', '1,8', '--img-size', '224'])
+    configs = bench._configs(args)
+    keys = [(c['mode'], c['batch_size'], c['model'], c['backend'], c['fused_linear'], c['compile']) for c in configs]
+    assert len(keys) == len(set(keys))
+    for mode in ('infer', 'train'):
+        for batch in (1, 8):
+            ours = [k for k in keys if k[:3] == (mode, batch, 'internimage_t')]
+            compiles = ['eager', 'freezing'] if mode == 'infer' else ['eager']  # freezing is for inference
+            assert len(ours) == 2 * 2 * len(compiles)
+            for peer in bench.PEERS:  # timm's models: one configuration per compile mode, no DCNv3 settings
+                assert [k[3:] for k in keys if k[:3] == (mode, batch, peer)] == [
+                    ('none', 'on', False if c == 'eager' else c) for c in compiles]
+    assert configs[0]['backend'] == 'reference' and configs[0]['model'] == 'internimage_t'
+
+
+def test_settings_reach_the_package_through_its_environment():
+    bench = _load_benchmark()
+    env = {'TIMM_INTERNIMAGE_DCNV3_BACKEND': 'torch', 'TIMM_INTERNIMAGE_FUSED_LINEAR': '0'}
+    bench._apply_settings({'backend': 'compiled', 'fused_linear': 'on'}, env)
+    assert env == {'TIMM_INTERNIMAGE_DCNV3_BACKEND': 'compiled'}
+    bench._apply_settings({'backend': 'auto', 'fused_linear': 'off'}, env)
+    assert env == {'TIMM_INTERNIMAGE_FUSED_LINEAR': '0'}
+
+
+def test_benchmark_lists_and_compile_modes_run():
+    doc = _run('--model', 'internimage_t', '--batch-size', '1,2', '--img-size', '32', '--backend', 'torch',
+               '--fused-linear', 'on,off', '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]')
+    assert [(r['config']['batch_size'], r['config']['fused_linear']) for r in doc['results']] == [
+        (1, 'on'), (1, 'off'), (2, 'on'), (2, 'off')]
+    assert all('error' not in r for r in doc['results'])
