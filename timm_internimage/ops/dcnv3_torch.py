@@ -151,6 +151,17 @@ def _bilinear_weights(frac: Tensor, mask: Tensor) -> Tensor:
     return torch.stack((top * left, top * frac_x, bottom * left, bottom * frac_x), -2)
 
 
+def _bilinear_gather(
+        table: Tensor, top_left: Tensor, frac: Tensor, mask: Tensor, group: int, row_stride: int,
+) -> Tuple[Tensor, Tensor]:
+    """The sampling itself: ``(bags, group_channels)`` sums over the 4 corners of every point of
+    ``weight * table[row]``, and the ``(bags, 4 * P)`` corner weights (in the table's dtype) it used."""
+    bags, points = top_left.shape
+    weights = _bilinear_weights(frac, mask).to(table.dtype).view(bags, 4 * points)
+    rows = _corner_rows(top_left, group, row_stride)
+    return F.embedding_bag(rows, table, per_sample_weights=weights, mode='sum'), weights
+
+
 def _gather_transposed(
         grad_output: Tensor, top_left: Tensor, weights: Tensor, num_rows: int, group: int, row_stride: int,
 ) -> Tensor:
@@ -224,14 +235,12 @@ class _DCNv3Sampling(torch.autograd.Function):
         top_left, frac, mask_counted, counts = _sampling_plan(
             offset, mask, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
             dilation_w, group, offset_scale, remove_center)
-        bags, points = top_left.shape
-        weights = _bilinear_weights(frac, mask_counted).to(table.dtype).view(bags, 4 * points)
         row_stride = (width + 3) * group
+        output, weights = _bilinear_gather(table, top_left, frac, mask_counted, group, row_stride)
         ctx.save_for_backward(table, top_left, weights, frac, mask_counted, counts)
         ctx.geometry = (group, row_stride, offset_scale)
         ctx.inputs = ((offset.shape, offset.dtype), (mask.shape, mask.dtype))
-        rows = _corner_rows(top_left, group, row_stride)
-        return F.embedding_bag(rows, table, per_sample_weights=weights, mode='sum')
+        return output
 
     @staticmethod
     @once_differentiable
@@ -322,8 +331,5 @@ def dcnv3_torch(
         top_left, frac, mask_counted, _ = _sampling_plan(
             offset, mask, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
             dilation_w, group, offset_scale, remove_center)
-        bags, points = top_left.shape
-        weights = _bilinear_weights(frac, mask_counted).to(input.dtype).view(bags, 4 * points)
-        rows = _corner_rows(top_left, group, (width + 3) * group)
-        output = F.embedding_bag(rows, table, per_sample_weights=weights, mode='sum')
+        output = _bilinear_gather(table, top_left, frac, mask_counted, group, (width + 3) * group)[0]
     return output.view(batch, height_out, width_out, group * group_channels)
