@@ -206,12 +206,14 @@ def test_batch_sizes(n):
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_backward_partitions(threads):
-    """Both grad_input strategies: per (batch, group) slices and private buffers."""
+    """Every grad_input strategy: tasks owning all, some or one of a batch element's groups, and private buffers."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for cfg in (dict(batch=1, height=16, width=16, group=1, group_channels=8),
-                    dict(batch=3, height=8, width=9, group=2, group_channels=4)):
+                    dict(batch=3, height=8, width=9, group=2, group_channels=4),
+                    dict(batch=2, height=6, width=7, group=4, group_channels=4),
+                    dict(batch=1, height=6, width=5, group=3, group_channels=2)):
             _assert_same_function_in_float64(reference_dcnv3, *random_case(**cfg, seed=6))
     finally:
         torch.set_num_threads(old)

@@ -425,9 +425,26 @@ struct BackwardArgs {
   const scalar_t* mask;
   scalar_t* grad_off;
   scalar_t* grad_mask;
-  const acc_t* kx;  // per point of one group
+  const acc_t* kx;  // per point of all groups
   const acc_t* ky;
 };
+
+// Sum of the kWidth values of p in pairwise (tree) order: p[c] + p[c + kWidth/2]
+// first. Each step has a width fixed at compile time, so that the compilers
+// keep the halves in registers.
+template <typename acc_t, int kWidth>
+DCNV3_INLINE acc_t tree_sum(const acc_t* DCNV3_RESTRICT p) {
+  if constexpr (kWidth == 1) {
+    return p[0];
+  } else {
+    acc_t half[kWidth / 2];
+#pragma omp simd
+    for (int c = 0; c < kWidth / 2; ++c) {
+      half[c] = p[c] + p[c + kWidth / 2];
+    }
+    return tree_sum<acc_t, kWidth / 2>(half);
+  }
+}
 
 // d[k] = sum_c go[c] * v_k[c] over the four corner rows, and, when kScatter,
 // gin_k[c] += mw[k] * go[c]. Only called with kScatter when the four corners
@@ -466,19 +483,10 @@ DCNV3_INLINE void backward_channels(
         d3[c] += m3 * gc;
       }
     }
-    for (int width = kC / 2; width >= 1; width /= 2) {
-#pragma omp simd
-      for (int c = 0; c < width; ++c) {
-        p0[c] += p0[c + width];
-        p1[c] += p1[c + width];
-        p2[c] += p2[c + width];
-        p3[c] += p3[c + width];
-      }
-    }
-    d[0] = p0[0];
-    d[1] = p1[0];
-    d[2] = p2[0];
-    d[3] = p3[0];
+    d[0] = tree_sum<acc_t, kC>(p0);
+    d[1] = tree_sum<acc_t, kC>(p1);
+    d[2] = tree_sum<acc_t, kC>(p2);
+    d[3] = tree_sum<acc_t, kC>(p3);
     return;
   }
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -502,15 +510,18 @@ DCNV3_INLINE void backward_channels(
   d[3] = s3;
 }
 
-// Backward of the output pixels [hw_begin, hw_end) of batch element n, group
-// gi. grad_input contributions go to gin (acc_t, laid out like the input,
-// pointing at channel 0 of group gi of batch element n); the caller makes
-// sure no other thread writes the same gin at the same time.
+// Backward of the output pixels [hw_begin, hw_end) of batch element n, groups
+// [g_begin, g_begin + g_count). grad_input contributions go to gin (acc_t,
+// laid out like the input, pointing at channel 0 of batch element n); the
+// caller makes sure no other thread writes the same groups of gin at the same
+// time. The points of all the groups of a pixel are prepared in one pass, as
+// in the forward.
 template <typename scalar_t, int kC>
 DCNV3_INLINE void backward_range(
     const BackwardArgs<scalar_t>& a,
     int64_t n,
-    int64_t gi,
+    int64_t g_begin,
+    int64_t g_count,
     int64_t hw_begin,
     int64_t hw_end,
     opmath_t<scalar_t>* gin) {
@@ -520,83 +531,92 @@ DCNV3_INLINE void backward_range(
   const int64_t GC = g.G * C;
   const int64_t row = g.W * GC;
   const int64_t P = g.P;
-  const scalar_t* xg = a.x + n * g.H * row + gi * C;
-  PointArrays<acc_t> pts(P);
-  std::vector<acc_t> gm(P);
+  const int64_t count = g_count * P;
+  const scalar_t* xn = a.x + n * g.H * row;
+  PointArrays<acc_t> pts(count);
+  std::vector<acc_t> gm(count);
   const acc_t* prob = pts.prob();
   for (int64_t hw = hw_begin; hw < hw_end; ++hw) {
     const int64_t pos = n * g.Ho * g.Wo + hw;
     const int64_t wo = hw % g.Wo;
     const int64_t ho = hw / g.Wo;
-    const int64_t pg = pos * g.G + gi;
-    const scalar_t* go = a.grad_out + pos * GC + gi * C;
-    point_weights<scalar_t, acc_t>(a.mask + pg * P, 1, P, g.mask_logits, pts.prob(), pts.shifted());
-    compute_stencils<scalar_t, true>(g, ho, wo, a.kx, a.ky, a.off + pg * P * 2, P, pts);
-    for (int64_t p = 0; p < P; ++p) {
-      const Stencil<acc_t> s = stencil_at(pts, p);
-      const acc_t m = sample_weight(s, prob[p]);
-      int64_t off[4];
-      stencil_offsets(s, row, GC, off);
-      const acc_t mw[4] = {m * s.w[0], m * s.w[1], m * s.w[2], m * s.w[3]};
-      acc_t d[4];
-      if (s.interior) {
-        backward_channels<acc_t, scalar_t, kC, true>(
-            go, xg + off[0], xg + off[1], xg + off[2], xg + off[3], gin + off[0], gin + off[1], gin + off[2],
-            gin + off[3], mw, C, d);
-      } else {
-        // Clamped corners may coincide: dot products first, then one corner at a time.
-        backward_channels<acc_t, scalar_t, kC, false>(
-            go, xg + off[0], xg + off[1], xg + off[2], xg + off[3], nullptr, nullptr, nullptr, nullptr, mw, C, d);
-        for (int k = 0; k < 4; ++k) {
-          if (mw[k] == acc_t(0)) {
-            continue;
-          }
-          acc_t* DCNV3_RESTRICT dst = gin + off[k];
-          const acc_t wk = mw[k];
+    const int64_t first = (pos * g.G + g_begin) * P;  // this pixel's first point of group g_begin
+    point_weights<scalar_t, acc_t>(a.mask + first, g_count, P, g.mask_logits, pts.prob(), pts.shifted());
+    compute_stencils<scalar_t, true>(g, ho, wo, a.kx, a.ky, a.off + first * 2, count, pts);
+    scalar_t* grad_off = a.grad_off + first * 2;
+    for (int64_t lg = 0; lg < g_count; ++lg) {
+      const int64_t gi = g_begin + lg;
+      const scalar_t* go = a.grad_out + pos * GC + gi * C;
+      const scalar_t* xg = xn + gi * C;
+      acc_t* ging = gin + gi * C;
+      for (int64_t j = lg * P; j < (lg + 1) * P; ++j) {
+        const Stencil<acc_t> s = stencil_at(pts, j);
+        const acc_t m = sample_weight(s, prob[j]);
+        int64_t off[4];
+        stencil_offsets(s, row, GC, off);
+        const acc_t mw[4] = {m * s.w[0], m * s.w[1], m * s.w[2], m * s.w[3]};
+        acc_t d[4];
+        if (s.interior) {
+          backward_channels<acc_t, scalar_t, kC, true>(
+              go, xg + off[0], xg + off[1], xg + off[2], xg + off[3], ging + off[0], ging + off[1], ging + off[2],
+              ging + off[3], mw, C, d);
+        } else {
+          // Clamped corners may coincide: dot products first, then one corner at a time.
+          backward_channels<acc_t, scalar_t, kC, false>(
+              go, xg + off[0], xg + off[1], xg + off[2], xg + off[3], nullptr, nullptr, nullptr, nullptr, mw, C, d);
+          for (int k = 0; k < 4; ++k) {
+            if (mw[k] == acc_t(0)) {
+              continue;
+            }
+            acc_t* DCNV3_RESTRICT dst = ging + off[k];
+            const acc_t wk = mw[k];
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            dst[c] += wk * static_cast<acc_t>(go[c]);
+            for (int64_t c = 0; c < C; ++c) {
+              dst[c] += wk * static_cast<acc_t>(go[c]);
+            }
           }
         }
+        // The sampled value is linear in the corner values, so the stencil
+        // applied to the corner dot products gives sum_c go*value and the
+        // position derivatives.
+        acc_t s_v, s_x, s_y;
+        stencil_value_grad<acc_t>(s, d, s_v, s_x, s_y);
+        acc_t gox, goy;
+        offset_grad<acc_t>(g, m * s_x, m * s_y, gox, goy);
+        grad_off[2 * j] = static_cast<scalar_t>(gox);
+        grad_off[2 * j + 1] = static_cast<scalar_t>(goy);
+        gm[j] = s_v;
       }
-      // The sampled value is linear in the corner values, so the stencil
-      // applied to the corner dot products gives sum_c go*value and the
-      // position derivatives.
-      acc_t s_v, s_x, s_y;
-      stencil_value_grad<acc_t>(s, d, s_v, s_x, s_y);
-      acc_t gox, goy;
-      offset_grad<acc_t>(g, m * s_x, m * s_y, gox, goy);
-      a.grad_off[pg * P * 2 + 2 * p] = static_cast<scalar_t>(gox);
-      a.grad_off[pg * P * 2 + 2 * p + 1] = static_cast<scalar_t>(goy);
-      gm[p] = s_v;
+      if (g.mask_logits) {
+        softmax_backward_inplace(prob + lg * P, gm.data() + lg * P, P);
+      }
     }
-    if (g.mask_logits) {
-      softmax_backward_inplace(prob, gm.data(), P);
-    }
-    for (int64_t p = 0; p < P; ++p) {
-      a.grad_mask[pg * P + p] = static_cast<scalar_t>(gm[p]);
+    scalar_t* grad_mask = a.grad_mask + first;
+    for (int64_t j = 0; j < count; ++j) {
+      grad_mask[j] = static_cast<scalar_t>(gm[j]);
     }
   }
 }
 
 template <typename scalar_t>
 using BackwardRangeFn =
-    void (*)(const BackwardArgs<scalar_t>&, int64_t, int64_t, int64_t, int64_t, opmath_t<scalar_t>*);
+    void (*)(const BackwardArgs<scalar_t>&, int64_t, int64_t, int64_t, int64_t, int64_t, opmath_t<scalar_t>*);
 
 #define DCNV3_BACKWARD_RANGE_ARGS \
-  const BackwardArgs<scalar_t>&a, int64_t n, int64_t gi, int64_t hw_begin, int64_t hw_end, opmath_t<scalar_t>*gin
+  const BackwardArgs<scalar_t>&a, int64_t n, int64_t g_begin, int64_t g_count, int64_t hw_begin, int64_t hw_end, \
+      opmath_t<scalar_t>*gin
 template <typename scalar_t, int kC>
 void backward_range_baseline(DCNV3_BACKWARD_RANGE_ARGS) {
-  backward_range<scalar_t, kC>(a, n, gi, hw_begin, hw_end, gin);
+  backward_range<scalar_t, kC>(a, n, g_begin, g_count, hw_begin, hw_end, gin);
 }
 #if defined(DCNV3_X86_DISPATCH)
 template <typename scalar_t, int kC>
 DCNV3_TARGET_AVX2 void backward_range_avx2(DCNV3_BACKWARD_RANGE_ARGS) {
-  backward_range<scalar_t, kC>(a, n, gi, hw_begin, hw_end, gin);
+  backward_range<scalar_t, kC>(a, n, g_begin, g_count, hw_begin, hw_end, gin);
 }
 template <typename scalar_t, int kC>
 DCNV3_TARGET_AVX512 void backward_range_avx512(DCNV3_BACKWARD_RANGE_ARGS) {
-  backward_range<scalar_t, kC>(a, n, gi, hw_begin, hw_end, gin);
+  backward_range<scalar_t, kC>(a, n, g_begin, g_count, hw_begin, hw_end, gin);
 }
 #endif
 
@@ -624,25 +644,31 @@ void backward_kernel(
   using acc_t = opmath_t<scalar_t>;
   const int64_t HWo = g.Ho * g.Wo;
   const int64_t in_plane = g.H * g.W * g.G * g.C;  // input elements per batch element
-  const int64_t tasks = g.N * g.G;
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t work_per_pixel = g.P * g.C * 8;
   std::vector<acc_t> kx, ky;
-  kernel_grid_table(g, 1, kx, ky);
+  kernel_grid_table(g, g.G, kx, ky);
   const BackwardArgs<scalar_t> args{&g, grad_out, x, off, mask, grad_off, grad_mask, kx.data(), ky.data()};
   const BackwardRangeFn<scalar_t> range_fn = pick_backward<scalar_t>(g.C);
-  // Private-buffer strategy only when there are fewer slices than threads
-  // and the buffers stay small; otherwise one thread per slice.
+  // Private-buffer strategy only when there are fewer (batch element, group)
+  // slices than threads and the buffers stay small; otherwise one thread per
+  // slice of grad_input, each slice as many whole groups as the thread count allows.
   const int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(1, HWo / 16));
   const int64_t total = g.N * in_plane;
   const bool small_buffers = static_cast<double>(chunks) * static_cast<double>(total) * sizeof(acc_t) <= kMaxBufferBytes;
-  if (tasks >= threads || tasks * HWo * work_per_pixel < kGrainWork || !small_buffers) {
-    // Each (batch element, group) owns a disjoint slice of grad_input.
-    torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  if (g.N * g.G >= threads || g.N * g.G * HWo * work_per_pixel < kGrainWork || !small_buffers) {
+    int64_t block = g.G;  // groups per task
+    while (block % 2 == 0 && g.N * (g.G / block) < threads) {
+      block /= 2;
+    }
+    if (g.N * (g.G / block) < threads) {
+      block = 1;
+    }
+    const int64_t blocks = g.G / block;
+    torch::stable::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / g.G;
-        const int64_t gi = t % g.G;
-        range_fn(args, n, gi, 0, HWo, gin + n * in_plane + gi * g.C);
+        const int64_t n = t / blocks;
+        range_fn(args, n, (t % blocks) * block, block, 0, HWo, gin + n * in_plane);
       }
     });
     return;
@@ -657,9 +683,7 @@ void backward_kernel(
       const int64_t lo = HWo * k / chunks;
       const int64_t hi = HWo * (k + 1) / chunks;
       for (int64_t n = 0; n < g.N; ++n) {
-        for (int64_t gi = 0; gi < g.G; ++gi) {
-          range_fn(args, n, gi, lo, hi, buf.data() + n * in_plane + gi * g.C);
-        }
+        range_fn(args, n, 0, g.G, lo, hi, buf.data() + n * in_plane);
       }
     }
   });
