@@ -26,6 +26,7 @@ python="${PYTHON:-python3}"
 build_python="${BUILD_PYTHON:-$root/.venv/bin/python}"
 work="${RELEASE_CHECK_DIR:-$root/build/release_check}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_NO_CACHE_DIR=1  # torch for each fresh environment would be cached too
 
 op_wheel=""
 torch_versions=()
@@ -144,6 +145,7 @@ for version in ${torch_versions[@]+"${torch_versions[@]}"}; do
   "$python" -m venv "$env_dir"
   "$env_dir/bin/python" -m pip install -q "torch==$version" pytest numpy safetensors
   smoke "$env_dir/bin/python" "fresh environment, torch $version"
+  rm -rf "$env_dir"  # recreated on every run; the disk is needed more
 done
 for py in ${pythons[@]+"${pythons[@]}"}; do
   smoke "$py" "$("$py" -c 'import torch; print("torch", torch.__version__)') in $py"

@@ -19,10 +19,16 @@ torch_version="${TORCH_VERSION:-2.14.1}"
 torchvision_version="${TORCHVISION_VERSION:-0.29.1}"
 old_torch_version="${OLD_TORCH_VERSION-2.13.0}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Without a local copy of torch, pip downloads a CUDA build (several GB with its CUDA libraries); its
+# cache would hold a second copy of all of it.
+export PIP_NO_CACHE_DIR=1
 
 step() { printf '\n== %s\n' "$*"; }
 
 step "environment $venv (torch $torch_version)"
+# A run needs about 8 GB here: the environment (6 GB with a CUDA build of torch), the release check's
+# environments and the tests' temporary files.
+df -h . | awk 'NR == 2 {print "disk: " $4 " free of " $2}'
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q "torch==$torch_version" "torchvision==$torchvision_version"
 "$venv/bin/python" -m pip install -q -e ".[test]"
