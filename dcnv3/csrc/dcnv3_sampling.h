@@ -133,10 +133,11 @@ struct Stencil {
   bool counts;             // -1 < px < W and -1 < py < H: the sample takes part
 };
 
-// v clamped into [0, size - 1].
-DCNV3_HD int32_t clamp_index(int32_t v, int32_t size) {
-  const int32_t low = v < 0 ? 0 : v;
-  return low > size - 1 ? size - 1 : low;
+// v (an integer in floating point) clamped into [0, last].
+template <typename acc_t>
+DCNV3_HD acc_t clamp_coord(acc_t v, acc_t last) {
+  const acc_t low = v < acc_t(0) ? acc_t(0) : v;
+  return low > last ? last : low;
 }
 
 template <typename acc_t>
@@ -151,35 +152,38 @@ DCNV3_HD Stencil<acc_t> make_stencil(acc_t px, acc_t py, int32_t H, int32_t W) {
   const acc_t y0f = floor_(py);
   const acc_t fx = px - x0f;
   const acc_t fy = py - y0f;
-  const int32_t x0 = static_cast<int32_t>(x0f);
-  const int32_t y0 = static_cast<int32_t>(y0f);
-  // Bitwise & (not &&) and plain selects keep the function free of branches.
-  const bool vx0 = (x0 >= 0) & (x0 < W);
-  const bool vx1 = (x0 + 1 >= 0) & (x0 + 1 < W);
-  const bool vy0 = (y0 >= 0) & (y0 < H);
-  const bool vy1 = (y0 + 1 >= 0) & (y0 + 1 < H);
-  const bool v00 = vy0 & vx0, v01 = vy0 & vx1, v10 = vy1 & vx0, v11 = vy1 & vx1;
-  const acc_t gx = acc_t(1) - fx;
-  const acc_t gy = acc_t(1) - fy;
+  // Corner validity as factors of 1 or 0 per axis, and clamping, in floating
+  // point (the floors are small integers, exact in acc_t): one kind of
+  // comparison and no branches, which the compilers vectorise. Products with
+  // the factors equal the plain weights exactly where a corner is valid.
+  const acc_t one = acc_t(1);
   const acc_t zero = acc_t(0);
+  const acc_t last_x = static_cast<acc_t>(W - 1);
+  const acc_t last_y = static_cast<acc_t>(H - 1);
+  const acc_t ax0 = x0f >= zero ? one : zero;  // x0f <= W - 1 always: px < W or px = -2
+  const acc_t ax1 = (x0f >= -one ? one : zero) * (x0f < last_x ? one : zero);
+  const acc_t ay0 = y0f >= zero ? one : zero;
+  const acc_t ay1 = (y0f >= -one ? one : zero) * (y0f < last_y ? one : zero);
+  const acc_t ex0 = ax0 * (one - fx), ex1 = ax1 * fx;  // x factors of corners x0, x1
+  const acc_t ey0 = ay0 * (one - fy), ey1 = ay1 * fy;
   Stencil<acc_t> s;
-  s.x0 = clamp_index(x0, W);
-  s.x1 = clamp_index(x0 + 1, W);
-  s.y0 = clamp_index(y0, H);
-  s.y1 = clamp_index(y0 + 1, H);
-  s.w[0] = v00 ? gy * gx : zero;
-  s.w[1] = v01 ? gy * fx : zero;
-  s.w[2] = v10 ? fy * gx : zero;
-  s.w[3] = v11 ? fy * fx : zero;
-  s.wx[0] = v00 ? -gy : zero;
-  s.wx[1] = v01 ? gy : zero;
-  s.wx[2] = v10 ? -fy : zero;
-  s.wx[3] = v11 ? fy : zero;
-  s.wy[0] = v00 ? -gx : zero;
-  s.wy[1] = v01 ? -fx : zero;
-  s.wy[2] = v10 ? gx : zero;
-  s.wy[3] = v11 ? fx : zero;
-  s.interior = v00 & v11;
+  s.x0 = static_cast<int32_t>(clamp_coord(x0f, last_x));
+  s.x1 = static_cast<int32_t>(clamp_coord(x0f + one, last_x));
+  s.y0 = static_cast<int32_t>(clamp_coord(y0f, last_y));
+  s.y1 = static_cast<int32_t>(clamp_coord(y0f + one, last_y));
+  s.w[0] = ey0 * ex0;
+  s.w[1] = ey0 * ex1;
+  s.w[2] = ey1 * ex0;
+  s.w[3] = ey1 * ex1;
+  s.wx[0] = -(ey0 * ax0);
+  s.wx[1] = ey0 * ax1;
+  s.wx[2] = -(ey1 * ax0);
+  s.wx[3] = ey1 * ax1;
+  s.wy[0] = -(ay0 * ex0);
+  s.wy[1] = -(ay0 * ex1);
+  s.wy[2] = ay1 * ex0;
+  s.wy[3] = ay1 * ex1;
+  s.interior = ax0 * ax1 * ay0 * ay1 > zero;
   s.counts = counts;
   return s;
 }
