@@ -81,11 +81,12 @@ def dcnv3_reference(
     locations = base + offset * offset_scale / spatial_norm
     grids = 2 * locations - 1
 
-    values = input.view(batch, padded_h * padded_w, group * group_channels).transpose(1, 2)
+    values = input.reshape(batch, padded_h * padded_w, group * group_channels).transpose(1, 2)
     values = values.reshape(batch * group, group_channels, padded_h, padded_w)
-    grids = grids.view(batch, height_out * width_out, group, num_points, 2).transpose(1, 2).flatten(0, 1)
+    # reshape, not view: offset and mask may be any strided views (as on the other backends).
+    grids = grids.reshape(batch, height_out * width_out, group, num_points, 2).transpose(1, 2).flatten(0, 1)
     sampled = F.grid_sample(values, grids, mode='bilinear', padding_mode='zeros', align_corners=False)
-    mask = mask.view(batch, height_out * width_out, group, num_points).transpose(1, 2)
+    mask = mask.reshape(batch, height_out * width_out, group, num_points).transpose(1, 2)
     mask = mask.reshape(batch * group, 1, height_out * width_out, num_points)
     output = (sampled * mask).sum(-1).view(batch, group * group_channels, height_out * width_out)
     return output.transpose(1, 2).reshape(batch, height_out, width_out, -1).contiguous()
