@@ -10,7 +10,7 @@ import timm
 import torch
 
 from timm_internimage.ops import DCNv3, compiled_backend_available, dcnv3, dcnv3_core
-from conftest import dcnv3_module, forward_backward, output_size, tiny_model
+from conftest import dcnv3_module, forward_backward, output_size, random_case, tiny_model
 from golden import cuda_semantics_args, cuda_semantics_cases, cuda_semantics_kwargs, load_cuda_semantics_case
 
 NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
@@ -289,3 +289,35 @@ def test_a_skipped_sample_ignores_its_nan_weight(backend):
     mask[0, 0, 0, 4] = float('nan')  # the centre point of pixel (0, 0) counts
     output = dcnv3(input, offset, mask, backend=backend, **kwargs)
     assert torch.isnan(output[0, 0, 0]).all() and torch.isfinite(output[0, 1:]).all()
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
+def test_a_single_bag_trains_on_any_number_of_threads(backend, threads):
+    """N * H_out * W_out * group == 1: one sampled vector. The gradients equal the reference backend's."""
+    input, offset, mask, args = random_case(batch=1, height=1, width=1, group=1, group_channels=3)
+    grad_output = torch.randn(1, 1, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = forward_backward(dcnv3_core, (input, offset, mask), grad_output, *args, backend=backend)
+    finally:
+        torch.set_num_threads(previous)
+    expected = forward_backward(dcnv3_core, (input, offset, mask), grad_output, *args, backend='reference')
+    for value, reference in zip(got, expected):
+        torch.testing.assert_close(value, reference, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
+def test_strided_views_are_accepted_on_every_backend(backend):
+    """An H/W-transposed mask and W-sliced offsets and input give the results of their contiguous copies."""
+    input, offset, mask, args = random_case(batch=2, height=6, width=6, spread=1.5)
+    wide = offset.repeat_interleave(2, dim=2)[:, :, ::2]  # every other column of a wider tensor
+    transposed = mask.transpose(1, 2).contiguous().transpose(1, 2)
+    sliced_input = input.repeat_interleave(2, dim=2)[:, :, 1::2]
+    assert not (wide.is_contiguous() or transposed.is_contiguous() or sliced_input.is_contiguous())
+    grad_output = torch.randn(2, 6, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = forward_backward(dcnv3_core, (sliced_input, wide, transposed), grad_output, *args, backend=backend)
+    expected = forward_backward(dcnv3_core, (input, offset, mask), grad_output, *args, backend=backend)
+    for value, reference in zip(got, expected):
+        torch.testing.assert_close(value, reference, rtol=0, atol=1e-12)

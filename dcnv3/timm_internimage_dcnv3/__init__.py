@@ -5,8 +5,10 @@ Importing this package loads the kernels and registers the ops
 fused-softmax ``dcnv3_softmax_forward`` / ``dcnv3_softmax_backward``).
 """
 
-from ._ops import built_with_cuda, cuda_load_error, cuda_loaded, dcnv3, supports
+from ._ops import built_with_cuda, cuda_load_error, cuda_loaded, dcnv3, set_create_graph_backward, supports
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "built_with_cuda", "cuda_load_error", "cuda_loaded", "dcnv3", "supports"]
+__all__ = [
+    "__version__", "built_with_cuda", "cuda_load_error", "cuda_loaded", "dcnv3", "set_create_graph_backward", "supports"
+]

@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -185,20 +185,53 @@ def _setup_context(ctx: Any, inputs: Sequence[Any], output: torch.Tensor) -> Non
     ctx.args = tuple(inputs[3:])
 
 
-def _make_backward(backward_op: Any) -> Any:
+# How to differentiate the backward itself (create_graph=True); the kernels compute first-order gradients only.
+_create_graph_backward: Callable[..., tuple[Any, ...]] | None = None
+
+
+def set_create_graph_backward(function: Callable[..., tuple[Any, ...]] | None) -> None:
+    """Register the gradients used when the backward is to be differentiated (``create_graph=True``: gradient
+    penalties, Hessian-vector products).
+
+    ``function(grad_output, input, offset, mask, args, mask_is_logits, needs_input_grad)`` returns the
+    gradients of ``input``, ``offset`` and ``mask`` (None where not needed) as differentiable tensors; ``args``
+    are the op's 12 geometry arguments. timm_internimage registers its pure-PyTorch formulation here; without
+    one, such a backward is an error rather than silently wrong second-order gradients.
+    """
+    global _create_graph_backward
+    _create_graph_backward = function
+
+
+def _make_backward(backward_op: Any, mask_is_logits: bool) -> Any:
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         input, offset, mask = ctx.saved_tensors
-        grad_input, grad_offset, grad_mask = backward_op(grad_output.contiguous(), input, offset, mask, *ctx.args)
-        return (grad_input, grad_offset, grad_mask) + (None,) * len(ctx.args)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            if _create_graph_backward is None:
+                raise RuntimeError(
+                    "DCNv3: the compiled kernels compute first-order gradients only. For second-order gradients "
+                    "(create_graph=True) use the op through timm_internimage (`import timm_internimage`), which "
+                    "differentiates them in pure PyTorch."
+                )
+            grads = _create_graph_backward(
+                grad_output, input, offset, mask, ctx.args, mask_is_logits, ctx.needs_input_grad[:3]
+            )
+        else:
+            grads = backward_op(grad_output.contiguous(), input, offset, mask, *ctx.args)
+        return tuple(grads) + (None,) * len(ctx.args)
 
     return _backward
 
 
-for _fwd, _bwd in (("dcnv3_forward", "dcnv3_backward"), ("dcnv3_softmax_forward", "dcnv3_softmax_backward")):
+for _fwd, _bwd, _mask_is_logits in (
+    ("dcnv3_forward", "dcnv3_backward", False),
+    ("dcnv3_softmax_forward", "dcnv3_softmax_backward", True),
+):
     torch.library.register_fake(f"{_NS}::{_fwd}")(_fake_forward)
     torch.library.register_fake(f"{_NS}::{_bwd}")(_fake_backward)
     torch.library.register_autograd(
-        f"{_NS}::{_fwd}", _make_backward(getattr(torch.ops.timm_internimage, _bwd).default), setup_context=_setup_context
+        f"{_NS}::{_fwd}",
+        _make_backward(getattr(torch.ops.timm_internimage, _bwd).default, _mask_is_logits),
+        setup_context=_setup_context,
     )
 
 

@@ -17,7 +17,7 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ from torch import Tensor
 from timm.layers import register_notrace_function
 
 from .dcnv3_reference import dcnv3_reference
-from .dcnv3_torch import dcnv3_output_size, dcnv3_torch
+from .dcnv3_torch import dcnv3_output_size, dcnv3_torch, dcnv3_torch_differentiable, differentiable_grads
 
 __all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'linear', 'requested_backend', 'use_fused_linear', 'BACKENDS']
 
@@ -83,7 +83,24 @@ def _extension() -> Optional[ModuleType]:
             f'{_EXTENSION_MODULE} {getattr(extension, "__version__", "?")} does not match timm-internimage '
             f'{__version__}; install matching versions with `pip install timm-internimage[compiled]=={__version__}`, '
             f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.')
+    extension.set_create_graph_backward(_compiled_create_graph_backward)
     return extension
+
+
+def _compiled_create_graph_backward(
+        grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tensor, args: Tuple[Any, ...], mask_is_logits: bool,
+        needs_input_grad: Tuple[bool, bool, bool],
+) -> Tuple[Optional[Tensor], ...]:
+    """The compiled op's gradients when its backward is differentiated too (``create_graph=True``): autograd of
+    the pure-PyTorch formulation of the same function (the kernels compute first-order gradients only)."""
+    group = args[8]
+
+    def function(input: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        if mask_is_logits:
+            mask = _softmax_over_points(mask, group)
+        return dcnv3_torch_differentiable(input, offset, mask, *args)
+
+    return differentiable_grads(function, (input, offset, mask), needs_input_grad, grad_output)
 
 
 @torch.compiler.assume_constant_result

@@ -10,14 +10,13 @@ plain ATen ops (any device; traces, scripts, exports and compiles); when gradien
 are needed outside tracing and export, a hand-written backward (``_DCNv3Sampling``)
 replaces autograd through the location and weight arithmetic.
 """
-from typing import Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-__all__ = ['dcnv3_torch', 'dcnv3_output_size']
+__all__ = ['dcnv3_torch', 'dcnv3_torch_differentiable', 'dcnv3_output_size', 'differentiable_grads']
 
 # Elements of the buffer of gathered corner rows in _corner_dots (4 MiB of float32).
 _CHUNK_ELEMENTS = 2 ** 20
@@ -125,13 +124,13 @@ def _sampling_plan(
     loc = grid + offset * offset_scale if offset_scale != 1.0 else grid + offset
     loc_x, loc_y = loc[..., 0], loc[..., 1]
     counts = (loc_x > 0) & (loc_x < width + 1) & (loc_y > 0) & (loc_y < height + 1)
-    if height == width:
-        loc = loc.clamp(0, width + 1)
-    else:
-        loc = torch.minimum(loc.clamp_min(0), torch.tensor([width + 1, height + 1], device=device, dtype=loc_dtype))
-    loc = loc.nan_to_num(0.0)
-    corner = loc.to(index_dtype)  # truncation is floor: loc >= 0
-    frac = loc.frac()
+    # One clamp for both axes, whatever the map's shape: no Python branch on sizes, so that tracing and export
+    # capture the same function for every input.
+    upper = torch.tensor([width + 1, height + 1], device=device, dtype=loc_dtype)
+    loc = torch.clamp(loc, min=torch.zeros_like(upper), max=upper).nan_to_num(0.0)
+    corner = loc.floor()
+    frac = loc - corner  # not Tensor.frac, which the legacy ONNX exporter lacks (equal here: loc >= 0)
+    corner = corner.to(index_dtype)
     mask = torch.where(counts, mask.reshape(batch, height_out, width_out, group, num_points).to(loc_dtype), 0.0)
 
     row_stride = padded_w * group
@@ -212,9 +211,10 @@ def _corner_dots(grad_output: Tensor, table: Tensor, top_left: Tensor, group: in
             torch.mv(corners, ones, out=dots[start:stop].view(-1))
         return dots
     offsets = torch.arange(0, bags * slots, slots, device=rows.device, dtype=rows.dtype)
-    offset2bag = torch.arange(bags, device=rows.device, dtype=rows.dtype).view(bags, 1).expand(bags, slots)
+    # Contiguous for any number of bags (an expanded view of one bag would have stride 0, which ATen refuses).
+    offset2bag = torch.arange(bags, device=rows.device, dtype=rows.dtype).repeat_interleave(slots)
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad_output, table, rows.view(-1), offsets, offset2bag.reshape(-1), 0, -1).view(bags, slots)
+        grad_output, table, rows.view(-1), offsets, offset2bag, 0, -1).view(bags, slots)
 
 
 class _DCNv3Sampling(torch.autograd.Function):
@@ -223,36 +223,40 @@ class _DCNv3Sampling(torch.autograd.Function):
     Autograd of the plain formulation runs a dozen small elementwise backward ops over the locations and
     bilinear weights, and ATen's CPU embedding_bag backward sorts every index. Here the 4 corner dot products
     of every point (the weights' gradient, :func:`_corner_dots`) give the offset and mask gradients in a few
-    fused expressions, and the input gradient is the transposed gather of :func:`_gather_transposed`. Only
-    the location fractions, the counted mask and the sample-counts flags are saved besides the table, rows
-    and weights: a sample that does not count has mask 0, so its location gets no gradient either.
+    fused expressions, and the input gradient is the transposed gather of :func:`_gather_transposed`. Besides
+    the inputs, only the corner rows and weights are saved; the location fractions, the counted mask and the
+    sample-counts flags are recomputed from the offsets (a sample that does not count has mask 0, so its
+    location gets no gradient either).
+
+    With ``create_graph=True`` the backward is differentiated too: it is then autograd of the gather
+    formulation (:func:`_gather_sampling`), the same function with twice-differentiable operations.
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, offset: Tensor, mask: Tensor, height: int, width: int, kernel_h: int,
-                kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,
-                dilation_w: int, group: int, offset_scale: float, remove_center: bool) -> Tensor:
-        top_left, frac, mask_counted, counts = _sampling_plan(
-            offset, mask, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-            dilation_w, group, offset_scale, remove_center)
-        row_stride = (width + 3) * group
+    def forward(ctx, table: Tensor, offset: Tensor, mask: Tensor, *plan_args: Any) -> Tensor:
+        top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, *plan_args)
+        group, row_stride = _table_layout(*plan_args)
         output, weights = _bilinear_gather(table, top_left, frac, mask_counted, group, row_stride)
-        ctx.save_for_backward(table, top_left, weights, frac, mask_counted, counts)
-        ctx.geometry = (group, row_stride, offset_scale)
-        ctx.inputs = ((offset.shape, offset.dtype), (mask.shape, mask.dtype))
+        ctx.save_for_backward(table, offset, mask, top_left, weights)
+        ctx.plan_args = plan_args
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        table, top_left, weights, frac, mask_counted, counts = ctx.saved_tensors
-        group, row_stride, offset_scale = ctx.geometry
-        (offset_shape, offset_dtype), (mask_shape, mask_dtype) = ctx.inputs
+        table, offset, mask, top_left, weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        no_grads = (None,) * len(ctx.plan_args)
+        if torch.is_grad_enabled():  # create_graph=True
+            sampling = lambda *tensors: _gather_sampling(*tensors, *ctx.plan_args)  # noqa: E731
+            return differentiable_grads(sampling, (table, offset, mask), needs, grad_output) + no_grads
+        group, row_stride = _table_layout(*ctx.plan_args)
+        offset_scale = ctx.plan_args[11]
         grad_output = grad_output.contiguous()
         grad_table = grad_offset = grad_mask = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_table = _gather_transposed(grad_output, top_left, weights, table.shape[0], group, row_stride)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if needs[1] or needs[2]:
+            _, frac, mask_counted, counts = _sampling_plan(offset, mask, *ctx.plan_args)
             dots = _corner_dots(grad_output, table, top_left, group, row_stride)
             # (..., 2, 2, P): corners (y, x); the bilinear gradients as differences along x, interpolated.
             dots = dots.view(mask_counted.shape[:-1] + (2, 2, mask_counted.shape[-1])).to(frac.dtype)
@@ -261,17 +265,51 @@ class _DCNv3Sampling(torch.autograd.Function):
             along_x = torch.addcmul(dots[..., 0, :], frac_x.unsqueeze(-2), step_x)
             top, bottom = along_x[..., 0, :], along_x[..., 1, :]
             step_y = bottom - top
-            if ctx.needs_input_grad[1]:
+            if needs[1]:
                 grad_loc = torch.empty(frac.shape, device=frac.device, dtype=frac.dtype)
                 grad_loc[..., 0] = torch.addcmul(step_x[..., 0, :], frac_y, step_x[..., 1, :] - step_x[..., 0, :])
                 grad_loc[..., 1] = step_y
                 factor = mask_counted.unsqueeze(-1)
                 grad_loc *= factor * offset_scale if offset_scale != 1.0 else factor
-                grad_offset = grad_loc.to(offset_dtype).view(offset_shape)
-            if ctx.needs_input_grad[2]:
+                grad_offset = grad_loc.to(offset.dtype).view(offset.shape)
+            if needs[2]:
                 grad_mask = torch.where(counts, torch.addcmul(top, frac_y, step_y), 0.0)
-                grad_mask = grad_mask.to(mask_dtype).view(mask_shape)
-        return (grad_table, grad_offset, grad_mask) + (None,) * 13
+                grad_mask = grad_mask.to(mask.dtype).view(mask.shape)
+        return (grad_table, grad_offset, grad_mask) + no_grads
+
+
+def differentiable_grads(
+        function: Callable[..., Tensor], inputs: Tuple[Tensor, ...], needs: Sequence[bool], grad_output: Tensor,
+) -> Tuple[Optional[Tensor], ...]:
+    """The vector-Jacobian product of ``function`` at ``inputs`` as a differentiable result (``create_graph``):
+    the gradient of each input that ``needs`` it, else None. For backwards that are differentiated again."""
+    wanted = [tensor for tensor, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(function(*inputs), wanted, grad_output, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def _table_layout(
+        height: int, width: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+        dilation_h: int, dilation_w: int, group: int, offset_scale: float, remove_center: bool,
+) -> Tuple[int, int]:
+    """``group`` and the table's row stride (one padded image row) for :func:`_sampling_plan`'s arguments."""
+    return group, (width + 3) * group
+
+
+def _gather_sampling(table: Tensor, offset: Tensor, mask: Tensor, *plan_args: Any) -> Tensor:
+    """The sampling as one gather of every corner row and a weighted sum: ``(bags, group_channels)``.
+
+    The same function as :func:`_bilinear_gather` with twice-differentiable operations (index_select and a
+    batched matrix product instead of embedding_bag), for second-order gradients. It holds every gathered
+    row, ``4 * P`` times the output, so the first-order paths do not use it.
+    """
+    top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, *plan_args)
+    group, row_stride = _table_layout(*plan_args)
+    bags, points = top_left.shape
+    weights = _bilinear_weights(frac, mask_counted).to(table.dtype).view(bags, 1, 4 * points)
+    corners = table.index_select(0, _corner_rows(top_left, group, row_stride).view(-1))
+    return torch.bmm(weights, corners.view(bags, 4 * points, table.shape[1])).view(bags, table.shape[1])
 
 
 @torch.jit.unused
@@ -321,8 +359,7 @@ def dcnv3_torch(
     """
     batch, height, width, _ = input.shape
     height_out, width_out = offset.shape[1], offset.shape[2]
-    # The input as an embedding table with a zero border (see _sampling_plan): one row per pixel and group.
-    table = F.pad(input, (0, 0, 1, 2, 1, 2)).reshape(batch * (height + 3) * (width + 3) * group, group_channels)
+    table = _padded_table(input, group, group_channels)
     if not torch.jit.is_scripting() and _use_custom_backward(table, offset, mask):
         output = _dcnv3_sampling_autograd(
             table, offset, mask, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
@@ -333,3 +370,36 @@ def dcnv3_torch(
             dilation_w, group, offset_scale, remove_center)
         output = _bilinear_gather(table, top_left, frac, mask_counted, group, (width + 3) * group)[0]
     return output.view(batch, height_out, width_out, group * group_channels)
+
+
+def dcnv3_torch_differentiable(
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: bool,
+) -> Tensor:
+    """:func:`dcnv3_torch`'s function in twice-differentiable operations: the second-order gradients of the
+    torch and compiled backends are autograd of this (see :func:`_gather_sampling`)."""
+    batch, height, width, _ = input.shape
+    output = _gather_sampling(
+        _padded_table(input, group, group_channels), offset, mask, height, width, kernel_h, kernel_w, stride_h,
+        stride_w, pad_h, pad_w, dilation_h, dilation_w, group, offset_scale, remove_center)
+    return output.view(batch, offset.shape[1], offset.shape[2], group * group_channels)
+
+
+def _padded_table(input: Tensor, group: int, group_channels: int) -> Tensor:
+    """The input as an embedding table with a zero border (see :func:`_sampling_plan`): one row per pixel and
+    group."""
+    batch, height, width, _ = input.shape
+    return F.pad(input, (0, 0, 1, 2, 1, 2)).reshape(batch * (height + 3) * (width + 3) * group, group_channels)
