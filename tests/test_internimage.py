@@ -622,3 +622,34 @@ def test_inductor_compiles_the_inference_model_with_its_onednn_linear_layers(fre
         output = compiled(x)
     assert 'timm_internimage_cpu.linear' in ''.join(code)
     torch.testing.assert_close(output, expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize('name', ['internimage_t', 'internimage_h'])
+@pytest.mark.parametrize('indices', [2, [0, 1]])
+def test_pruned_head_returns_unpooled_features(name, indices):
+    """After prune_intermediate_layers(prune_head=True), model(x) and forward_head return the unpooled features
+    of what is kept, as timm's ConvNeXt does; resetting the classifier is a clear error."""
+    model = tiny_model(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model.forward_features(x) if indices == 2 else model.forward_intermediates(
+        x, indices=indices, intermediates_only=True)[-1]
+    model.prune_intermediate_layers(indices, prune_head=True)
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), expected)
+    assert model.num_classes == 0 and model.num_features == expected.shape[1]
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    with pytest.raises(RuntimeError, match='prune_intermediate_layers'):
+        model.reset_classifier(5)
+
+
+def test_trace_passes_the_default_check_and_matches_eager():
+    """torch.jit.trace's own check (two traces must agree) passes, the trace holds only ATen ops (no compiled
+    op, no oneDNN custom linear), and it matches eager on another input of the same shape."""
+    from golden import golden_model
+    model, _, tensors = golden_model('tiny_t', torch.float32, calm=True)
+    x = tensors['input.0']
+    traced = torch.jit.trace(model, x)  # as users call it: grad mode on, parameters that require grad
+    assert not [n.kind() for n in traced.inlined_graph.nodes() if n.kind().startswith('timm_internimage')]
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(other), model(other), rtol=0, atol=1e-5)

@@ -406,6 +406,23 @@ class AttentionPoolHead(nn.Module):
         return self.fc(x)
 
 
+class PrunedHead(nn.Module):
+    """The head after ``prune_intermediate_layers(prune_head=True)``: the unpooled NCHW features pass through (as
+    for timm's own models), and there is no classifier to reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Identity()
+
+    def reset(self, num_classes: int, global_pool: Optional[str] = None, device=None, dtype=None) -> None:
+        raise RuntimeError(
+            'InternImage: the head was removed by prune_intermediate_layers(prune_head=True); create the model '
+            'again (timm.create_model) to get a classifier')
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x
+
+
 def _check_pool(pool_type: str, allowed: Sequence[str]) -> None:
     if pool_type and pool_type not in allowed:
         raise ValueError(f'global_pool={pool_type!r} is not supported here; use one of {list(allowed) + [""]}')
@@ -701,7 +718,7 @@ class InternImage(nn.Module):
             self.neck = None
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or max_index < 3:
-            self.head = nn.Identity()
+            self.head = PrunedHead()
             self.num_classes = 0
         return take_indices
 

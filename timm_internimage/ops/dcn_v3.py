@@ -125,9 +125,11 @@ def _choose_backend(requested: str, input: Tensor) -> str:
     if requested in ('torch', 'reference'):
         return requested
     device = input.device
-    # ONNX export needs the op as ATen operations, which only the pure-PyTorch backends are.
+    # ONNX export needs the op as ATen operations, which only the pure-PyTorch backends are; a TorchScript trace
+    # gets them too under ``auto``, so that it runs without the wheel (forcing ``compiled`` records its op).
     exporting = torch.onnx.is_in_onnx_export()
-    usable = not exporting and compiled_backend_available(device, input.dtype)
+    usable = (not exporting and not (requested == 'auto' and torch.jit.is_tracing())
+              and compiled_backend_available(device, input.dtype))
     fits = input.shape[1] <= _COMPILED_MAX_SIDE and input.shape[2] <= _COMPILED_MAX_SIDE
     if requested == 'compiled' and not (usable and fits):
         if not usable and _extension() is None:
@@ -149,12 +151,13 @@ def _choose_backend(requested: str, input: Tensor) -> str:
 def use_fused_linear(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear` runs on oneDNN for input ``x`` and ``weight``: float32 CPU inference.
 
-    That is: CPU float32 tensors that autograd does not track, outside fx tracing, autocast and ONNX export,
+    That is: CPU float32 tensors that autograd does not track, outside fx and TorchScript tracing (a trace holds
+    ATen's linear whatever the grad mode), autocast and ONNX export,
     with oneDNN available and enabled (``torch.backends.mkldnn``), unless ``TIMM_INTERNIMAGE_FUSED_LINEAR=0``
     (read at call time) or the requested DCNv3 backend (:func:`requested_backend`) is ``reference``, which
     keeps the official float operation order in the whole model.
     """
-    if isinstance(x, torch.fx.Proxy) or torch.onnx.is_in_onnx_export():
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
