@@ -424,6 +424,19 @@ def test_predict_new_head_without_checkpoint_is_refused_before_download(t_repo, 
     assert [r for r in hf_env.hub.requests if '/resolve/' in r[1]] == []
 
 
+def test_predict_new_head_on_a_hub_model_is_refused_after_loading(tiny_pth, hf_env, tmp_path, capsys):
+    """An hf-hub: model's class count is known only once its config is read: refused then, before predicting."""
+    model_args, pth = tiny_pth
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(model_args).items()}
+    out = convert(str(pth), str(tmp_path / 'converted'), 'internimage_t', kwargs)
+    hf_env.hub.add_repo('someone/internimage-t-tiny', {p.name: p.read_bytes() for p in out.iterdir()})
+    code = main(['predict', '--model', 'hf-hub:someone/internimage-t-tiny', '--model-args', '{"num_classes": 10}',
+                 '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ''
+    assert 'num_classes=10' in err and '1000-class classifier' in err and 'untrained' in err, err
+
+
 def test_predict_with_checkpoint_says_where_the_weights_come_from(tiny_checkpoint, capsys):
     _, weights = tiny_checkpoint
     assert main(_predict_args(tiny_checkpoint, str(sample_image_path()), '-k', '1')) == 0
