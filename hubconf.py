@@ -1,8 +1,9 @@
 """torch.hub entry points for InternImage (timm-internimage), one per registered model.
 
     import torch
-    model = torch.hub.load('<owner>/timm-internimage', 'internimage_t', pretrained=True)
-    print(torch.hub.help('<owner>/timm-internimage', 'internimage_t'))
+    model = torch.hub.load('path/to/timm-internimage', 'internimage_t', source='local', pretrained=True)  # a clone
+    model = torch.hub.load('OWNER/timm-internimage', 'internimage_t', pretrained=True)  # OWNER: its GitHub account
+    print(torch.hub.help('OWNER/timm-internimage', 'internimage_t'))
 
 Weights come from the Hugging Face Hub as safetensors (see weights_manifest.json) and are cached by
 huggingface_hub (HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT and tokens apply).

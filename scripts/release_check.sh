@@ -9,7 +9,9 @@
 #      --python in an existing one (the op wheel is reinstalled there): install it, import it, run
 #      tests/test_compiled_op.py and tests/test_release.py on the CPU, and check that
 #      timm-internimage (its wheel, with [compiled]) picks the compiled backend
-#   4. with --cross: dcnv3/tools/cross_compile_check.sh (aarch64 Linux, macOS arm64, Windows x64)
+#   4. the README's install-from-clone commands in a fresh environment (tests/test_readme_install.py,
+#      offline: torch and the other dependencies come from $BUILD_PYTHON's environment)
+#   5. with --cross: dcnv3/tools/cross_compile_check.sh (aarch64 Linux, macOS arm64, Windows x64)
 #
 #   bash scripts/release_check.sh [--op-wheel WHEEL] [--torch VERSION]... [--python PYTHON]... [--cross]
 #
@@ -150,6 +152,10 @@ done
 for py in ${pythons[@]+"${pythons[@]}"}; do
   smoke "$py" "$("$py" -c 'import torch; print("torch", torch.__version__)') in $py"
 done
+
+step "README install from a clone (tests/test_readme_install.py)"
+TIMM_INTERNIMAGE_README_INSTALL=1 MAX_JOBS="${MAX_JOBS:-2}" "$build_python" -m pytest -q -x -p no:cacheprovider \
+  tests/test_readme_install.py || fail "the README's install-from-clone commands"
 
 if [ "$cross" = 1 ]; then
   step "cross compile check"

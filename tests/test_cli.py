@@ -326,7 +326,7 @@ def test_predict_decodes_each_image_once_one_batch_at_a_time(tiny_checkpoint, tm
     batches = _image_batches(paths, lambda image: torch.zeros(3, 4, 4), batch_size=2)
     assert decodes == []
     assert next(batches)[0] == paths[:2] and len(decodes) == 2
-    assert [chunk for chunk, _ in batches] == [paths[2:4], paths[4:]] and len(decodes) == 5
+    assert [chunk for chunk, _, _ in batches] == [paths[2:4], paths[4:]] and len(decodes) == 5
 
 
 @pytest.mark.parametrize('extra,message', [
@@ -407,6 +407,83 @@ def test_predict_22k_tag_prints_imagenet22k_names(hf_env, capsys):
     assert len(synsets) == 21841 and synsets == sorted(synsets)
     assert [p['label'] for p in predictions] == [info.index_to_description(p['index']) for p in predictions]
     assert {p['label'] for p in predictions}.isdisjoint(ImageNetInfo('imagenet-1k').label_descriptions())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# messages that must not mislead (issue 18)
+
+
+def test_predict_new_head_without_checkpoint_is_refused_before_download(t_repo, hf_env, capsys):
+    """num_classes other than the weights' would leave a random classifier: no percentages from it."""
+    kwargs, _, _ = t_repo
+    model_args = json.dumps(dict(json.loads(_tiny_args(kwargs)), num_classes=10))
+    code = main(['predict', '--model-args', model_args, '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ''
+    assert 'num_classes=10' in err and 'untrained' in err and '--checkpoint' in err, err
+    assert [r for r in hf_env.hub.requests if '/resolve/' in r[1]] == []
+
+
+def test_predict_new_head_on_a_hub_model_is_refused_after_loading(tiny_pth, hf_env, tmp_path, capsys):
+    """An hf-hub: model's class count is known only once its config is read: refused then, before predicting."""
+    model_args, pth = tiny_pth
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(model_args).items()}
+    out = convert(str(pth), str(tmp_path / 'converted'), 'internimage_t', kwargs)
+    hf_env.hub.add_repo('someone/internimage-t-tiny', {p.name: p.read_bytes() for p in out.iterdir()})
+    code = main(['predict', '--model', 'hf-hub:someone/internimage-t-tiny', '--model-args', '{"num_classes": 10}',
+                 '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ''
+    assert 'num_classes=10' in err and '1000-class classifier' in err and 'untrained' in err, err
+
+
+def test_predict_with_checkpoint_says_where_the_weights_come_from(tiny_checkpoint, capsys):
+    _, weights = tiny_checkpoint
+    assert main(_predict_args(tiny_checkpoint, str(sample_image_path()), '-k', '1')) == 0
+    err = capsys.readouterr().err
+    assert f'weights in {weights}' in err and 'Hugging Face' not in err and 'downloaded' not in err, err
+
+
+@pytest.mark.parametrize('image,message', [
+    ('https://example.com/cat.jpg', 'https://example.com/cat.jpg: URLs are not supported; download the image first'),
+    ('-', '-: reading images from standard input is not supported'),
+])
+def test_predict_url_or_stdin_is_named_not_a_missing_file(tiny_checkpoint, capsys, image, message):
+    code = main(_predict_args(tiny_checkpoint, image))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and 'no such file' not in err, err
+
+
+def test_predict_truncated_image_is_reported_and_the_others_classified(tiny_checkpoint, tmp_path, capsys):
+    """The header check passes, decoding fails: that image gets an error, the others their results, status 1."""
+    from PIL import Image
+    with Image.open(sample_image_path()) as photo:
+        photo.save(tmp_path / 'whole.jpg')
+    data = (tmp_path / 'whole.jpg').read_bytes()
+    truncated = tmp_path / 'truncated.jpg'
+    truncated.write_bytes(data[:len(data) // 2])
+    good = [str(tmp_path / 'whole.jpg'), str(sample_image_path())]
+    images = [good[0], str(truncated), good[1]]
+    assert main(_predict_args(tiny_checkpoint, *good, '--json', '-k', '3')) == 0
+    expected = json.loads(capsys.readouterr().out)['results']
+
+    code = main(_predict_args(tiny_checkpoint, *images, '--json', '-k', '3', '--batch-size', '2'))
+    out, err = capsys.readouterr()
+    results = json.loads(out)['results']
+    assert code == 1
+    assert [r['image'] for r in results] == images
+    for got, want in zip([results[0], results[2]], expected):  # batch composition changes float rounding only
+        assert [p['index'] for p in got['predictions']] == [p['index'] for p in want['predictions']]
+        assert [p['probability'] for p in got['predictions']] == pytest.approx(
+            [p['probability'] for p in want['predictions']], abs=1e-6)
+    assert results[1]['predictions'] == [] and 'cannot be decoded' in results[1]['error']
+    assert f'error: {truncated}: cannot be decoded' in err and '1 of 3 image(s) could not be classified' in err
+
+    code = main(_predict_args(tiny_checkpoint, *images, '-k', '1'))
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert [line for line in out.splitlines() if not line.startswith(' ')] == good
+    assert f'error: {truncated}: cannot be decoded' in err
 
 
 @pytest.fixture

@@ -279,6 +279,7 @@ def test_pretrained_cfg_matches_manifest():
 
 @pytest.mark.parametrize('make_input,model_name,message', [
     (lambda: torch.randn(1, 1, 64, 64), 'internimage_t', 'in_chans=1'),
+    (lambda: torch.randn(1, 224, 224, 3), 'internimage_t', r'channels last \(N, H, W, C\).*permute\(0, 3, 1, 2\)'),
     (lambda: torch.randn(3, 64, 64), 'internimage_t', '4-D'),
     (lambda: torch.randn(1, 3, 16, 64), 'internimage_t', 'at least 32x32'),
     (lambda: torch.randn(1, 3, 80, 64), 'internimage_h', 'multiple of 32'),

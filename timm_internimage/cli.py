@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from importlib import resources
@@ -84,6 +85,12 @@ def _open_image(path: str):
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             return Image.open(path)
     except FileNotFoundError:
+        if path == '-':
+            raise CliError("-: reading images from standard input is not supported; save the image to a file "
+                           "and pass its path") from None
+        if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', path):
+            raise CliError(f'{path}: URLs are not supported; download the image first (for example '
+                           f'`curl -LO URL`) and pass the file') from None
         raise CliError(f'{path}: no such file') from None
     except IsADirectoryError:
         raise CliError(f'{path}: is a directory, not an image') from None
@@ -143,12 +150,23 @@ def _decode_image(path: str):
             raise CliError(f'{path}: cannot be decoded ({e})') from None
 
 
-def _image_batches(paths: Sequence[str], transform: Callable, batch_size: int) -> Iterator[Tuple[List[str], Any]]:
-    """``(paths, batch tensor)`` per batch, each image decoded when its batch is made: one batch in memory."""
+def _image_batches(paths: Sequence[str], transform: Callable, batch_size: int
+                   ) -> Iterator[Tuple[List[str], Any, List[Optional[str]]]]:
+    """``(paths, batch tensor, errors)`` per batch, each image decoded when its batch is made: one batch in memory.
+
+    ``errors[i]`` is the message for ``paths[i]`` if it cannot be decoded, else ``None``; the tensor holds the
+    decoded images in order (``None`` if there are none)."""
     import torch
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
-        yield chunk, torch.stack([transform(_decode_image(path)) for path in chunk])
+        tensors, errors = [], []
+        for path in chunk:
+            try:
+                tensors.append(transform(_decode_image(path)))
+                errors.append(None)
+            except CliError as e:
+                errors.append(str(e))
+        yield chunk, torch.stack(tensors) if tensors else None, errors
 
 
 def _label_fn(num_classes: int) -> Callable[[int], str]:
@@ -231,6 +249,7 @@ def load_pretrained_model(model_name: str, checkpoint: Optional[str], model_kwar
     """The pretrained model in eval mode on ``device``: the tag's Hub weights, or ``checkpoint`` (whose head has
     ``model_kwargs['num_classes']`` classes when given, so a fine-tuned classifier is kept)."""
     from safetensors import SafetensorError
+    from timm.models import get_pretrained_cfg
     kwargs = dict(model_kwargs or {})
     if checkpoint:
         _check_checkpoint(checkpoint)
@@ -238,10 +257,25 @@ def load_pretrained_model(model_name: str, checkpoint: Optional[str], model_kwar
         if 'num_classes' in kwargs:
             overlay['num_classes'] = kwargs['num_classes']
         kwargs['pretrained_cfg_overlay'] = overlay
+    elif 'num_classes' in kwargs and ':' not in model_name:  # before any download; hf-hub: etc. after loading
+        cfg = get_pretrained_cfg(model_name)
+        if cfg is not None:
+            _refuse_untrained_head(model_name, kwargs['num_classes'], cfg.num_classes)
     try:
-        return _create_model(model_name, pretrained=True, **kwargs).eval().to(device)
+        model = _create_model(model_name, pretrained=True, **kwargs)
     except SafetensorError as e:
         raise CliError(f'{checkpoint or model_name}: corrupt or truncated safetensors weights ({e})') from None
+    _refuse_untrained_head(model_name, model.num_classes, model.pretrained_cfg.get('num_classes'))
+    return model.eval().to(device)
+
+
+def _refuse_untrained_head(model_name: str, num_classes: int, trained_classes: Optional[int]) -> None:
+    """``CliError`` when the model's classifier has another class count than its weights: timm then leaves it
+    randomly initialised, and its predictions and accuracy would mean nothing."""
+    if trained_classes is not None and num_classes != trained_classes:
+        raise CliError(f'--model-args num_classes={num_classes}: the weights of {model_name} have a '
+                       f'{trained_classes}-class classifier, so a {num_classes}-class one would be untrained '
+                       f'(random); pass the fine-tuned weights with --checkpoint, or leave num_classes out')
 
 
 def predict(
@@ -255,8 +289,9 @@ def predict(
 ) -> List[Dict[str, Any]]:
     """Classify image files; returns ``[{image, predictions: [{rank, index, label, probability}]}]``.
 
-    Each image is decoded once, when its batch is made. ``top_k`` is capped at the class count. A model output
-    that is not finite (NaN or inf) is a ``CliError`` naming the images.
+    Each image is decoded once, when its batch is made; one that cannot be decoded (a truncated file) gets
+    ``{image, error, predictions: []}`` and the others are still classified. ``top_k`` is capped at the class
+    count. A model output that is not finite (NaN or inf) is a ``CliError`` naming the images.
     """
     import torch
     from timm.data import create_transform, resolve_data_config
@@ -269,22 +304,28 @@ def predict(
     top_k = min(top_k, model.num_classes)
     results = []
     with torch.inference_mode():
-        for paths, batch in _image_batches(images, transform, batch_size):
-            logits = model(batch.to(torch_device)).float()
-            finite = logits.isfinite().all(dim=-1).tolist()
-            if not all(finite):
-                bad = ', '.join(path for path, ok in zip(paths, finite) if not ok)
-                raise CliError(f'{model_name} gave NaN or infinite outputs for {bad}; check the weights')
-            values, indices = logits.softmax(dim=-1).topk(top_k, dim=-1)
-            for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
-                results.append({
-                    'image': str(path),
-                    'predictions': [
-                        {'rank': r + 1, 'index': i, 'label': label(i), 'probability': v}
-                        for r, (v, i) in enumerate(zip(vals, idxs))
-                    ],
-                })
+        for chunk, batch, errors in _image_batches(images, transform, batch_size):
+            paths = [path for path, error in zip(chunk, errors) if error is None]
+            predictions = iter(_top_k(model, batch, paths, model_name, top_k, label, torch_device) if paths else [])
+            for path, error in zip(chunk, errors):
+                if error is None:
+                    results.append({'image': str(path), 'predictions': next(predictions)})
+                else:
+                    results.append({'image': str(path), 'error': error, 'predictions': []})
     return results
+
+
+def _top_k(model: 'torch.nn.Module', batch: 'torch.Tensor', paths: Sequence[str], model_name: str, top_k: int,
+           label: Callable[[int], str], device: 'torch.device') -> List[List[Dict[str, Any]]]:
+    """The ``top_k`` predictions of each image of ``batch``; ``CliError`` naming ``paths`` with non-finite outputs."""
+    logits = model(batch.to(device)).float()
+    finite = logits.isfinite().all(dim=-1).tolist()
+    if not all(finite):
+        bad = ', '.join(path for path, ok in zip(paths, finite) if not ok)
+        raise CliError(f'{model_name} gave NaN or infinite outputs for {bad}; check the weights')
+    values, indices = logits.softmax(dim=-1).topk(top_k, dim=-1)
+    return [[{'rank': r + 1, 'index': i, 'label': label(i), 'probability': v}
+             for r, (v, i) in enumerate(zip(vals, idxs))] for vals, idxs in zip(values.tolist(), indices.tolist())]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -296,18 +337,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     model_kwargs = _json_arg(args.model_args, '--model-args')
     _check_images(images)  # report unreadable images before anything is downloaded
     if not args.json:
-        _err(f'Loading {args.model} (weights are downloaded once, then read from the Hugging Face cache) ...')
+        _err(_loading_message(args.model, args.checkpoint))
     results = predict(images, args.model, args.top_k, device=args.device, checkpoint=args.checkpoint,
                       model_kwargs=model_kwargs, batch_size=args.batch_size)
+    failed = [result for result in results if 'error' in result]
+    for result in failed:
+        _err(f'error: {result["error"]}')
+    if failed:
+        _err(f'{len(failed)} of {len(results)} image(s) could not be classified')
+    status = 1 if failed else 0
     if args.json:
         _out(json.dumps({'model': args.model, 'results': results}, indent=2, allow_nan=False))
-        return 0
+        return status
     for result in results:
+        if 'error' in result:
+            continue
         _out(result['image'])
         width = max(len(p['label']) for p in result['predictions'])
         for p in result['predictions']:
             _out(f'  {p["rank"]:>2}. {p["label"]:<{width}}  {100 * p["probability"]:6.2f}%  (class {p["index"]})')
-    return 0
+    return status
+
+
+def _loading_message(model_name: str, checkpoint: Optional[str]) -> str:
+    if checkpoint:
+        return f'Loading {model_name} with the weights in {checkpoint} ...'
+    return f'Loading {model_name} (weights are downloaded once, then read from the Hugging Face cache) ...'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,7 +372,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import FULL_VAL_IMAGES, GAP_POINTS, validate
     if not args.json:
-        _err(f'Loading {args.model} (weights are downloaded once, then read from the Hugging Face cache) ...')
+        _err(_loading_message(args.model, args.checkpoint))
     summary = validate(args.data, args.model, labels=args.labels, batch_size=args.batch_size, workers=args.workers,
                        device=args.device, amp=args.amp, channels_last=args.channels_last, limit=args.limit,
                        checkpoint=args.checkpoint, model_kwargs=_json_arg(args.model_args, '--model-args'),

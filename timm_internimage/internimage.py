@@ -459,6 +459,10 @@ def check_image_input(x: Tensor, in_chans: int, fuses_stride16: bool) -> None:
     """Raise a ValueError naming the problem and its fix for inputs the model cannot use."""
     if x.dim() != 4:
         raise ValueError(f'InternImage expects a 4-D (N, C, H, W) image batch, got shape {tuple(x.shape)}')
+    if x.shape[1] != in_chans and x.shape[-1] == in_chans:
+        raise ValueError(
+            f'InternImage expects channels first, (N, C, H, W), but got shape {tuple(x.shape)}, which looks like '
+            f'channels last (N, H, W, C) with C={in_chans}; pass x.permute(0, 3, 1, 2)')
     if x.shape[1] != in_chans:
         raise ValueError(
             f'InternImage was built for {in_chans} input channels but got {x.shape[1]} '
