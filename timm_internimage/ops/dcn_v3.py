@@ -76,12 +76,14 @@ def _extension() -> Optional[ModuleType]:
             return None
         raise ImportError(
             f'{_EXTENSION_MODULE} is installed but failed to load ({error}). It was probably built for an '
-            f'incompatible torch; reinstall it with `pip install --force-reinstall timm-internimage[compiled]`, '
+            f'incompatible torch; rebuild it against this torch (`bash dcnv3/build_wheel.sh --cpu --install` in a '
+            f'clone; from the first release, `pip install --force-reinstall timm-internimage[compiled]`), '
             f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.') from error
     if getattr(extension, '__version__', None) != __version__:
         raise ImportError(
             f'{_EXTENSION_MODULE} {getattr(extension, "__version__", "?")} does not match timm-internimage '
-            f'{__version__}; install matching versions with `pip install timm-internimage[compiled]=={__version__}`, '
+            f'{__version__}; install matching versions (the op built from the same clone, or '
+            f'`pip install timm-internimage[compiled]=={__version__}` from the first release), '
             f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.')
     extension.set_create_graph_backward(_compiled_create_graph_backward)
     return extension
@@ -133,7 +135,8 @@ def _choose_backend(requested: str, input: Tensor) -> str:
     fits = input.shape[1] <= _COMPILED_MAX_SIDE and input.shape[2] <= _COMPILED_MAX_SIDE
     if requested == 'compiled' and not (usable and fits):
         if not usable and _extension() is None:
-            reason = 'is not installed (`pip install timm-internimage[compiled]`)'
+            reason = ('is not installed (build it in a clone: `bash dcnv3/build_wheel.sh --cpu --install`; from the '
+                      'first release, `pip install timm-internimage[compiled]`)')
         elif exporting:
             reason = 'cannot be exported to ONNX (use the torch backend)'
         elif not usable:
