@@ -157,6 +157,20 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     torch.testing.assert_close(torch.from_numpy(result), module(x).detach(), rtol=0, atol=1.2e-6)
 
 
+def test_legacy_onnx_exporter_on_a_non_square_map(tmp_path):
+    """The TorchScript-based exporter (dynamo=False) handles every operation of the torch backend (it lacked
+    aten::frac), and a map whose height and width differ takes the same computation as a square one."""
+    import onnxruntime
+
+    module = dcnv3_module().eval()
+    x = torch.randn(1, 5, 8, 16)
+    path = tmp_path / 'dcnv3_legacy.onnx'
+    torch.onnx.export(module, (x,), str(path), input_names=['x'], output_names=['y'], dynamo=False, opset_version=17)
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    (result,) = session.run(None, {'x': x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(result), module(x).detach(), rtol=0, atol=1.2e-6)
+
+
 def test_torchscript_module_matches_eager():
     module = dcnv3_module().eval()
     x = torch.randn(1, 5, 5, 16)
