@@ -20,7 +20,6 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
-PY_LIMITED_API = "0x030A0000"  # CPython 3.10
 
 
 def _cuda_home_from_nvcc() -> str | None:

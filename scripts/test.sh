@@ -45,7 +45,7 @@ else
 fi
 
 step "test suite"
-"$venv/bin/python" -m pytest -q tests "$@"
+"$venv/bin/python" -m pytest -q --durations=15 tests "$@"   # ends with the 15 slowest tests
 
 if [ -n "$old_torch_version" ]; then
   # The Linux CPU part of the release workflow on the wheel built above: sdist + wheel of this
