@@ -785,8 +785,12 @@ def checkpoint_filter_fn(
     4. Floating tensors of another dtype than the model's are cast to it (one log line says so); an integer or
        bool tensor for a floating model tensor raises ``PretrainedWeightsError`` naming it.
     """
-    state_dict = remap_checkpoint_keys(backbone_state_dict(state_dict, log=True), model)
-    _check_backbone_keys(state_dict, model, strict, source)
+    backbone = backbone_state_dict(state_dict, log=True)
+    state_dict = remap_checkpoint_keys(backbone, model)
+    # Unknown keys are reported by their official names (without the Hugging Face ``model.`` prefix).
+    checkpoint_names = {key: re.sub(r'^model\.', '', name) for key, name in zip(state_dict, backbone)} \
+        if len(state_dict) == len(backbone) else {}
+    _check_backbone_keys(state_dict, model, strict, source, checkpoint_names)
     return _match_float_dtypes(state_dict, model)
 
 
@@ -833,14 +837,21 @@ def _quoted_keys(keys: List[str], limit: int = 12) -> str:
     return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
 
 
-def _check_backbone_keys(state_dict: Dict[str, Any], model: InternImage, strict: bool, source: Optional[str]) -> None:
+def _check_backbone_keys(
+        state_dict: Dict[str, Any],
+        model: InternImage,
+        strict: bool,
+        source: Optional[str],
+        checkpoint_names: Dict[str, str],
+) -> None:
     """Raise ``PretrainedWeightsError`` for missing backbone tensors (unless ``strict`` is False) or unknown keys
-    that look like a backbone's."""
+    that look like a backbone's (named as in the checkpoint: ``checkpoint_names`` maps them back)."""
     from .pretrained import PretrainedWeightsError
     own = model.state_dict()
     backbone = [k for k in own if k.startswith(('stem.', 'stages.'))]
     missing = [k for k in backbone if k not in state_dict] if strict else []
-    unknown = [k for k in state_dict if k not in own and k.startswith(_BACKBONE_LIKE_PREFIXES)]
+    unknown = [checkpoint_names.get(k, k) for k in state_dict
+               if k not in own and k.startswith(_BACKBONE_LIKE_PREFIXES)]
     if not missing and not unknown:
         return
     problems = []
@@ -927,10 +938,11 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -
             InternImage, variant, pretrained,
             pretrained_cfg=pretrained_cfg,
             pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict),
-            # A backbone checkpoint has no classifier head: checkpoint_filter_fn checks the backbone instead.
-            pretrained_strict=strict and dense is None,
+            # A backbone checkpoint (num_classes 0: detection, segmentation) has no head to be strict about;
+            # checkpoint_filter_fn checks the backbone in every case.
+            pretrained_strict=strict and pretrained_cfg.num_classes != 0,
             feature_cfg=feature_cfg,
-            **dict(_VARIANT_ARGS[variant], **(dense.model_args if dense else {}), **kwargs),
+            **{**_VARIANT_ARGS[variant], **(dense.model_args if dense else {}), **kwargs},
         )
 
 

@@ -67,7 +67,9 @@ def _numpy_scalar_globals() -> list:
     except ImportError:
         return []
     scalar = np.core.multiarray.scalar if np.__version__ < '2' else np._core.multiarray.scalar
-    return [np.dtype, (scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar')]
+    numeric_dtypes = [type(np.dtype(code)) for code in '?bhilqBHILQefd']  # bool, ints, floats (numpy >= 1.25)
+    return [np.dtype, *numeric_dtypes, (scalar, 'numpy.core.multiarray.scalar'),
+            (scalar, 'numpy._core.multiarray.scalar')]
 
 
 def official_checkpoint_globals() -> ContextManager:
