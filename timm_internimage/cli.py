@@ -376,11 +376,13 @@ def _infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     inferred = {'model': models[channels]}
     if 'head.fc.weight' in keys:
         inferred['num_classes'] = keys['head.fc.weight'].shape[0]
+        return inferred
+    # A backbone (detection / segmentation) checkpoint: T's has layer scales, H's no clip projector.
     variant_args = _VARIANT_ARGS[inferred['model']]
     if variant_args.get('layer_scale') is None and 'stages.0.blocks.0.ls1.gamma' in keys:
-        inferred['layer_scale'] = 1.0  # a detection / segmentation T
+        inferred['layer_scale'] = 1.0
     if variant_args.get('use_clip_projector') and 'neck.proj_stage3.weight' not in keys:
-        inferred['use_clip_projector'] = False  # a detection / segmentation H: a plain backbone
+        inferred['use_clip_projector'] = False
     return inferred
 
 
@@ -468,7 +470,10 @@ def convert(
         model_name = next((name for name, cfg in get_arch_pretrained_cfgs(model_name).items()
                            if cfg.num_classes == kwargs['num_classes']), model_name)
     meta_model = _create_model(model_name, pretrained=False, device='meta', **kwargs)
-    converted = checkpoint_filter_fn(state_dict, meta_model, source=src)  # the backbone is complete
+    try:
+        converted = checkpoint_filter_fn(state_dict, meta_model, source=src)  # the backbone is complete
+    except PretrainedWeightsError as e:
+        raise PretrainedWeightsError(f'checkpoint does not fit {model_name} {kwargs or ""}: {e}') from e
     backbone_only = not any(k.startswith(('head.', 'neck.')) for k in converted)  # detection, segmentation
     try:  # every key and shape (a backbone checkpoint's: the backbone), before anything is written
         missing, _ = meta_model.load_state_dict(converted, assign=True, strict=not backbone_only)
