@@ -55,10 +55,12 @@ def build_detector(
         pretrained: bool = True,
         min_size: int = 800,
         max_size: int = 1333,
+        detector_kwargs: Optional[Dict[str, Any]] = None,
         **model_kwargs: Any,
 ):
-    """torchvision ``MaskRCNN`` (``num_classes`` including the background) on an InternImage FPN; images are
-    normalised with the backbone's mean and std and resized to ``min_size`` / ``max_size``."""
+    """torchvision ``MaskRCNN`` (``num_classes`` including the background; ``detector_kwargs`` for its other
+    arguments) on an InternImage FPN (``model_kwargs`` for ``timm.create_model``); images are normalised with the
+    backbone's mean and std and resized to ``min_size`` / ``max_size``."""
     from torchvision.models.detection import MaskRCNN
     backbone = InternImageFPN(model_name, pretrained, **model_kwargs)
     if len(backbone.body.feature_info.channels()) != 4:
@@ -66,7 +68,7 @@ def build_detector(
                          f'four stages (pass out_indices=(0, 1, 2, 3))')
     cfg = backbone.body.pretrained_cfg
     return MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
-                    image_mean=list(cfg['mean']), image_std=list(cfg['std']))
+                    image_mean=list(cfg['mean']), image_std=list(cfg['std']), **(detector_kwargs or {}))
 
 
 def make_coco_dataset(root: Path, num_images: int = 8, size: Tuple[int, int] = (160, 224), seed: int = 0) -> Path:
