@@ -333,3 +333,27 @@ def test_segmentation_example_trains_and_segments(backend, tmp_path, monkeypatch
     from timm_internimage.cli import sample_image_path
     classes = segmentation.segment(model, sample_image_path(), side=64)
     assert classes.shape == (64, 64) and 0 <= int(classes.min()) and int(classes.max()) < len(segmentation.CLASSES)
+
+
+def test_cli_predict_with_a_detection_checkpoint_says_it_has_no_classifier(tmp_path, capsys):
+    from timm_internimage.cli import main
+    case, path, _ = _golden_file(tmp_path, 'tiny_mask_rcnn_t')
+    model_args = json.dumps(dict(case['overrides'], layer_scale=1.0))
+    assert main(['predict', '--checkpoint', str(path), '--model', 'internimage_t', '--model-args', model_args]) == 1
+    assert f'{path} holds a backbone without a classifier head' in capsys.readouterr().err
+
+
+def test_readme_table_lists_every_dense_tag_with_its_published_scores():
+    rows = {}
+    for line in (REPO_ROOT / 'README.md').read_text().splitlines():
+        if line.startswith('| `internimage_') and ('box ' in line or 'mIoU ' in line):
+            name, published, size, taps = [cell.strip() for cell in line.strip('|').split('|')]
+            rows[name.strip('`')] = (published, size, taps)
+    assert list(rows) == list(DENSE_TAGS)
+    for name, (published, size, taps) in rows.items():
+        tag = DENSE_TAGS[name]
+        numbers = [float(n) for n in published.replace('/', ' ').split() if n[0].isdigit()]
+        assert numbers == list(dense_scores(tag.filename).values()), name
+        assert size == ('x'.join(map(str, tag.input_size)) if tag.input_size[0] != tag.input_size[1]
+                        else str(tag.input_size[0])), name
+        assert taps == ','.join(map(str, tag.out_indices)), name

@@ -769,6 +769,7 @@ def checkpoint_filter_fn(
         model: InternImage,
         strict: bool = True,
         source: Optional[str] = None,
+        head_required: bool = False,
 ) -> Dict[str, Tensor]:
     """timm's ``pretrained_filter_fn``, which every way of loading weights passes through.
 
@@ -781,7 +782,8 @@ def checkpoint_filter_fn(
        ``PretrainedWeightsError`` naming the keys and the file (``source``, or the model's pretrained cfg), whatever
        timm's strictness for the head, so a wrong checkpoint never leaves a silently random backbone. Only
        ``strict=False`` (timm's ``pretrained_strict=False``, an explicit request for a partial load) skips the
-       check of missing keys.
+       check of missing keys. With ``head_required`` (a classifier loading its checkpoint's head strictly), a
+       checkpoint without any head key (a detection / segmentation backbone) is an error saying so.
     4. Floating tensors of another dtype than the model's are cast to it (one log line says so); an integer or
        bool tensor for a floating model tensor raises ``PretrainedWeightsError`` naming it.
     """
@@ -791,6 +793,12 @@ def checkpoint_filter_fn(
     checkpoint_names = {key: re.sub(r'^model\.', '', name) for key, name in zip(state_dict, backbone)} \
         if len(state_dict) == len(backbone) else {}
     _check_backbone_keys(state_dict, model, strict, source, checkpoint_names)
+    if head_required and not any(k.startswith('head.') for k in state_dict):
+        from .pretrained import PretrainedWeightsError
+        raise PretrainedWeightsError(
+            f'{source or _checkpoint_source(model)} holds a backbone without a classifier head (a detection or '
+            f'segmentation checkpoint): load it as a backbone (features_only=True), or pass num_classes to train '
+            f'a new head')
     return _match_float_dtypes(state_dict, model)
 
 
@@ -926,6 +934,11 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -
     if pretrained:  # its weights are fetched and checked (pretrained.py), then the build takes the cfg as it is
         pretrained_cfg = fetch_pretrained(pretrained_cfg, kwargs.get('cache_dir'))
     strict = kwargs.pop('pretrained_strict', True)
+    # A backbone checkpoint (num_classes 0: detection, segmentation) has no head to be strict about; a classifier
+    # that keeps its checkpoint's head needs one. checkpoint_filter_fn checks the backbone in every case.
+    timm_strict = strict and pretrained_cfg.num_classes != 0
+    head_required = timm_strict and not kwargs.get('features_only') \
+        and kwargs.get('num_classes', pretrained_cfg.num_classes) == pretrained_cfg.num_classes
     feature_cfg = dict(out_indices=dense.out_indices if dense else (0, 1, 2, 3), feature_cls='getter')
     feature_cfg.update(kwargs.pop('feature_cfg', None) or {})
     if 'output_fmt' in kwargs:
@@ -937,10 +950,8 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -
         return build_model_with_cfg(
             InternImage, variant, pretrained,
             pretrained_cfg=pretrained_cfg,
-            pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict),
-            # A backbone checkpoint (num_classes 0: detection, segmentation) has no head to be strict about;
-            # checkpoint_filter_fn checks the backbone in every case.
-            pretrained_strict=strict and pretrained_cfg.num_classes != 0,
+            pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict, head_required=head_required),
+            pretrained_strict=timm_strict,
             feature_cfg=feature_cfg,
             **{**_VARIANT_ARGS[variant], **(dense.model_args if dense else {}), **kwargs},
         )
