@@ -756,8 +756,9 @@ _OFFICIAL_KEY_RULES = (
 )
 
 
-# Top-level keys of an mmcv (mmdet / mmseg) checkpoint, outermost first, and the prefixes of the modules around
-# the backbone in the released detection and segmentation models (a log line names the ones dropped).
+# The keys checkpoints wrap their weights in, outermost first (mmcv's ``state_dict``, the official and timm
+# training ``model``, DataParallel's ``module``), and the prefix of the backbone in an mmdet / mmseg model, whose
+# other keys (neck, heads) are dropped.
 _CHECKPOINT_WRAPPERS = ('state_dict', 'model', 'module')
 _BACKBONE_PREFIX = 'backbone.'
 # Key prefixes of a backbone, official and this implementation's: left unmapped, they are an error, not dropped.
