@@ -357,3 +357,34 @@ def test_readme_table_lists_every_dense_tag_with_its_published_scores():
         assert size == ('x'.join(map(str, tag.input_size)) if tag.input_size[0] != tag.input_size[1]
                         else str(tag.input_size[0])), name
         assert taps == ','.join(map(str, tag.out_indices)), name
+
+
+def test_manifest_refresh_records_the_dense_files_and_downloads_are_checked(hf_env, tmp_path, manifest_entry):
+    """``manifest-refresh`` pins OpenGVLab/InternImage and records every listed .pth; a download that does not
+    match its recorded sha256 is refused before anything unpickles it."""
+    import io
+    from timm_internimage._manifest import dump_manifest, load_manifest, repo_entry
+    from timm_internimage.cli import main
+    from timm_internimage.pretrained import ChecksumMismatchError
+    case, backbone, tensors = load_dense_case('tiny_mask_rcnn_t')
+    data = io.BytesIO()
+    save_mmcv_checkpoint(data, backbone)
+    filename = DENSE_TAGS[MASK_RCNN_T].filename
+    files = {name: name.encode() for name in repo_entry(DENSE_REPO)['checkpoints']}
+    files[filename] = data.getvalue()
+    repo = hf_env.hub.add_repo(DENSE_REPO, files)
+    path = tmp_path / 'weights_manifest.json'
+    path.write_text(dump_manifest(load_manifest()))
+    assert main(['manifest-refresh', '--manifest', str(path), '--tags', MASK_RCNN_T]) == 0
+    entry = json.loads(path.read_text())['repos'][DENSE_REPO]
+    assert entry['revision'] == repo.commit and entry['unverified'] == []
+    assert entry['files'] == {name: {'size': len(data), 'sha256': repo.sha256(name)} for name, data in files.items()}
+    manifest_entry(DENSE_REPO, files=entry['files'])  # unpinned (main), with the checksums
+    bad = bytearray(files[filename])
+    bad[-200] ^= 0xFF
+    repo.tampered[filename] = bytes(bad)
+    with pytest.raises(ChecksumMismatchError, match=f'{DENSE_REPO}/{filename}'):
+        timm.create_model(MASK_RCNN_T, features_only=True, pretrained=True, **case['overrides'])
+    del repo.tampered[filename]
+    features = timm.create_model(MASK_RCNN_T, features_only=True, pretrained=True, **case['overrides']).eval()
+    _assert_taps(features, case, tensors)
