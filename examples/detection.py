@@ -55,14 +55,15 @@ def build_detector(
         pretrained: bool = True,
         min_size: int = 800,
         max_size: int = 1333,
+        fpn_channels: int = 256,
         detector_kwargs: Optional[Dict[str, Any]] = None,
         **model_kwargs: Any,
 ):
     """torchvision ``MaskRCNN`` (``num_classes`` including the background; ``detector_kwargs`` for its other
-    arguments) on an InternImage FPN (``model_kwargs`` for ``timm.create_model``); images are normalised with the
-    backbone's mean and std and resized to ``min_size`` / ``max_size``."""
+    arguments) on an InternImage FPN of ``fpn_channels`` (``model_kwargs`` for ``timm.create_model``); images are
+    normalised with the backbone's mean and std and resized to ``min_size`` / ``max_size``."""
     from torchvision.models.detection import MaskRCNN
-    backbone = InternImageFPN(model_name, pretrained, **model_kwargs)
+    backbone = InternImageFPN(model_name, pretrained, fpn_channels, **model_kwargs)
     if len(backbone.body.feature_info.channels()) != 4:
         raise ValueError(f'{model_name} taps {backbone.body.feature_info.out_indices}; Mask R-CNN here needs the '
                          f'four stages (pass out_indices=(0, 1, 2, 3))')

@@ -157,7 +157,8 @@ def test_a_checkpoint_without_the_backbone_is_an_error(problem, features_only, t
     expected = {
         'resnet': r'Missing key\(s\) in the backbone \(\d+ of \d+\): "stem\.conv1\.weight"',
         'resnet_plain': r'Missing key\(s\) in the backbone \(\d+ of \d+\): "stem\.conv1\.weight"',
-        'missing_tensor': r'Missing key\(s\) in the backbone \(1 of \d+\): "stages\.2\.blocks\.1\.dcn\.offset\.weight"\.',
+        'missing_tensor':
+            r'Missing key\(s\) in the backbone \(1 of \d+\): "stages\.2\.blocks\.1\.dcn\.offset\.weight"\.',
         'unknown_backbone_key': r'Unexpected key\(s\) .*"levels\.4\.blocks\.0\.norm1\.0\.weight"',
     }[problem]
     with pytest.raises(PretrainedWeightsError, match=rf'^{path} does not hold the backbone .*{expected}'):
@@ -301,8 +302,8 @@ def test_detection_example_trains_and_detects(backend, tmp_path, monkeypatch):
     case, path, _ = _golden_file(tmp_path, 'tiny_mask_rcnn_t')
     torch.manual_seed(0)
     small = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
-                 rpn_post_nms_top_n_test=50, box_batch_size_per_image=64)  # fewer proposals: a fast test
-    detector = detection.build_detector(MASK_RCNN_T, min_size=96, max_size=128, detector_kwargs=small,
+                 rpn_post_nms_top_n_test=50, box_batch_size_per_image=64)  # a small, fast detector
+    detector = detection.build_detector(MASK_RCNN_T, min_size=96, max_size=128, fpn_channels=32, detector_kwargs=small,
                                         pretrained_cfg_overlay=dict(file=str(path)), **case['overrides'])
     stem_before = detector.backbone.body.model.stem.conv1.weight.detach().clone()
     dataset = detection.CocoInstances(detection.make_coco_dataset(tmp_path / 'coco', num_images=2, size=(96, 128)))

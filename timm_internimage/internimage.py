@@ -1059,7 +1059,8 @@ DENSE_TAGS = {
         'upernet_internimage_t_512_160k_ade20k.pth', _ADE + 'upernet_internimage_t_512_160k_ade20k.py',
         'ADE20K UperNet 160k', (512, 512), _LS),
     'internimage_t.cityscapes_upernet_512x1024': DenseTag(
-        'upernet_internimage_t_512x1024_160k_cityscapes.pth', _CITY + 'upernet_internimage_t_512x1024_160k_cityscapes.py',
+        'upernet_internimage_t_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_t_512x1024_160k_cityscapes.py',
         'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
     'internimage_s.coco_mask_rcnn_1x': DenseTag(
         'mask_rcnn_internimage_s_fpn_1x_coco.pth', _DET + 'mask_rcnn_internimage_s_fpn_1x_coco.py',
@@ -1071,7 +1072,8 @@ DENSE_TAGS = {
         'upernet_internimage_s_512_160k_ade20k.pth', _ADE + 'upernet_internimage_s_512_160k_ade20k.py',
         'ADE20K UperNet 160k', (512, 512), _LS),
     'internimage_s.cityscapes_upernet_512x1024': DenseTag(
-        'upernet_internimage_s_512x1024_160k_cityscapes.pth', _CITY + 'upernet_internimage_s_512x1024_160k_cityscapes.py',
+        'upernet_internimage_s_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_s_512x1024_160k_cityscapes.py',
         'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
     'internimage_b.coco_mask_rcnn_1x': DenseTag(
         'mask_rcnn_internimage_b_fpn_1x_coco.pth', _DET + 'mask_rcnn_internimage_b_fpn_1x_coco.py',
@@ -1083,7 +1085,8 @@ DENSE_TAGS = {
         'upernet_internimage_b_512_160k_ade20k.pth', _ADE + 'upernet_internimage_b_512_160k_ade20k.py',
         'ADE20K UperNet 160k', (512, 512), _LS),
     'internimage_b.cityscapes_upernet_512x1024': DenseTag(
-        'upernet_internimage_b_512x1024_160k_cityscapes.pth', _CITY + 'upernet_internimage_b_512x1024_160k_cityscapes.py',
+        'upernet_internimage_b_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_b_512x1024_160k_cityscapes.py',
         'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
     'internimage_l.coco_cascade_1x': DenseTag(
         'cascade_internimage_l_fpn_1x_coco.pth', _DET + 'cascade_internimage_l_fpn_1x_coco.py',
@@ -1092,7 +1095,8 @@ DENSE_TAGS = {
         'cascade_internimage_l_fpn_3x_coco.pth', _DET + 'cascade_internimage_l_fpn_3x_coco.py',
         'COCO Cascade Mask R-CNN 3x', _COCO_SIZE, _LS),
     'internimage_l.coco_dino_1x': DenseTag(
-        'dino_4scale_internimage_l_1x_coco_layer_wise_lr.pth', _DET + 'dino_4scale_internimage_l_1x_coco_layer_wise_lr.py',
+        'dino_4scale_internimage_l_1x_coco_layer_wise_lr.pth',
+        _DET + 'dino_4scale_internimage_l_1x_coco_layer_wise_lr.py',
         'COCO DINO 4-scale 1x, layer-wise lr', _COCO_SIZE, _LS, (1, 2, 3)),
     'internimage_l.coco_dino_1x_backbone_lr0p1': DenseTag(
         'dino_4scale_internimage_l_1x_coco_0.1x_backbone_lr.pth',
@@ -1102,7 +1106,8 @@ DENSE_TAGS = {
         'upernet_internimage_l_640_160k_ade20k.pth', _ADE + 'upernet_internimage_l_640_160k_ade20k.py',
         'ADE20K UperNet 160k', (640, 640), _LS),
     'internimage_l.cityscapes_upernet_512x1024': DenseTag(
-        'upernet_internimage_l_512x1024_160k_cityscapes.pth', _CITY + 'upernet_internimage_l_512x1024_160k_cityscapes.py',
+        'upernet_internimage_l_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_l_512x1024_160k_cityscapes.py',
         'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
     'internimage_l.mapillary_ft_cityscapes_upernet_512x1024': DenseTag(
         'upernet_internimage_l_512x1024_160k_mapillary2cityscapes.pth',
@@ -1166,7 +1171,8 @@ def _dense_cfg(tag: DenseTag) -> Dict[str, Any]:
 
 
 # The first tag of a model is its default: the classification tags come first.
-default_cfgs = generate_default_cfgs({**_CLASSIFICATION_CFGS, **{name: _dense_cfg(tag) for name, tag in DENSE_TAGS.items()}})
+default_cfgs = generate_default_cfgs(
+    {**_CLASSIFICATION_CFGS, **{name: _dense_cfg(tag) for name, tag in DENSE_TAGS.items()}})
 
 
 def _check_output_fmt(output_fmt: str) -> str:
