@@ -178,13 +178,12 @@ def test_meta_with_other_objects_is_refused(tmp_path):
 
 
 def test_every_published_plain_backbone_checkpoint_has_a_tag():
-    entry = json.loads(json.dumps(timm.models.get_pretrained_cfg(MASK_RCNN_T).to_dict()))
-    assert entry['hf_hub_id'].partition('@')[0] == DENSE_REPO
     from timm_internimage._manifest import repo_entry
     published = set(repo_entry(DENSE_REPO)['checkpoints'])
     assert {tag.filename for tag in DENSE_TAGS.values()} == published and len(published) == len(DENSE_TAGS) == 26
     for name, tag in DENSE_TAGS.items():
         cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.hf_hub_id.partition('@')[0] == DENSE_REPO, name
         assert cfg.hf_hub_filename == tag.filename and cfg.num_classes == 0, name
         assert cfg.input_size == (3, *tag.input_size) and cfg.license == 'mit' and cfg.paper_ids, name
         for metric, value in dense_scores(tag.filename).items():
