@@ -132,3 +132,29 @@ def cuda_semantics_args(case: dict, channels: int) -> tuple:
     """Positional scalar arguments of the official op signature for a cuda_semantics case of ``channels``."""
     k, s, p, d, g = (case[name] for name in ('kernel_size', 'stride', 'padding', 'dilation', 'group'))
     return (k, k, s, s, p, p, d, d, g, channels // g, case['offset_scale'], bool(case['remove_center']))
+
+
+DENSE_DIR = GOLDEN_DIR / 'dense'
+DENSE_CASES = ('tiny_mask_rcnn_t', 'tiny_dino_l', 'tiny_upernet_h')
+
+
+def load_dense_case(name: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(case json, backbone weights keyed ``backbone.<official key>`` as in an mmdet / mmseg checkpoint, golden
+    tensors ``input`` and ``out<i>``) for a tiny detection / segmentation backbone (``data/golden/dense``).
+
+    The weights follow the calm rule, drawn with the prefixed key names."""
+    from safetensors.torch import load_file
+    case = json.loads((DENSE_DIR / f'{name}.json').read_text())
+    state_dict = {f'backbone.{key}': official_weight(f'backbone.{key}', shape, case['weight_seed'], 'calm')
+                  for key, shape in case['state_dict_keys'].items()}
+    return case, state_dict, load_file(str(DENSE_DIR / f'{name}.safetensors'))
+
+
+def dense_model_kwargs(case: dict) -> dict:
+    """The official backbone constructor arguments of a dense case (published config with its tiny overrides),
+    as ``timm.create_model`` keyword arguments (``out_indices`` included; training-only ones left out)."""
+    config = dict(case['published_backbone'], **case['overrides'])
+    for training_only in ('drop_path_rate', 'with_cp'):
+        config.pop(training_only, None)
+    config['out_indices'] = tuple(case['out_indices'])
+    return config

@@ -52,5 +52,6 @@ def test_hub_load_local_pretrained_tag(hf_env):
 
 
 def test_hub_unknown_tag():
-    with pytest.raises(ValueError, match=r"internimage_t has no pretrained tag 'in21k'; choose one of \['in1k'\]"):
+    with pytest.raises(ValueError, match=r"internimage_t has no pretrained tag 'in21k'; choose one of \['in1k', "
+                                         r"'coco_mask_rcnn_1x', "):
         torch.hub.load(REPO_ROOT, 'internimage_t', source='local', pretrained=True, tag='in21k', **TINY)

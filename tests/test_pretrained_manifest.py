@@ -8,21 +8,28 @@ import torch
 import timm
 
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest, manifest_path, weight_filename
-from timm_internimage.internimage import _VARIANT_ARGS, pretrained_cfgs
+from timm_internimage.internimage import DENSE_REPO, DENSE_TAGS, _VARIANT_ARGS, pretrained_cfgs
 
 from conftest import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _classification_cfgs():
+    return {name: cfg for name, cfg in pretrained_cfgs().items() if name not in DENSE_TAGS}
+
+
 def test_cfgs_read_the_manifest():
     cfgs = pretrained_cfgs()
     assert set(timm.list_pretrained('internimage_*')) == set(cfgs)
-    repos = [cfg.hf_hub_id.partition('@')[0] for cfg in cfgs.values()]
-    assert sorted(repos) == sorted(load_manifest()['repos'])  # each repo the manifest lists is one tag's weights
-    for (name, cfg), repo_id in zip(cfgs.items(), repos):
+    repos = [cfg.hf_hub_id.partition('@')[0] for cfg in _classification_cfgs().values()]
+    # each classification repo the manifest lists is one tag's weights; the detection / segmentation tags share one
+    assert sorted(repos + [DENSE_REPO]) == sorted(load_manifest()['repos'])
+    for (name, cfg), repo_id in zip(_classification_cfgs().items(), repos):
         source = dict(hf_hub_id=cfg.hf_hub_id, hf_hub_filename=cfg.hf_hub_filename, custom_load=cfg.custom_load)
         assert source == hub_source(repo_id), name
+    for name in DENSE_TAGS:
+        assert cfgs[name].hf_hub_id == hub_source(DENSE_REPO)['hf_hub_id'], name
     for model in _VARIANT_ARGS:  # the first tag of each model is its default
         default = f'{model}.{timm.models.get_pretrained_cfg(model).tag}'
         assert default == next(name for name in cfgs if name.startswith(model + '.'))
@@ -39,14 +46,19 @@ def test_pinned_entries_pin_the_cfg(manifest_entry):
 
 @pytest.mark.parametrize('model', list(_VARIANT_ARGS))
 def test_pool_size_is_the_feature_map_size(model):
-    features = tiny_model(model).forward_features(torch.randn(1, 3, 64, 64))
-    stride = 64 // features.shape[-1]
     for name, cfg in timm.models.get_arch_pretrained_cfgs(model).items():
+        tag_args = DENSE_TAGS[name].model_args if name in DENSE_TAGS else {}
+        stride = 64 // tiny_model(model, **tag_args).forward_features(torch.randn(1, 3, 64, 64)).shape[-1]
         assert cfg.pool_size == (cfg.input_size[1] // stride, cfg.input_size[2] // stride), name
 
 
 def test_manifest_entries_are_well_formed():
     for repo_id, entry in load_manifest()['repos'].items():
+        if 'checkpoints' in entry:  # OpenGVLab/InternImage: the detection / segmentation .pth, one per tag
+            assert repo_id == DENSE_REPO and 'file' not in entry and 'index_file' not in entry
+            assert set(entry['files']) <= set(entry['checkpoints'])
+            assert all(name.endswith('.pth') for name in entry['checkpoints'])
+            continue
         assert entry['original_pth']['repo'] == 'OpenGVLab/InternImage'
         assert entry['original_pth']['filename'].endswith('.pth')
         assert not ('file' in entry and 'index_file' in entry)
@@ -81,5 +93,5 @@ def test_weights_doc_table_matches_the_cfgs():
         assert top1 == ('–' if entry['top1'] is None else str(entry['top1'])), name
         assert size.strip().startswith(entry['approx_size']), name
     assert documented == {name: (cfg.hf_hub_id.partition('@')[0], cfg.num_classes, cfg.input_size[1])
-                          for name, cfg in pretrained_cfgs().items()}
-    assert list(documented) == list(pretrained_cfgs())
+                          for name, cfg in _classification_cfgs().items()}
+    assert list(documented) == list(_classification_cfgs())

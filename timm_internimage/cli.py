@@ -407,9 +407,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _repo_tags() -> Dict[str, str]:
-    """Hub repo -> the ``model.tag`` whose weights it holds."""
-    from .internimage import pretrained_cfgs
-    return {cfg.hf_hub_id.partition('@')[0]: name for name, cfg in pretrained_cfgs().items()}
+    """Hub repo -> the ``model.tag`` whose weights it holds (classification repos: one tag each)."""
+    from .internimage import DENSE_TAGS, pretrained_cfgs
+    return {cfg.hf_hub_id.partition('@')[0]: name for name, cfg in pretrained_cfgs().items() if name not in DENSE_TAGS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,6 +431,13 @@ def _infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     inferred = {'model': models[channels]}
     if 'head.fc.weight' in keys:
         inferred['num_classes'] = keys['head.fc.weight'].shape[0]
+        return inferred
+    # A backbone (detection / segmentation) checkpoint: T's has layer scales, H's no clip projector.
+    variant_args = _VARIANT_ARGS[inferred['model']]
+    if variant_args.get('layer_scale') is None and 'stages.0.blocks.0.ls1.gamma' in keys:
+        inferred['layer_scale'] = 1.0
+    if variant_args.get('use_clip_projector') and 'neck.proj_stage3.weight' not in keys:
+        inferred['use_clip_projector'] = False
     return inferred
 
 
@@ -490,7 +497,7 @@ def convert(
     from safetensors.torch import save_file
     from timm.models import get_arch_pretrained_cfgs
     from timm.models._hub import save_config_for_hf
-    from .internimage import checkpoint_filter_fn
+    from .internimage import DENSE_TAGS, checkpoint_filter_fn
     from .pretrained import PretrainedWeightsError, fetch_hub_weights
 
     kwargs = dict(model_kwargs or {})
@@ -505,6 +512,9 @@ def convert(
     else:
         raise CliError(f'{src}: no such file or folder (and not a Hub repo id like OpenGVLab/internimage_t_1k_224)')
 
+    dense_files = {tag.filename: name for name, tag in DENSE_TAGS.items()}
+    if model_name is None and src_path.name in dense_files:  # an official detection / segmentation file
+        model_name = dense_files[src_path.name]
     if model_name is None:
         inferred = _infer_model(state_dict)
         model_name = inferred.pop('model')
@@ -515,12 +525,21 @@ def convert(
         model_name = next((name for name, cfg in get_arch_pretrained_cfgs(model_name).items()
                            if cfg.num_classes == kwargs['num_classes']), model_name)
     meta_model = _create_model(model_name, pretrained=False, device='meta', **kwargs)
-    converted = checkpoint_filter_fn(state_dict, meta_model)
     try:
-        meta_model.load_state_dict(converted, assign=True)  # every key and shape, before anything is written
+        converted = checkpoint_filter_fn(state_dict, meta_model, source=src)  # the backbone is complete
+    except PretrainedWeightsError as e:
+        raise PretrainedWeightsError(f'checkpoint does not fit {model_name} {kwargs or ""}: {e}') from e
+    backbone_only = not any(k.startswith(('head.', 'neck.')) for k in converted)  # detection, segmentation
+    try:  # every key and shape (a backbone checkpoint's: the backbone), before anything is written
+        missing, _ = meta_model.load_state_dict(converted, assign=True, strict=not backbone_only)
     except RuntimeError as e:
         raise PretrainedWeightsError(f'checkpoint does not fit {model_name} {kwargs or ""}: {e}') from e
-    model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != 'num_classes'}
+    if backbone_only:
+        kwargs['num_classes'] = meta_model.num_classes = 0  # loaded back without a head: features_only
+        meta_model.pretrained_cfg = dict(meta_model.pretrained_cfg, num_classes=0)
+    dense = DENSE_TAGS.get(model_name)
+    model_args = {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in dict(dense.model_args if dense else {}, **kwargs).items() if k != 'num_classes'}
     out = Path(out_dir)
     _write_atomically(out, {
         'model.safetensors': lambda path: save_file({k: v.contiguous() for k, v in converted.items()}, str(path),
@@ -544,6 +563,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # list
 
 
+def _tag_task(name: str, cfg: Any) -> Tuple[str, Dict[str, float]]:
+    """(task, published scores) of a tag: ImageNet top-1 of a classifier, box / mask AP or mIoU of a backbone."""
+    from ._manifest import repo_entry
+    from .internimage import DENSE_TAGS, dense_scores
+    if name in DENSE_TAGS:
+        scores = dense_scores(DENSE_TAGS[name].filename)
+        return ('detection' if 'box AP' in scores else 'segmentation'), scores
+    top1 = repo_entry(cfg.hf_hub_id.partition('@')[0])['top1']
+    return 'classification', ({'top-1': top1} if top1 is not None else {})
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from ._manifest import repo_entry
     from .internimage import pretrained_cfgs
@@ -551,17 +581,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name, cfg in pretrained_cfgs().items():
         repo_id, _, revision = cfg.hf_hub_id.partition('@')
         entry = repo_entry(repo_id)
-        rows[name] = dict(hf_hub_id=repo_id, revision=revision or 'main', num_classes=cfg.num_classes,
-                          input_size=list(cfg.input_size), top1=entry['top1'], size=entry['approx_size'])
+        task, scores = _tag_task(name, cfg)
+        rows[name] = dict(hf_hub_id=repo_id, hf_hub_filename=cfg.hf_hub_filename, revision=revision or 'main',
+                          num_classes=cfg.num_classes, input_size=list(cfg.input_size), task=task, scores=scores,
+                          top1=entry['top1'], size=entry['approx_size'])
     if args.json:
         _out(json.dumps(rows, indent=2))
         return 0
-    _out(f'{"model.tag":<40} {"Hub repo":<40} {"classes":>7} {"input":>5} {"top-1":>6}  size     revision')
+    _out(f'{"model.tag":<56} {"Hub repo":<36} {"classes":>7} {"input":>5}  {"task":<14} size      '
+         f'{"revision":<22} published')
     for name, row in rows.items():
-        top1 = '-' if row['top1'] is None else f'{row["top1"]:.1f}'
+        scores = ', '.join(f'{metric} {value}' for metric, value in row['scores'].items()) or '-'
         revision = row['revision'][:10] + (' (unpinned)' if row['revision'] == 'main' else '')
-        _out(f'{name:<40} {row["hf_hub_id"]:<40} {row["num_classes"]:>7} {row["input_size"][1]:>5} {top1:>6}  '
-             f'{row["size"]:<8} {revision}')
+        _out(f'{name:<56} {row["hf_hub_id"]:<36} {row["num_classes"]:>7} {row["input_size"][1]:>5}  '
+             f'{row["task"]:<14} {row["size"]:<9} {revision:<22} {scores}')
     return 0
 
 
@@ -580,12 +613,13 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
     from huggingface_hub.utils.sha import sha_fileobj
     from ._manifest import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
     from .pretrained import shard_names
-    repo_tags = {name: repo for repo, name in _repo_tags().items()}
+    from .internimage import pretrained_cfgs
+    repo_tags = {name: cfg.hf_hub_id.partition('@')[0] for name, cfg in pretrained_cfgs().items()}
     unknown = [tag for tag in (tags or []) if tag not in repo_tags]
     if unknown:
         raise CliError(f'unknown tag(s) {unknown}; see `python -m timm_internimage list`')
     api = HfApi(endpoint=endpoint)
-    for repo_id in ([repo_tags[tag] for tag in tags] if tags else list(manifest['repos'])):
+    for repo_id in (list(dict.fromkeys(repo_tags[tag] for tag in tags)) if tags else list(manifest['repos'])):
         entry = manifest['repos'][repo_id]
         info = api.model_info(repo_id, files_metadata=True)
         siblings = {s.rfilename: s for s in info.siblings or []}
@@ -600,7 +634,12 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
 
         entry.pop('file', None)
         entry.pop('index_file', None)
-        if SAFE_WEIGHTS_NAME in siblings:
+        if 'checkpoints' in entry:  # OpenGVLab/InternImage: the detection / segmentation .pth the tags load
+            absent = [name for name in entry['checkpoints'] if name not in siblings]
+            if absent:
+                raise CliError(f'{repo_id}@{info.sha} lacks {absent}, which the manifest lists')
+            files = {name: describe(name) for name in entry['checkpoints']}
+        elif SAFE_WEIGHTS_NAME in siblings:
             entry['file'] = SAFE_WEIGHTS_NAME
             files = {SAFE_WEIGHTS_NAME: describe(SAFE_WEIGHTS_NAME)}
         elif SAFE_WEIGHTS_INDEX_NAME in siblings:

@@ -20,7 +20,7 @@ Heads:
 import logging
 import re
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ from ._manifest import hub_source, repo_entry
 from .ops import DCNv3
 from .ops.dcn_v3 import linear
 
-__all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys']
+__all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys', 'backbone_state_dict', 'DENSE_TAGS']
 
 _logger = logging.getLogger(__name__)
 
@@ -675,21 +675,21 @@ class InternImage(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Forward returning stage outputs (NCHW, after each stage's norm).
+        """Forward returning stage outputs (after each stage's norm, before the next downsample).
 
         Args:
             x: Input image tensor.
             indices: Take last n stages if int, all if None, select matching indices if sequence.
             norm: Unused; stage outputs are already normalised where the architecture has norms.
             stop_early: Stop iterating over stages when the last desired intermediate is hit.
-            output_fmt: Shape of intermediate feature outputs, only 'NCHW'.
+            output_fmt: Shape of intermediate feature outputs: 'NCHW' (views of channels-last maps) or 'NHWC'
+                (the contiguous channels-last maps the blocks compute, without a permute).
             intermediates_only: Only return intermediate features.
 
         Returns:
             List of intermediate features or tuple of (final features, intermediates).
         """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"InternImage intermediates are 'NCHW', got output_fmt={output_fmt!r}")
+        channels_last = _check_output_fmt(output_fmt) == 'NHWC'
         if not torch.jit.is_scripting():  # the fused stride-16 map is only computed for the final features
             check_image_input(x, self.in_chans, self.neck is not None and not intermediates_only)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
@@ -704,7 +704,7 @@ class InternImage(nn.Module):
             x = stage(x)
             stage_outputs.append(x)
             if feat_idx in take_indices:
-                intermediates.append(x)
+                intermediates.append(x.permute(0, 2, 3, 1) if channels_last else x)
         if intermediates_only:
             return intermediates
         return self._finalize_features(stage_outputs), intermediates
@@ -777,23 +777,131 @@ _OFFICIAL_KEY_RULES = (
 )
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: InternImage) -> Dict[str, Tensor]:
-    """timm's ``pretrained_filter_fn``: :func:`remap_checkpoint_keys`, then the dtypes matched to the model's.
+# The keys checkpoints wrap their weights in, outermost first (mmcv's ``state_dict``, the official and timm
+# training ``model``, DataParallel's ``module``), and the prefix of the backbone in an mmdet / mmseg model, whose
+# other keys (neck, heads) are dropped.
+_CHECKPOINT_WRAPPERS = ('state_dict', 'model', 'module')
+_BACKBONE_PREFIX = 'backbone.'
+# Key prefixes of a backbone, official and this implementation's: left unmapped, they are an error, not dropped.
+_BACKBONE_LIKE_PREFIXES = ('levels.', 'patch_embed.', 'stages.', 'stem.')
 
-    Every way of loading weights passes here: a floating tensor of another dtype than the model's is cast to it
-    (one log line says so); an integer or bool tensor for a floating model tensor raises
-    ``PretrainedWeightsError`` naming it. Whether all keys must be there is ``load_state_dict``'s decision
-    (timm's ``pretrained_strict``).
+
+def checkpoint_filter_fn(
+        state_dict: Dict[str, Any],
+        model: InternImage,
+        strict: bool = True,
+        source: Optional[str] = None,
+        head_required: bool = False,
+) -> Dict[str, Tensor]:
+    """timm's ``pretrained_filter_fn``, which every way of loading weights passes through.
+
+    1. The checkpoint is unwrapped (:func:`backbone_state_dict`): ``state_dict`` / ``model`` / ``module``
+       wrappers and ``module.`` key prefixes; of a detection or segmentation checkpoint (``backbone.`` keys) only
+       the backbone is kept, and one log line says how many neck and head keys were dropped, under which prefixes.
+    2. Official and Hugging Face key names are mapped (:func:`remap_checkpoint_keys`).
+    3. The backbone (stem and stages) must be complete: a backbone tensor the checkpoint lacks, or an unmapped key
+       that looks like a backbone's (``levels.``, ``patch_embed.``, ``stages.``, ``stem.``) raises
+       ``PretrainedWeightsError`` naming the keys and the file (``source``, or the model's pretrained cfg), whatever
+       timm's strictness for the head, so a wrong checkpoint never leaves a silently random backbone. Only
+       ``strict=False`` (timm's ``pretrained_strict=False``, an explicit request for a partial load) skips the
+       check of missing keys. With ``head_required`` (a classifier loading its checkpoint's head strictly), a
+       checkpoint without any head key (a detection / segmentation backbone) is an error saying so.
+    4. Floating tensors of another dtype than the model's are cast to it (one log line says so); an integer or
+       bool tensor for a floating model tensor raises ``PretrainedWeightsError`` naming it.
     """
-    return _match_float_dtypes(remap_checkpoint_keys(state_dict, model), model)
+    backbone = backbone_state_dict(state_dict, log=True)
+    state_dict = remap_checkpoint_keys(backbone, model)
+    # Unknown keys are reported by their official names (without the Hugging Face ``model.`` prefix).
+    checkpoint_names = {key: re.sub(r'^model\.', '', name) for key, name in zip(state_dict, backbone)} \
+        if len(state_dict) == len(backbone) else {}
+    _check_backbone_keys(state_dict, model, strict, source, checkpoint_names)
+    if head_required and not any(k.startswith('head.') for k in state_dict):
+        from .pretrained import PretrainedWeightsError
+        raise PretrainedWeightsError(
+            f'{source or _checkpoint_source(model)} holds a backbone without a classifier head (a detection or '
+            f'segmentation checkpoint): load it as a backbone (features_only=True), or pass num_classes to train '
+            f'a new head')
+    return _match_float_dtypes(state_dict, model)
+
+
+def backbone_state_dict(checkpoint: Dict[str, Any], log: bool = False) -> Dict[str, Any]:
+    """The weights of a checkpoint in any released layout, with their own key names.
+
+    Unwraps ``state_dict`` (mmcv: mmdet / mmseg), ``model`` (official classification, timm training) and
+    ``module``, strips a ``module.`` prefix (DataParallel), and of a checkpoint with ``backbone.`` keys keeps
+    those, without the prefix. With ``log``, one log line counts the dropped neck / head keys by prefix.
+    """
+    for wrapper in _CHECKPOINT_WRAPPERS:
+        if isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+    if checkpoint and all(k.startswith('module.') for k in checkpoint):
+        checkpoint = {k[len('module.'):]: v for k, v in checkpoint.items()}
+    if not any(k.startswith(_BACKBONE_PREFIX) for k in checkpoint):
+        return checkpoint
+    backbone, dropped = {}, {}
+    for k, v in checkpoint.items():
+        if k.startswith(_BACKBONE_PREFIX):
+            backbone[k[len(_BACKBONE_PREFIX):]] = v
+        else:
+            prefix = k.partition('.')[0] + '.'
+            dropped[prefix] = dropped.get(prefix, 0) + 1
+    if log and dropped:
+        _logger.info(
+            'Loading the backbone of a detection/segmentation checkpoint: dropped %d neck/head keys (%s)',
+            sum(dropped.values()), ', '.join(dropped))
+    return backbone
+
+
+def _checkpoint_source(model: nn.Module) -> str:
+    """The weights file a model's pretrained cfg names, for error messages."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if cfg.get('file'):
+        return str(cfg['file'])
+    if cfg.get('hf_hub_id'):
+        return '/'.join(part for part in (cfg['hf_hub_id'], cfg.get('hf_hub_filename')) if part)
+    return 'the checkpoint'
+
+
+def _quoted_keys(keys: List[str], limit: int = 12) -> str:
+    shown = ', '.join(f'"{k}"' for k in keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def _check_backbone_keys(
+        state_dict: Dict[str, Any],
+        model: InternImage,
+        strict: bool,
+        source: Optional[str],
+        checkpoint_names: Dict[str, str],
+) -> None:
+    """Raise ``PretrainedWeightsError`` for missing backbone tensors (unless ``strict`` is False) or unknown keys
+    that look like a backbone's (named as in the checkpoint: ``checkpoint_names`` maps them back)."""
+    from .pretrained import PretrainedWeightsError
+    own = model.state_dict()
+    backbone = [k for k in own if k.startswith(('stem.', 'stages.'))]
+    missing = [k for k in backbone if k not in state_dict] if strict else []
+    unknown = [checkpoint_names.get(k, k) for k in state_dict
+               if k not in own and k.startswith(_BACKBONE_LIKE_PREFIXES)]
+    if not missing and not unknown:
+        return
+    problems = []
+    if missing:
+        problems.append(f'Missing key(s) in the backbone ({len(missing)} of {len(backbone)}): {_quoted_keys(missing)}.')
+    if unknown:
+        problems.append(f'Unexpected key(s) that look like a backbone\'s ({len(unknown)}): {_quoted_keys(unknown)}.')
+    raise PretrainedWeightsError(
+        f'{source or _checkpoint_source(model)} does not hold the backbone of this '
+        f'{type(model).__name__} ({model.feature_info[-1]["num_chs"] // 8} channels, depths '
+        f'{[len(stage.blocks) for stage in model.stages]}): ' + ' '.join(problems) +
+        ' Pass the model arguments of the checkpoint\'s config (a detection/segmentation tag applies them), or '
+        'use a checkpoint of this architecture.')
 
 
 def remap_checkpoint_keys(state_dict: Dict[str, Any], model: InternImage) -> Dict[str, Any]:
-    """Map an official checkpoint (``.pth``, also inside a ``model`` or ``module`` wrapper) or a Hugging Face one
-    (``model.`` prefix, ``layer_scale1/2``) to this model's keys; this implementation's own keys pass as they are.
-    Tensors pass untouched."""
-    for wrapper in ('model', 'module'):
-        state_dict = state_dict.get(wrapper, state_dict)
+    """Map an official checkpoint (classification ``.pth``, mmdet / mmseg ``.pth``: see :func:`backbone_state_dict`)
+    or a Hugging Face one (``model.`` prefix, ``layer_scale1/2``) to this model's keys; this implementation's own
+    keys pass as they are. Tensors pass untouched."""
+    state_dict = backbone_state_dict(state_dict)
     if 'stem.conv1.weight' in state_dict:
         return state_dict
     # The k-th official stage-2 post norm is the out_norm of the k-th stage-2 block that has one.
@@ -834,18 +942,40 @@ def _match_float_dtypes(state_dict: Dict[str, Any], model: InternImage) -> Dict[
 
 
 def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """Build through timm's ``build_model_with_cfg``; the pretrained cfg is resolved once, here.
+
+    A detection / segmentation tag (``DENSE_TAGS``) applies its checkpoint's model arguments and makes its
+    config's ``out_indices`` the ``features_only`` default; explicit keyword arguments win. ``output_fmt='NHWC'``
+    with ``features_only`` returns channels-last taps. ``pretrained_strict=False`` allows a checkpoint without
+    parts of the backbone (see :func:`checkpoint_filter_fn`); without it a missing backbone tensor is an error.
+    """
     from .pretrained import fetch_pretrained, official_checkpoint_globals
-    if pretrained:
-        # Resolved once: its weights are fetched and checked (pretrained.py), then the build takes it as it is.
-        pretrained_cfg = resolve_pretrained_cfg(
-            variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
-        kwargs['pretrained_cfg'] = fetch_pretrained(pretrained_cfg, kwargs.get('cache_dir'))
+    pretrained_cfg = resolve_pretrained_cfg(
+        variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
+    dense = DENSE_TAGS.get(f'{variant}.{pretrained_cfg.tag}')
+    if pretrained:  # its weights are fetched and checked (pretrained.py), then the build takes the cfg as it is
+        pretrained_cfg = fetch_pretrained(pretrained_cfg, kwargs.get('cache_dir'))
+    strict = kwargs.pop('pretrained_strict', True)
+    # A backbone checkpoint (num_classes 0: detection, segmentation) has no head to be strict about; a classifier
+    # that keeps its checkpoint's head needs one. checkpoint_filter_fn checks the backbone in every case.
+    timm_strict = strict and pretrained_cfg.num_classes != 0
+    head_required = timm_strict and not kwargs.get('features_only') \
+        and kwargs.get('num_classes', pretrained_cfg.num_classes) == pretrained_cfg.num_classes
+    feature_cfg = dict(out_indices=dense.out_indices if dense else (0, 1, 2, 3), feature_cls='getter')
+    feature_cfg.update(kwargs.pop('feature_cfg', None) or {})
+    if 'output_fmt' in kwargs:
+        if not kwargs.get('features_only'):
+            raise ValueError("output_fmt applies to features_only models; for a model, pass output_fmt to "
+                             "forward_intermediates")
+        feature_cfg['output_fmt'] = _check_output_fmt(kwargs.pop('output_fmt'))
     with official_checkpoint_globals():
         return build_model_with_cfg(
             InternImage, variant, pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-            **dict(_VARIANT_ARGS[variant], **kwargs),
+            pretrained_cfg=pretrained_cfg,
+            pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict, head_required=head_required),
+            pretrained_strict=timm_strict,
+            feature_cfg=feature_cfg,
+            **{**_VARIANT_ARGS[variant], **(dense.model_args if dense else {}), **kwargs},
         )
 
 
@@ -897,8 +1027,7 @@ def _cfg(name: str, repo_id: str, img_size: int = 224, num_classes: int = 1000) 
     )
 
 
-# The first tag of a model is its default.
-default_cfgs = generate_default_cfgs({name: _cfg(name, **args) for name, args in {
+_CLASSIFICATION_CFGS = {name: _cfg(name, **args) for name, args in {
     'internimage_t.in1k': dict(repo_id='OpenGVLab/internimage_t_1k_224'),
     'internimage_s.in1k': dict(repo_id='OpenGVLab/internimage_s_1k_224'),
     'internimage_b.in1k': dict(repo_id='OpenGVLab/internimage_b_1k_224'),
@@ -912,7 +1041,165 @@ default_cfgs = generate_default_cfgs({name: _cfg(name, **args) for name, args in
     'internimage_g.joint_in22k_ft_in1k_512': dict(repo_id='OpenGVLab/internimage_g_22kto1k_512', img_size=512),
     'internimage_g.joint_in22k_384': dict(
         repo_id='OpenGVLab/internimage_g_jointto22k_384', img_size=384, num_classes=21841),
-}.items()})
+}.items()}
+
+
+class DenseTag(NamedTuple):
+    """A released detection / segmentation checkpoint of OpenGVLab/InternImage, as a ``features_only`` backbone."""
+    filename: str  # on the Hub repo DENSE_REPO; named after the official config (``config``) but for DINO-T
+    config: str  # detection/configs/<dataset>/<config> or segmentation/configs/<dataset>/<config>
+    recipe: str  # dataset and method, for the description
+    input_size: Tuple[int, int]  # (height, width): the training crop, or the detectors' test scale
+    model_args: Dict[str, Any]  # the config's backbone arguments that differ from the classification variant
+    out_indices: Tuple[int, ...] = (0, 1, 2, 3)
+    test_input_size: Optional[Tuple[int, int]] = None
+
+
+DENSE_REPO = 'OpenGVLab/InternImage'
+_DET = 'detection/configs/coco/'
+_ADE = 'segmentation/configs/ade20k/'
+_CITY = 'segmentation/configs/cityscapes/'
+_COCO_SIZE = (800, 1333)  # mmdet's test scale: short side 800, long side at most 1333
+_CITY_SIZE, _CITY_TEST_SIZE = (512, 1024), (1024, 2048)
+# The det/seg configs of T-XL set layer_scale=1.0 (the classification T has no layer scale: its blocks then lack
+# gamma1/gamma2); the H config has no clip projector (a plain backbone, no classification head).
+_LS = dict(layer_scale=1.0)
+
+# ``model.tag`` -> checkpoint. Tags: ``<dataset>_<method>_<schedule or crop>``, as the official tables name them.
+DENSE_TAGS = {
+    'internimage_t.coco_mask_rcnn_1x': DenseTag(
+        'mask_rcnn_internimage_t_fpn_1x_coco.pth', _DET + 'mask_rcnn_internimage_t_fpn_1x_coco.py',
+        'COCO Mask R-CNN 1x', _COCO_SIZE, _LS),
+    'internimage_t.coco_mask_rcnn_3x': DenseTag(
+        'mask_rcnn_internimage_t_fpn_3x_coco.pth', _DET + 'mask_rcnn_internimage_t_fpn_3x_coco.py',
+        'COCO Mask R-CNN 3x', _COCO_SIZE, _LS),
+    'internimage_t.coco_dino_1x': DenseTag(
+        'dino_4scale_internimage_t_1x_coco.pth', _DET + 'dino_4scale_internimage_t_1x_coco_layer_wise_lr.py',
+        'COCO DINO 4-scale 1x, layer-wise lr', _COCO_SIZE, _LS, (1, 2, 3)),
+    'internimage_t.ade20k_upernet_512': DenseTag(
+        'upernet_internimage_t_512_160k_ade20k.pth', _ADE + 'upernet_internimage_t_512_160k_ade20k.py',
+        'ADE20K UperNet 160k', (512, 512), _LS),
+    'internimage_t.cityscapes_upernet_512x1024': DenseTag(
+        'upernet_internimage_t_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_t_512x1024_160k_cityscapes.py',
+        'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
+    'internimage_s.coco_mask_rcnn_1x': DenseTag(
+        'mask_rcnn_internimage_s_fpn_1x_coco.pth', _DET + 'mask_rcnn_internimage_s_fpn_1x_coco.py',
+        'COCO Mask R-CNN 1x', _COCO_SIZE, _LS),
+    'internimage_s.coco_mask_rcnn_3x': DenseTag(
+        'mask_rcnn_internimage_s_fpn_3x_coco.pth', _DET + 'mask_rcnn_internimage_s_fpn_3x_coco.py',
+        'COCO Mask R-CNN 3x', _COCO_SIZE, _LS),
+    'internimage_s.ade20k_upernet_512': DenseTag(
+        'upernet_internimage_s_512_160k_ade20k.pth', _ADE + 'upernet_internimage_s_512_160k_ade20k.py',
+        'ADE20K UperNet 160k', (512, 512), _LS),
+    'internimage_s.cityscapes_upernet_512x1024': DenseTag(
+        'upernet_internimage_s_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_s_512x1024_160k_cityscapes.py',
+        'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
+    'internimage_b.coco_mask_rcnn_1x': DenseTag(
+        'mask_rcnn_internimage_b_fpn_1x_coco.pth', _DET + 'mask_rcnn_internimage_b_fpn_1x_coco.py',
+        'COCO Mask R-CNN 1x', _COCO_SIZE, _LS),
+    'internimage_b.coco_mask_rcnn_3x': DenseTag(
+        'mask_rcnn_internimage_b_fpn_3x_coco.pth', _DET + 'mask_rcnn_internimage_b_fpn_3x_coco.py',
+        'COCO Mask R-CNN 3x', _COCO_SIZE, _LS),
+    'internimage_b.ade20k_upernet_512': DenseTag(
+        'upernet_internimage_b_512_160k_ade20k.pth', _ADE + 'upernet_internimage_b_512_160k_ade20k.py',
+        'ADE20K UperNet 160k', (512, 512), _LS),
+    'internimage_b.cityscapes_upernet_512x1024': DenseTag(
+        'upernet_internimage_b_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_b_512x1024_160k_cityscapes.py',
+        'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
+    'internimage_l.coco_cascade_1x': DenseTag(
+        'cascade_internimage_l_fpn_1x_coco.pth', _DET + 'cascade_internimage_l_fpn_1x_coco.py',
+        'COCO Cascade Mask R-CNN 1x', _COCO_SIZE, _LS),
+    'internimage_l.coco_cascade_3x': DenseTag(
+        'cascade_internimage_l_fpn_3x_coco.pth', _DET + 'cascade_internimage_l_fpn_3x_coco.py',
+        'COCO Cascade Mask R-CNN 3x', _COCO_SIZE, _LS),
+    'internimage_l.coco_dino_1x': DenseTag(
+        'dino_4scale_internimage_l_1x_coco_layer_wise_lr.pth',
+        _DET + 'dino_4scale_internimage_l_1x_coco_layer_wise_lr.py',
+        'COCO DINO 4-scale 1x, layer-wise lr', _COCO_SIZE, _LS, (1, 2, 3)),
+    'internimage_l.coco_dino_1x_backbone_lr0p1': DenseTag(
+        'dino_4scale_internimage_l_1x_coco_0.1x_backbone_lr.pth',
+        _DET + 'dino_4scale_internimage_l_1x_coco_0.1x_backbone_lr.py',
+        'COCO DINO 4-scale 1x, 0.1x backbone lr', _COCO_SIZE, _LS, (1, 2, 3)),
+    'internimage_l.ade20k_upernet_640': DenseTag(
+        'upernet_internimage_l_640_160k_ade20k.pth', _ADE + 'upernet_internimage_l_640_160k_ade20k.py',
+        'ADE20K UperNet 160k', (640, 640), _LS),
+    'internimage_l.cityscapes_upernet_512x1024': DenseTag(
+        'upernet_internimage_l_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_l_512x1024_160k_cityscapes.py',
+        'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
+    'internimage_l.mapillary_ft_cityscapes_upernet_512x1024': DenseTag(
+        'upernet_internimage_l_512x1024_160k_mapillary2cityscapes.pth',
+        _CITY + 'upernet_internimage_l_512x1024_160k_mapillary2cityscapes.py',
+        'Mapillary -> Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
+    'internimage_xl.coco_cascade_1x': DenseTag(
+        'cascade_internimage_xl_fpn_1x_coco.pth', _DET + 'cascade_internimage_xl_fpn_1x_coco.py',
+        'COCO Cascade Mask R-CNN 1x', _COCO_SIZE, _LS),
+    'internimage_xl.coco_cascade_3x': DenseTag(
+        'cascade_internimage_xl_fpn_3x_coco.pth', _DET + 'cascade_internimage_xl_fpn_3x_coco.py',
+        'COCO Cascade Mask R-CNN 3x', _COCO_SIZE, _LS),
+    'internimage_xl.ade20k_upernet_640': DenseTag(
+        'upernet_internimage_xl_640_160k_ade20k.pth', _ADE + 'upernet_internimage_xl_640_160k_ade20k.py',
+        'ADE20K UperNet 160k', (640, 640), _LS),
+    'internimage_xl.cityscapes_upernet_512x1024': DenseTag(
+        'upernet_internimage_xl_512x1024_160k_cityscapes.pth',
+        _CITY + 'upernet_internimage_xl_512x1024_160k_cityscapes.py',
+        'Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
+    'internimage_xl.mapillary_ft_cityscapes_upernet_512x1024': DenseTag(
+        'upernet_internimage_xl_512x1024_160k_mapillary2cityscapes.pth',
+        _CITY + 'upernet_internimage_xl_512x1024_160k_mapillary2cityscapes.py',
+        'Mapillary -> Cityscapes UperNet 160k', _CITY_SIZE, _LS, test_input_size=_CITY_TEST_SIZE),
+    'internimage_h.ade20k_upernet_896': DenseTag(
+        'upernet_internimage_h_896_160k_ade20k.pth', _ADE + 'upernet_internimage_h_896_160k_ade20k.py',
+        'ADE20K UperNet 160k', (896, 896), dict(use_clip_projector=False)),
+}
+
+
+def dense_scores(filename: str) -> Dict[str, float]:
+    """The published scores of a detection / segmentation checkpoint (``weights_manifest.json``)."""
+    return repo_entry(DENSE_REPO)['checkpoints'][filename]['scores']
+
+
+def _dense_cfg(tag: DenseTag) -> Dict[str, Any]:
+    """Pretrained cfg of a detection / segmentation backbone: no classifier, the recipe's input size, the
+    official ``.pth`` on the Hub (loaded ``weights_only``; its neck and head are dropped)."""
+    height, width = tag.input_size
+    scores = ', '.join(f'{name} {value}' for name, value in dense_scores(tag.filename).items())
+    return dict(
+        hf_hub_id=hub_source(DENSE_REPO)['hf_hub_id'],
+        hf_hub_filename=tag.filename,
+        num_classes=0,
+        input_size=(3, height, width),
+        test_input_size=(3, *tag.test_input_size) if tag.test_input_size else None,
+        pool_size=(height // 32, width // 32),
+        min_input_size=(3, 32, 32),
+        crop_pct=1.0,
+        crop_mode='center',
+        interpolation='bilinear',  # mmcv's resize
+        mean=IMAGENET_DEFAULT_MEAN,  # the configs' img_norm_cfg (123.675, 116.28, 103.53) / 255, RGB
+        std=IMAGENET_DEFAULT_STD,
+        first_conv='stem.conv1',
+        classifier='head.fc',
+        license='mit',
+        description=f'{tag.recipe} backbone: {scores} (published)',
+        notes=(f'config: {tag.config}', f'out_indices: {tag.out_indices}'),
+        paper_ids='arXiv:2211.05778',
+        paper_name='InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
+        origin_url=f'https://github.com/OpenGVLab/InternImage/blob/master/{tag.config}',
+    )
+
+
+# The first tag of a model is its default: the classification tags come first.
+default_cfgs = generate_default_cfgs(
+    {**_CLASSIFICATION_CFGS, **{name: _dense_cfg(tag) for name, tag in DENSE_TAGS.items()}})
+
+
+def _check_output_fmt(output_fmt: str) -> str:
+    if output_fmt not in ('NCHW', 'NHWC'):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    return output_fmt
 
 
 def pretrained_cfgs() -> Dict[str, PretrainedCfg]:

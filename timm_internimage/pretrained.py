@@ -13,8 +13,11 @@ with the result; timm's own ``load_pretrained`` then loads the weights:
 Hub files come through huggingface_hub, which pins revisions (a file of a pinned commit that is in its cache is
 used without any request) and checks that every transfer has the size the server announces. It does not check
 the content: the files the manifest records are checked against its size and sha256 here, before anything reads
-them. Official training ``.pth`` files hold a yacs config next to the weights; ``torch.load(weights_only=True)``
-accepts it through :func:`official_checkpoint_globals` and nothing else beyond tensors and plain data.
+them. Official training ``.pth`` files hold a yacs config next to the weights, mmcv 1.x (detection, segmentation)
+ones may hold numpy scalars in their ``meta``; ``torch.load(weights_only=True)`` accepts these through
+:func:`official_checkpoint_globals` and nothing else beyond tensors and plain data. The official detection and
+segmentation ``.pth`` on the Hub (``OpenGVLab/InternImage``) are the only pickled files fetched, and only those the
+manifest lists.
 """
 import contextlib
 import dataclasses
@@ -56,12 +59,27 @@ class _YacsCfgNode:
         return OrderedDict()
 
 
+def _numpy_scalar_globals() -> list:
+    """numpy scalars (``numpy.float64`` ...), which mmcv 1.x checkpoints may hold in ``meta['hook_msgs']`` (an
+    evaluation hook's best score). They unpickle from a dtype and raw bytes, nothing else."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    scalar = np.core.multiarray.scalar if np.__version__ < '2' else np._core.multiarray.scalar
+    numeric_dtypes = [type(np.dtype(code)) for code in '?bhilqBHILQefd']  # bool, ints, floats (numpy >= 1.25)
+    return [np.dtype, *numeric_dtypes, (scalar, 'numpy.core.multiarray.scalar'),
+            (scalar, 'numpy._core.multiarray.scalar')]
+
+
 def official_checkpoint_globals() -> ContextManager:
-    """Allow the yacs config of official training checkpoints in ``weights_only`` loads (torch >= 2.6 can map a
-    global's name to a stand-in; older versions keep refusing such files)."""
+    """Allow what official checkpoints hold beyond tensors and plain data in ``weights_only`` loads (torch >= 2.6
+    can map a global's name to a stand-in; older versions keep refusing such files): the yacs config of the
+    classification training checkpoints, and numpy scalars in the ``meta`` of mmcv 1.x (mmdet / mmseg) ones, whose
+    other entries (strings, numbers, the ``CLASSES`` tuple, dicts) are plain data. Anything else stays refused."""
     if torch.__version__ < '2.6':
         return contextlib.nullcontext()
-    return torch.serialization.safe_globals([(_YacsCfgNode, 'yacs.config.CfgNode')])
+    return torch.serialization.safe_globals([(_YacsCfgNode, 'yacs.config.CfgNode'), *_numpy_scalar_globals()])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,7 +217,8 @@ def fetch_hub_weights(
 
     For a repo the manifest lists, ``revision`` and ``filename`` default to its pinned revision and its layout,
     and the files it records for that revision are verified. With no known layout the repo is probed for
-    ``model.safetensors``, then for the shard index. Pickled files are never fetched from the Hub.
+    ``model.safetensors``, then for the shard index. The only pickled files fetched from the Hub are the official
+    detection / segmentation ``.pth`` the manifest lists under ``checkpoints``; they are read ``weights_only``.
     """
     from huggingface_hub.errors import EntryNotFoundError
     entry = repo_entry(repo_id) or {'revision': 'main', 'files': {}}
@@ -226,14 +245,15 @@ def fetch_hub_weights(
                     f'{repo_id} (revision {revision}) has neither {SAFE_WEIGHTS_NAME} nor '
                     f'{SAFE_WEIGHTS_INDEX_NAME}; only safetensors weights are loaded from the Hub'
                 ) from single_file_error
-    elif filename.endswith('.safetensors'):
+    elif filename.endswith('.safetensors') or filename in entry.get('checkpoints', {}):
         return {filename: fetch(filename)}
     elif filename.endswith('.json'):
         index_path = fetch(filename)
     else:
         raise PretrainedWeightsError(
-            f'refusing to load {repo_id}/{filename}: only safetensors weights are loaded from the Hub (convert a '
-            f'pickled checkpoint with `python -m timm_internimage convert`)')
+            f'refusing to load {repo_id}/{filename}: only safetensors weights, and the official .pth files the '
+            f'manifest lists, are loaded from the Hub (convert a pickled checkpoint with '
+            f'`python -m timm_internimage convert`)')
     folder = filename.rpartition('/')[0]
     shards = [f'{folder}/{shard}' if folder else shard for shard in shard_names(index_path)]
     return {filename: index_path, **{shard: fetch(shard) for shard in shards}}
