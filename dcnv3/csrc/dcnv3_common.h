@@ -175,16 +175,43 @@ inline void check_grad_output(const char* name, const Tensor& grad_output, const
       ": grad_output must be on the input's device");
 }
 
-// Signatures of a device's implementations; the last flag says whether the mask holds softmax logits.
-using ForwardImpl = Tensor (*)(
-    const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-    int64_t, int64_t, int64_t, double, bool, bool);
-using BackwardImpl = std::tuple<Tensor, Tensor, Tensor> (*)(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t,
-    int64_t, int64_t, int64_t, int64_t, int64_t, double, bool, bool);
+// Whether float/double: those accumulate grad_input in place (zeroed first); the half types accumulate in a
+// float buffer and write grad_input by a cast.
+inline bool accumulates_in_place(ScalarType st) {
+  return st == ScalarType::Float || st == ScalarType::Double;
+}
 
-// Entry points with exactly the schema's arguments (what TORCH_BOX registers), shared by CPU and CUDA.
-template <ForwardImpl kImpl, bool kLogits>
+// The gradients' tensors for one backward call: grad_input zeroed where the kernels accumulate into it; every
+// element of grad_offset and grad_mask is written by the kernels.
+inline std::tuple<Tensor, Tensor, Tensor> new_gradients(
+    const Geometry& g, const Tensor& input, const Tensor& offset, const Tensor& mask) {
+  const std::vector<int64_t> input_shape = {g.N, g.H, g.W, g.G * g.C};
+  return std::make_tuple(
+      accumulates_in_place(input.scalar_type()) ? torch::stable::new_zeros(input, input_shape)
+                                                : torch::stable::new_empty(input, input_shape),
+      torch::stable::new_empty(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2}),
+      torch::stable::new_empty(mask, {g.N, g.Ho, g.Wo, g.G * g.P}));
+}
+
+// A device's implementations get the checked geometry and the caller's tensors (not yet contiguous: a device
+// may need its guard first), and only calls with something to compute.
+using ForwardImpl = Tensor (*)(const char* name, const Geometry&, const Tensor&, const Tensor&, const Tensor&);
+using BackwardImpl = std::tuple<Tensor, Tensor, Tensor> (*)(
+    const char* name, const Geometry&, const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+
+enum class Device { CPU, CUDA };
+
+constexpr const char* device_name(Device device) {
+  return device == Device::CUDA ? "CUDA" : "CPU";
+}
+
+inline bool on_device(const Tensor& t, Device device) {
+  return device == Device::CUDA ? t.is_cuda() : t.is_cpu();
+}
+
+// Entry points with exactly the schema's arguments (what TORCH_BOX registers), shared by CPU and CUDA: the
+// device check, the validation (make_geometry), and the empty calls, before a device's implementation runs.
+template <ForwardImpl kImpl, Device kDevice, bool kLogits>
 Tensor forward_entry(
     Tensor input,
     Tensor offset,
@@ -201,12 +228,24 @@ Tensor forward_entry(
     int64_t group_channels,
     double offset_scale,
     bool remove_center) {
-  return kImpl(
-      input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-      group_channels, offset_scale, remove_center, kLogits);
+  const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv3_forward (CUDA)"
+                                             : "timm_internimage::dcnv3_forward (CPU)";
+  STD_TORCH_CHECK(
+      on_device(input, kDevice) && on_device(offset, kDevice) && on_device(mask, kDevice),
+      name,
+      ": expected ",
+      device_name(kDevice),
+      " tensors");
+  const Geometry g = make_geometry(
+      name, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, kLogits);
+  if (g.positions() * g.G * g.C == 0) {
+    return torch::stable::new_empty(input, output_shape(g));
+  }
+  return kImpl(name, g, input, offset, mask);
 }
 
-template <BackwardImpl kImpl, bool kLogits>
+template <BackwardImpl kImpl, Device kDevice, bool kLogits>
 std::tuple<Tensor, Tensor, Tensor> backward_entry(
     Tensor grad_output,
     Tensor input,
@@ -224,9 +263,27 @@ std::tuple<Tensor, Tensor, Tensor> backward_entry(
     int64_t group_channels,
     double offset_scale,
     bool remove_center) {
-  return kImpl(
-      grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-      dilation_w, group, group_channels, offset_scale, remove_center, kLogits);
+  const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv3_backward (CUDA)"
+                                             : "timm_internimage::dcnv3_backward (CPU)";
+  STD_TORCH_CHECK(
+      on_device(grad_output, kDevice) && on_device(input, kDevice) && on_device(offset, kDevice) &&
+          on_device(mask, kDevice),
+      name,
+      ": expected ",
+      device_name(kDevice),
+      " tensors");
+  const Geometry g = make_geometry(
+      name, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, kLogits);
+  check_grad_output(name, grad_output, input, g);
+  if (g.positions() * g.G == 0 || input.numel() == 0) {
+    // Nothing to compute (an empty batch): every gradient is zero, whatever its dtype.
+    return std::make_tuple(
+        torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C}),
+        torch::stable::new_zeros(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2}),
+        torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P}));
+  }
+  return kImpl(name, g, grad_output, input, offset, mask);
 }
 
 }  // namespace dcnv3

@@ -698,34 +698,11 @@ void backward_kernel(
 }
 
 Tensor forward_impl(
-    const Tensor& input_,
-    const Tensor& offset_,
-    const Tensor& mask_,
-    int64_t kernel_h,
-    int64_t kernel_w,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t group,
-    int64_t group_channels,
-    double offset_scale,
-    bool remove_center,
-    bool mask_logits) {
-  const char* name = "timm_internimage::dcnv3_forward (CPU)";
-  STD_TORCH_CHECK(input_.is_cpu() && offset_.is_cpu() && mask_.is_cpu(), name, ": expected CPU tensors");
-  const Geometry g = make_geometry(
-      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-      group, group_channels, offset_scale, remove_center, mask_logits);
+    const char* name, const Geometry& g, const Tensor& input_, const Tensor& offset_, const Tensor& mask_) {
   const Tensor input = torch::stable::contiguous(input_);
   const Tensor offset = torch::stable::contiguous(offset_);
   const Tensor mask = torch::stable::contiguous(mask_);
   Tensor out = torch::stable::new_empty(input, output_shape(g));
-  if (out.numel() == 0) {
-    return out;
-  }
   dispatch_floating(input.scalar_type(), name, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     forward_kernel<scalar_t>(
@@ -736,49 +713,17 @@ Tensor forward_impl(
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_impl(
+    const char* name,
+    const Geometry& g,
     const Tensor& grad_output_,
     const Tensor& input_,
     const Tensor& offset_,
-    const Tensor& mask_,
-    int64_t kernel_h,
-    int64_t kernel_w,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t group,
-    int64_t group_channels,
-    double offset_scale,
-    bool remove_center,
-    bool mask_logits) {
-  const char* name = "timm_internimage::dcnv3_backward (CPU)";
-  STD_TORCH_CHECK(
-      grad_output_.is_cpu() && input_.is_cpu() && offset_.is_cpu() && mask_.is_cpu(), name, ": expected CPU tensors");
-  const Geometry g = make_geometry(
-      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-      group, group_channels, offset_scale, remove_center, mask_logits);
-  check_grad_output(name, grad_output_, input_, g);
+    const Tensor& mask_) {
   const Tensor grad_output = torch::stable::contiguous(grad_output_);
   const Tensor input = torch::stable::contiguous(input_);
   const Tensor offset = torch::stable::contiguous(offset_);
   const Tensor mask = torch::stable::contiguous(mask_);
-  // float/double accumulate into grad_input itself (zeroed); the half types
-  // accumulate into a float buffer and grad_input is written by the cast.
-  const bool direct = input.scalar_type() == ScalarType::Float || input.scalar_type() == ScalarType::Double;
-  Tensor grad_input = direct ? torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C})
-                             : torch::stable::new_empty(input, {g.N, g.H, g.W, g.G * g.C});
-  // Every element of grad_offset and grad_mask is written by the kernels.
-  Tensor grad_offset = torch::stable::new_empty(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2});
-  Tensor grad_mask = torch::stable::new_empty(mask, {g.N, g.Ho, g.Wo, g.G * g.P});
-  if (grad_output.numel() == 0 || input.numel() == 0) {
-    // Nothing to compute (an empty batch): every gradient is zero, whatever its dtype.
-    return std::make_tuple(
-        torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C}),
-        torch::stable::new_zeros(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2}),
-        torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P}));
-  }
+  auto [grad_input, grad_offset, grad_mask] = new_gradients(g, input, offset, mask);
   dispatch_floating(input.scalar_type(), name, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = opmath_t<scalar_t>;
@@ -810,8 +755,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
 }  // namespace dcnv3
 
 STABLE_TORCH_LIBRARY_IMPL(timm_internimage, CPU, m) {
-  m.impl("dcnv3_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, false>)));
-  m.impl("dcnv3_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, false>)));
-  m.impl("dcnv3_softmax_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, true>)));
-  m.impl("dcnv3_softmax_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, true>)));
+  using dcnv3::Device;
+  m.impl("dcnv3_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, Device::CPU, false>)));
+  m.impl("dcnv3_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CPU, false>)));
+  m.impl("dcnv3_softmax_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, Device::CPU, true>)));
+  m.impl("dcnv3_softmax_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CPU, true>)));
 }

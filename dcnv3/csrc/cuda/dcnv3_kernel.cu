@@ -53,34 +53,8 @@ void check_kernel_image(const void* kernel, int32_t device_index) {
   STD_CUDA_CHECK(err);
 }
 
-void check_cuda(const char* name, const Tensor& t) {
-  STD_TORCH_CHECK(t.is_cuda(), name, ": expected CUDA tensors");
-}
-
 Tensor forward_impl(
-    const Tensor& input_,
-    const Tensor& offset_,
-    const Tensor& mask_,
-    int64_t kernel_h,
-    int64_t kernel_w,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t group,
-    int64_t group_channels,
-    double offset_scale,
-    bool remove_center,
-    bool mask_logits) {
-  const char* name = "timm_internimage::dcnv3_forward (CUDA)";
-  check_cuda(name, input_);
-  check_cuda(name, offset_);
-  check_cuda(name, mask_);
-  const Geometry g = make_geometry(
-      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-      group, group_channels, offset_scale, remove_center, mask_logits);
+    const char* name, const Geometry& g, const Tensor& input_, const Tensor& offset_, const Tensor& mask_) {
   const int32_t device = input_.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   const Tensor input = torch::stable::contiguous(input_);
@@ -88,9 +62,6 @@ Tensor forward_impl(
   const Tensor mask = torch::stable::contiguous(mask_);
   Tensor out = torch::stable::new_empty(input, output_shape(g));
   const int64_t total = out.numel();
-  if (total == 0) {
-    return out;
-  }
   const cudaStream_t stream = current_stream(device);
   dispatch_floating(input.scalar_type(), name, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -105,61 +76,28 @@ Tensor forward_impl(
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_impl(
+    const char* name,
+    const Geometry& g,
     const Tensor& grad_output_,
     const Tensor& input_,
     const Tensor& offset_,
-    const Tensor& mask_,
-    int64_t kernel_h,
-    int64_t kernel_w,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t group,
-    int64_t group_channels,
-    double offset_scale,
-    bool remove_center,
-    bool mask_logits) {
-  const char* name = "timm_internimage::dcnv3_backward (CUDA)";
-  check_cuda(name, grad_output_);
-  check_cuda(name, input_);
-  check_cuda(name, offset_);
-  check_cuda(name, mask_);
-  const Geometry g = make_geometry(
-      name, input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-      group, group_channels, offset_scale, remove_center, mask_logits);
-  check_grad_output(name, grad_output_, input_, g);
+    const Tensor& mask_) {
   const int32_t device = input_.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   const Tensor grad_output = torch::stable::contiguous(grad_output_);
   const Tensor input = torch::stable::contiguous(input_);
   const Tensor offset = torch::stable::contiguous(offset_);
   const Tensor mask = torch::stable::contiguous(mask_);
-  const std::vector<int64_t> in_shape = {g.N, g.H, g.W, g.G * g.C};
-  // float/double accumulate into grad_input itself (zeroed); the half types
-  // accumulate into a float buffer and grad_input is written by the cast.
-  const bool direct = input.scalar_type() == ScalarType::Float || input.scalar_type() == ScalarType::Double;
-  Tensor grad_input = direct ? torch::stable::new_zeros(input, in_shape) : torch::stable::new_empty(input, in_shape);
-  // Every element of grad_offset and grad_mask is written by the kernels.
-  Tensor grad_offset = torch::stable::new_empty(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2});
-  Tensor grad_mask = torch::stable::new_empty(mask, {g.N, g.Ho, g.Wo, g.G * g.P});
+  auto [grad_input, grad_offset, grad_mask] = new_gradients(g, input, offset, mask);
   const int64_t total = g.positions() * g.G;
-  if (total == 0 || input.numel() == 0) {
-    // Nothing to compute (an empty batch): every gradient is zero, whatever its dtype.
-    return std::make_tuple(
-        torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C}),
-        torch::stable::new_zeros(offset, {g.N, g.Ho, g.Wo, g.G * g.P * 2}),
-        torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P}));
-  }
   const cudaStream_t stream = current_stream(device);
   dispatch_floating(input.scalar_type(), name, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = opmath_t<scalar_t>;
     constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
     // Half types accumulate grad_input in a float buffer, then cast.
-    Tensor gin_buf = kSame ? grad_input : torch::stable::new_zeros(input, in_shape, ScalarType::Float);
+    Tensor gin_buf = kSame ? grad_input
+                           : torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C}, ScalarType::Float);
     acc_t* gin = gin_buf.mutable_data_ptr<acc_t>();
     auto launch = [&](auto kernel) {
       check_kernel_image(reinterpret_cast<const void*>(kernel), device);
@@ -169,7 +107,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
           grad_offset.mutable_data_ptr<scalar_t>(), grad_mask.mutable_data_ptr<scalar_t>(), total);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (mask_logits) {
+    if (g.mask_logits) {
       launch(backward_kernel<scalar_t, true>);
     } else {
       launch(backward_kernel<scalar_t, false>);
@@ -189,8 +127,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
 }  // namespace dcnv3
 
 STABLE_TORCH_LIBRARY_IMPL(timm_internimage, CUDA, m) {
-  m.impl("dcnv3_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, false>)));
-  m.impl("dcnv3_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, false>)));
-  m.impl("dcnv3_softmax_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, true>)));
-  m.impl("dcnv3_softmax_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, true>)));
+  using dcnv3::Device;
+  m.impl("dcnv3_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, Device::CUDA, false>)));
+  m.impl("dcnv3_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CUDA, false>)));
+  m.impl("dcnv3_softmax_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, Device::CUDA, true>)));
+  m.impl("dcnv3_softmax_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CUDA, true>)));
 }
