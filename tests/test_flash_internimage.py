@@ -180,3 +180,37 @@ def test_any_group_width_runs():
     """Group widths that are no multiple of 16 (the official CUDA op's limit) and no power of two."""
     model = tiny_flash(channels=20, groups=(4, 8, 8, 16)).eval()  # widths 5, 5, 10, 10
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def _official_pth(extra=None):
+    """The tiny golden model's weights as an official training checkpoint (``{'model': ..., ...}``), as bytes."""
+    import io
+    model, case, _ = flash_golden_model('model_flash_tiny')
+    from golden import official_weight
+    official = {key: official_weight(key, shape, case['weight_seed'], case['weight_rule'])
+                for key, shape in case['state_dict_keys'].items()}
+    buffer = io.BytesIO()
+    torch.save(dict({'model': official, 'epoch': 299, 'max_accuracy': 83.6}, **(extra or {})), buffer)
+    return model, case, buffer.getvalue()
+
+
+class _NotATensor:
+    pass
+
+
+def test_pretrained_tag_loads_the_official_pth_from_the_hub(hf_env):
+    """``flash_internimage_t.in1k`` fetches its official ``.pth`` from OpenGVLab/DCNv4 and loads it with
+    ``weights_only``; an object other than tensors and plain data in such a file is refused."""
+    from timm.models import get_pretrained_cfg
+    reference, case, payload = _official_pth()
+    filename = get_pretrained_cfg('flash_internimage_t').hf_hub_filename
+    hf_env.hub.add_repo('OpenGVLab/DCNv4', {filename: payload})
+    model = timm.create_model('flash_internimage_t', pretrained=True, **case['config']).eval()
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(path.endswith(f'/OpenGVLab/DCNv4/resolve/main/{filename}') for _, path in hf_env.hub.requests)
+
+    _, _, unsafe = _official_pth({'config': _NotATensor()})
+    hf_env.hub.add_repo('OpenGVLab/DCNv4', {filename: unsafe})
+    with pytest.raises(Exception, match='weights_only'):
+        timm.create_model('flash_internimage_t', pretrained=True, **case['config'])

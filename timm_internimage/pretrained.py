@@ -67,6 +67,8 @@ def official_checkpoint_globals() -> ContextManager:
 # ----------------------------------------------------------------------------------------------------------------
 # Hub files
 
+# Hub repos whose official weights exist only as ``.pth`` training pickles, read with ``weights_only``.
+OFFICIAL_PTH_REPOS = ('OpenGVLab/DCNv4',)
 _UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)  # a cache directory we cannot write
 _HTTP_CLIENTS = ('httpx2', 'httpx', 'requests', 'urllib3')  # huggingface_hub's HTTP client, by its version
 
@@ -199,7 +201,8 @@ def fetch_hub_weights(
 
     For a repo the manifest lists, ``revision`` and ``filename`` default to its pinned revision and its layout,
     and the files it records for that revision are verified. With no known layout the repo is probed for
-    ``model.safetensors``, then for the shard index. Pickled files are never fetched from the Hub.
+    ``model.safetensors``, then for the shard index. Pickled files are fetched only as the official ``.pth`` of
+    the repos in ``OFFICIAL_PTH_REPOS``, which hold no safetensors (FlashInternImage).
     """
     from huggingface_hub.errors import EntryNotFoundError
     entry = repo_entry(repo_id) or {'revision': 'main', 'files': {}}
@@ -230,6 +233,10 @@ def fetch_hub_weights(
         return {filename: fetch(filename)}
     elif filename.endswith('.json'):
         index_path = fetch(filename)
+    elif filename.endswith('.pth') and repo_id in OFFICIAL_PTH_REPOS:
+        # Official weights published only as training pickles: timm reads them with torch.load(weights_only=True)
+        # inside official_checkpoint_globals(), so nothing but tensors, plain data and the yacs config is unpickled.
+        return {filename: fetch(filename)}
     else:
         raise PretrainedWeightsError(
             f'refusing to load {repo_id}/{filename}: only safetensors weights are loaded from the Hub (convert a '
