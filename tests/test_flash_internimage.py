@@ -214,3 +214,12 @@ def test_pretrained_tag_loads_the_official_pth_from_the_hub(hf_env):
     hf_env.hub.add_repo('OpenGVLab/DCNv4', {filename: unsafe})
     with pytest.raises(Exception, match='weights_only'):
         timm.create_model('flash_internimage_t', pretrained=True, **case['config'])
+
+
+def test_parameter_counts_match_the_published_ones():
+    """OpenGVLab/DCNv4's README: 30M, 50M, 97M, 223M (rounded to millions)."""
+    published = {'flash_internimage_t': 30, 'flash_internimage_s': 50, 'flash_internimage_b': 97,
+                 'flash_internimage_l': 223}
+    for name, millions in published.items():
+        model = timm.create_model(name, device='meta')
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions, name
