@@ -223,3 +223,19 @@ def test_parameter_counts_match_the_published_ones():
     for name, millions in published.items():
         model = timm.create_model(name, device='meta')
         assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions, name
+
+
+def test_torchscript_fx_and_compile_match_eager():
+    """Scripted, FX-traced and compiled (aot_eager, fullgraph) models compute the eager function."""
+    from timm.models._features_fx import create_feature_extractor
+    torch.manual_seed(0)
+    model = tiny_flash(post_norm=True, layer_scale=1e-5, dw_kernel_size=3).eval()
+    for dcn in (m for m in model.modules() if isinstance(m, DCNv4)):
+        torch.nn.init.normal_(dcn.offset_mask.weight, std=0.1)  # away from the zero init: real sampling
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=0, atol=5e-6)
+    extractor = create_feature_extractor(model, return_nodes={'head.fc': 'logits'})
+    torch.testing.assert_close(extractor(x)['logits'], expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend='aot_eager')(x), expected,
+                               rtol=0, atol=5e-6)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from timm.layers import register_notrace_function
+
 from .dcn_v3 import IntOrPair, _check_arguments, _int_pair, dcnv3_core, linear
 from .dcnv3_torch import dcnv3_output_size
 
@@ -57,6 +59,7 @@ def _check_offset_mask(
             f'optionally padded to {padded} (the official layout), got {offset_mask.shape[3]}')
 
 
+@register_notrace_function
 def dcnv4_core(
         input: Tensor,
         offset_mask: Tensor,
