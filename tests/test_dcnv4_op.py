@@ -189,3 +189,33 @@ def test_bad_arguments_get_dcnv3_messages(kwargs, message):
     input, offset_mask = _random()
     with pytest.raises(ValueError, match=message):
         dcnv4(input, offset_mask, **dict(dict(group=3), **kwargs))
+
+
+def _dcnv4_module():
+    from timm_internimage.ops import DCNv4
+    torch.manual_seed(0)
+    module = DCNv4(15, group=3, dw_kernel_size=3, center_feature_scale=True).eval()
+    with torch.no_grad():
+        module.offset_mask.weight.normal_(std=0.3)  # real sampling, not the zero-offset init
+        module.center_feature_scale_proj.weight.normal_(std=0.3)
+    return module
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    import onnxruntime
+    module = _dcnv4_module()
+    x = torch.randn(1, 5, 8, 15)
+    path = tmp_path / 'dcnv4.onnx'
+    torch.onnx.export(module, (x,), str(path), input_names=['x'], output_names=['y'], dynamo=True)
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    (result,) = session.run(None, {'x': x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(result), module(x).detach(), rtol=0, atol=1.2e-6)
+
+
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+def test_torch_export(backend, monkeypatch):
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    module = _dcnv4_module()
+    x = torch.randn(2, 5, 8, 15)
+    exported = torch.export.export(module, (x,))
+    torch.testing.assert_close(exported.module()(x), module(x), rtol=0, atol=1e-6)
