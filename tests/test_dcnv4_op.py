@@ -156,12 +156,13 @@ def test_half_precision_forward_and_backward(dtype, tolerance, backend):
     assert torch.isfinite(grad_offset_mask).all()
 
 
-def test_gradgradcheck():
-    """Second-order gradients (DCNv3's rule: autograd of the twice-differentiable formulation)."""
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS + ['reference'])
+def test_gradgradcheck(backend):
+    """Second-order gradients on every backend (DCNv3's rule: autograd of the twice-differentiable formulation)."""
     input, offset_mask = _random(batch=1, height=3, width=4, group=2, group_channels=2)
     padded = torch.cat([offset_mask, torch.zeros(1, 3, 4, 2, dtype=torch.float64)], -1)  # 54 -> 56 channels
     leaves = [t.requires_grad_() for t in (input, padded)]
-    op = lambda x, om: dcnv4(x, om, group=2, backend='torch')  # noqa: E731
+    op = lambda x, om: dcnv4(x, om, group=2, backend=backend)  # noqa: E731
     assert torch.autograd.gradgradcheck(op, leaves, fast_mode=True)
 
 
@@ -219,3 +220,17 @@ def test_torch_export(backend, monkeypatch):
     x = torch.randn(2, 5, 8, 15)
     exported = torch.export.export(module, (x,))
     torch.testing.assert_close(exported.module()(x), module(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+def test_module_under_autocast(backend, monkeypatch):
+    """CPU autocast (bfloat16): the linear layers run in bfloat16, so does the op; forward and backward run."""
+    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    module = _dcnv4_module()
+    x = torch.randn(2, 5, 8, 15)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        output = module(x)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), module(x), rtol=0, atol=6e-2)
+    output.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
