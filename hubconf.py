@@ -6,7 +6,8 @@
     print(torch.hub.help('OWNER/timm-internimage', 'internimage_t'))
 
 Weights come from the Hugging Face Hub as safetensors (see weights_manifest.json; FlashInternImage: the official
-.pth of OpenGVLab/DCNv4, read with weights_only) and are cached by huggingface_hub (HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT and tokens apply).
+.pth of OpenGVLab/DCNv4, read with weights_only) and are cached by huggingface_hub (HF_HOME, HF_HUB_OFFLINE,
+HF_ENDPOINT and tokens apply).
 """
 import timm
 

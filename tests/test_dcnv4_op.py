@@ -135,7 +135,8 @@ def test_offset_mask_shape_errors():
 
 
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)
-@pytest.mark.parametrize('dtype, tolerance', [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)], ids=['float16', 'bfloat16'])
+@pytest.mark.parametrize(
+    'dtype, tolerance', [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)], ids=['float16', 'bfloat16'])
 def test_half_precision_forward_and_backward(dtype, tolerance, backend):
     """float16/bfloat16 run forward and backward, close to float64 (relative to the largest value); the offset
     gradient only finite: bilinear sampling's offset gradient jumps where a position crosses an integer, and

@@ -74,7 +74,8 @@ def test_official_config_builds_the_registered_variant(name):
 
 def test_variant_structure():
     """L has the DCNv4 output bias and the MLP fc2 bias, S/B/L the depthwise conv, T none of them."""
-    t, l_ = (timm.create_model(name, device='meta').state_dict() for name in ('flash_internimage_t', 'flash_internimage_l'))
+    t, l_ = (timm.create_model(name, device='meta').state_dict()
+             for name in ('flash_internimage_t', 'flash_internimage_l'))
     assert not any(k.endswith(('dcn.output_proj.bias', 'mlp.fc2.bias')) or 'offset_mask_dw' in k for k in t)
     assert {'stages.0.blocks.0.dcn.output_proj.bias', 'stages.0.blocks.0.mlp.fc2.bias',
             'stages.0.blocks.0.dcn.offset_mask_dw.weight'} <= l_.keys()
