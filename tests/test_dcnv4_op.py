@@ -235,3 +235,17 @@ def test_module_under_autocast(backend, monkeypatch):
     torch.testing.assert_close(output.float(), module(x), rtol=0, atol=6e-2)
     output.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_module_without_pointwise_is_the_op_on_its_input():
+    """``without_pointwise``: no value/output projections (official names otherwise: offset_mask[_dw])."""
+    from timm_internimage.ops import DCNv4
+    torch.manual_seed(0)
+    module = DCNv4(15, group=3, without_pointwise=True).double()
+    assert sorted(module.state_dict()) == ['offset_mask.bias', 'offset_mask.weight']
+    assert module.offset_mask.out_features == 88  # 3 * 3 * 9 = 81, padded to a multiple of 8
+    with torch.no_grad():
+        module.offset_mask.weight.normal_(std=0.3)
+    x = torch.randn(2, 5, 6, 15, dtype=torch.float64)
+    expected = dcnv4(x, module.offset_mask(x), group=3)
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
