@@ -1,12 +1,13 @@
-"""torch.hub entry points for InternImage (timm-internimage), one per registered model.
+"""torch.hub entry points for InternImage and FlashInternImage (timm-internimage), one per registered model.
 
     import torch
     model = torch.hub.load('path/to/timm-internimage', 'internimage_t', source='local', pretrained=True)  # a clone
     model = torch.hub.load('OWNER/timm-internimage', 'internimage_t', pretrained=True)  # OWNER: its GitHub account
     print(torch.hub.help('OWNER/timm-internimage', 'internimage_t'))
 
-Weights come from the Hugging Face Hub as safetensors (see weights_manifest.json) and are cached by
-huggingface_hub (HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT and tokens apply).
+Weights come from the Hugging Face Hub as safetensors (see weights_manifest.json; FlashInternImage: the official
+.pth of OpenGVLab/DCNv4, read with weights_only) and are cached by huggingface_hub (HF_HOME, HF_HUB_OFFLINE,
+HF_ENDPOINT and tokens apply).
 """
 import timm
 
@@ -14,7 +15,7 @@ import timm_internimage  # noqa: F401  (registers the models with timm)
 
 dependencies = ['torch', 'timm', 'huggingface_hub', 'safetensors']
 
-_DOC = """InternImage-{size}, built with timm.create_model.
+_DOC = """{family}-{size}, built with timm.create_model.
 
     Args:
         pretrained (bool): load pretrained weights (default False).
@@ -24,7 +25,7 @@ _DOC = """InternImage-{size}, built with timm.create_model.
             pretrained_cfg_overlay=dict(file=...) for local weights, ...).
 
     Returns:
-        torch.nn.Module: an InternImage model (eval mode is up to the caller).
+        torch.nn.Module: an {family} model (eval mode is up to the caller).
     """
 
 
@@ -38,9 +39,11 @@ def _entrypoint(model_name):
         return timm.create_model(name, pretrained=pretrained, features_only=features_only, **kwargs)
 
     entry.__name__ = entry.__qualname__ = model_name
-    entry.__doc__ = _DOC.format(size=model_name.split('_')[1].upper(), tags=tags, default=tags[0])
+    family = 'FlashInternImage' if model_name.startswith('flash_') else 'InternImage'
+    entry.__doc__ = _DOC.format(
+        family=family, size=model_name.rpartition('_')[2].upper(), tags=tags, default=tags[0])
     return entry
 
 
-for _model_name in timm.list_models(module='internimage'):
+for _model_name in timm.list_models(module=['internimage', 'flash_internimage']):
     globals()[_model_name] = _entrypoint(_model_name)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run timm's own model test-suite (tests/test_models.py of the timm repository) on the InternImage models.
+# Run timm's own model test-suite (tests/test_models.py of the timm repository) on the InternImage and
+# FlashInternImage models.
 #
 #   bash scripts/run_timm_model_tests.sh [TIMM_SOURCE] [-- extra pytest arguments]
 #
@@ -11,9 +12,9 @@
 # The test file is never copied into this repository: it is copied to a scratch directory ($WORKDIR, a
 # fresh temporary directory by default) next to a conftest.py that
 #   - puts this repository first on sys.path and imports timm_internimage, registering the models;
-#   - adds the module `internimage` to the module lists test_models.py passes to timm.list_models(module=...),
-#     so that its forward_intermediates / features-getter tests (which select models by timm module
-#     name) include these models like timm's own;
+#   - adds the modules `internimage` and `flash_internimage` to the module lists test_models.py passes to
+#     timm.list_models(module=...), so that its forward_intermediates / features-getter tests (which select
+#     models by timm module name) include these models like timm's own;
 #   - registers timm's pytest markers.
 # Tests that download pretrained weights are deselected unless PRETRAINED=1.
 #
@@ -83,7 +84,7 @@ def _list_models_with_internimage(*args, **kwargs):
     # test_models.py selects the models with forward_intermediates() support by timm module name.
     module = kwargs.get('module')
     if isinstance(module, (list, tuple)) and 'resnet' in module and 'internimage' not in module:
-        kwargs['module'] = list(module) + ['internimage']
+        kwargs['module'] = list(module) + ['internimage', 'flash_internimage']
     return _list_models(*args, **kwargs)
 
 

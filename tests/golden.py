@@ -2,7 +2,7 @@
 
 Model cases: ``data/golden/<case>`` with the large-offset weight rule (chaotic: float64 checks) and
 ``data/golden/calm/<case>`` with the calm rule (every float32 output checked). Op cases: ``dcnv3_op_*`` and
-``cuda_semantics/``.
+``cuda_semantics/``. FlashInternImage (DCNv4): ``data/golden/dcnv4`` (op and model cases, one ``cases.json``).
 """
 import json
 import math
@@ -21,7 +21,7 @@ OP_ARG_NAMES = (
     'group', 'group_channels', 'offset_scale', 'remove_center')
 
 
-WEIGHT_RULES = ('large_offsets', 'calm')
+WEIGHT_RULES = ('large_offsets', 'calm', 'calm_dcnv4')
 
 
 def official_weight(key: str, shape: List[int], weight_seed: int, rule: str = 'large_offsets') -> torch.Tensor:
@@ -30,8 +30,13 @@ def official_weight(key: str, shape: List[int], weight_seed: int, rule: str = 'l
     ``large_offsets`` (the cases in ``data/golden``): large layer scales, offsets and masks, so sampling far
     outside the map is exercised (chaotic models: float64 checks only). ``calm`` (``data/golden/calm``, the case
     json's ``weight_rule``): small layer scales and biases, offsets of about a pixel (well conditioned: every
-    float32 output checked).
+    float32 output checked). ``calm_dcnv4`` (``data/golden/dcnv4``): the calm rule with the weights of DCNv4's
+    offset/weight branch (``offset_mask`` and ``offset_mask_dw``) divided by 3, since DCNv4 does not normalise its
+    point weights.
     """
+    if rule == 'calm_dcnv4':
+        weight = official_weight(key, shape, weight_seed, 'calm')
+        return weight / 3 if '.offset_mask' in key and key.endswith('.weight') else weight
     if rule not in WEIGHT_RULES:
         raise ValueError(f'unknown weight rule {rule!r}, expected one of {WEIGHT_RULES}')
     calm = rule == 'calm'
@@ -158,3 +163,26 @@ def dense_model_kwargs(case: dict) -> dict:
         config.pop(training_only, None)
     config['out_indices'] = tuple(case['out_indices'])
     return config
+
+
+DCNV4_DIR = GOLDEN_DIR / 'dcnv4'
+DCNV4_MODEL_CASES = ('model_flash_tiny', 'model_flash_tiny_flags')
+DCNV4_OUTPUTS = ('logits', 'stage0', 'stage1', 'stage2', 'stage3')  # golden tensors of a DCNv4 model case
+
+
+def dcnv4_cases() -> Dict[str, dict]:
+    """``data/golden/dcnv4/cases.json``: op cases ``op_*`` and tiny FlashInternImage cases ``model_*``."""
+    return json.loads((DCNV4_DIR / 'cases.json').read_text())
+
+
+def flash_golden_model(name: str, dtype: torch.dtype = torch.float32):
+    """(model, case json, golden tensors) of a tiny FlashInternImage case: its official constructor arguments,
+    verbatim, with the official weights of its key names (``calm_dcnv4``), in eval mode and ``dtype``."""
+    from safetensors.torch import load_file
+    from timm_internimage import FlashInternImage, checkpoint_filter_fn
+    case = dcnv4_cases()[name]
+    state_dict = {key: official_weight(key, shape, case['weight_seed'], case['weight_rule'])
+                  for key, shape in case['state_dict_keys'].items()}
+    model = FlashInternImage(**case['config']).eval()
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    return model.to(dtype), case, load_file(str(DCNV4_DIR / f'{name}.safetensors'))

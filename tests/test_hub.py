@@ -21,7 +21,7 @@ def _hubconf():
 
 def test_one_documented_entrypoint_per_model():
     hubconf = _hubconf()
-    models = timm.list_models('internimage_*')
+    models = timm.list_models(['internimage_*', 'flash_internimage_*'])
     assert sorted(name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith('_')) \
         == sorted(models)
     for name in models:

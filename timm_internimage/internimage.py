@@ -36,7 +36,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from ._manifest import hub_source, repo_entry
-from .ops import DCNv3
+from .ops import DCNv3, DCNv4
 from .ops.dcn_v3 import linear
 
 __all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys', 'backbone_state_dict', 'DENSE_TAGS']
@@ -155,7 +155,10 @@ class Downsample(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, act_layer: type, drop: float, device=None, dtype=None) -> None:
+    def __init__(
+            self, dim: int, hidden_dim: int, act_layer: type, drop: float, fc2_bias: bool = True, device=None,
+            dtype=None,
+    ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
@@ -163,7 +166,7 @@ class Mlp(nn.Module):
         # A GELU goes into fc1's oneDNN call on CPU (ops.dcn_v3.linear).
         self.gelu_approximate: Optional[str] = self.act.approximate if isinstance(self.act, nn.GELU) else None
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim, **dd)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=fc2_bias, **dd)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,6 +183,8 @@ class InternImageBlock(nn.Module):
     input; ``res_post_norm`` (only when there is neither post_norm nor layer scale) adds a norm after
     each pre-normed branch; ``out_norm`` is the extra norm the H/G configs apply after selected stage-2 blocks.
     These are LayerNorms, as in the official model; ``norm_layer`` is the norm of DCNv3's offset/mask branch.
+    ``dcn_layer`` replaces DCNv3 (FlashInternImage's DCNv4): called as ``dcn_layer(dim, group=, offset_scale=,
+    device=, dtype=)``; ``mlp_fc2_bias`` is the bias of the MLP's second layer.
     """
 
     def __init__(
@@ -199,6 +204,8 @@ class InternImageBlock(nn.Module):
             center_feature_scale: bool = False,
             remove_center: bool = False,
             out_norm: bool = False,
+            dcn_layer: Optional[Callable[..., nn.Module]] = None,
+            mlp_fc2_bias: bool = True,
             device=None,
             dtype=None,
     ) -> None:
@@ -206,16 +213,19 @@ class InternImageBlock(nn.Module):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
-        self.dcn = DCNv3(
-            dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1, dilation=1, group=group,
-            offset_scale=offset_scale, act_layer=act_layer, norm_layer=norm_layer,
-            center_feature_scale=center_feature_scale, remove_center=remove_center, **dd)
+        if dcn_layer is not None:
+            self.dcn = dcn_layer(dim, group=group, offset_scale=offset_scale, **dd)
+        else:
+            self.dcn = DCNv3(
+                dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1, dilation=1, group=group,
+                offset_scale=offset_scale, act_layer=act_layer, norm_layer=norm_layer,
+                center_feature_scale=center_feature_scale, remove_center=remove_center, **dd)
         use_res_post_norm = res_post_norm and not post_norm and layer_scale is None
         self.res_post_norm1 = nn.LayerNorm(dim, eps=_LN_EPS, **dd) if use_res_post_norm else nn.Identity()
         self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=_LN_EPS, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop, mlp_fc2_bias, **dd)
         self.res_post_norm2 = nn.LayerNorm(dim, eps=_LN_EPS, **dd) if use_res_post_norm else nn.Identity()
         self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -508,6 +518,8 @@ class InternImage(nn.Module):
             in_chans: int = 3,
             global_pool: Optional[str] = None,
             head_drop_rate: float = 0.0,
+            dcn_layer: Optional[Callable[..., nn.Module]] = None,
+            mlp_fc2_bias: bool = True,
             device=None,
             dtype=None,
     ) -> None:
@@ -541,10 +553,13 @@ class InternImage(nn.Module):
             in_chans: input channels.
             global_pool: 'avg' (also 'max', 'avgmax', 'catavgmax') for T-XL, 'attn' for H/G, '' for none.
             head_drop_rate: dropout before the classifier.
+            dcn_layer: the blocks' core op module in place of DCNv3 (FlashInternImage passes DCNv4), called as
+                ``dcn_layer(dim, group=, offset_scale=, device=, dtype=)``; then ``core_op`` is its name.
+            mlp_fc2_bias: bias in the MLPs' second layer.
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if core_op != 'DCNv3':
+        if dcn_layer is None and core_op != 'DCNv3':
             raise ValueError(
                 f"core_op={core_op!r} is not supported; InternImage implements core_op='DCNv3' "
                 f"(TIMM_INTERNIMAGE_DCNV3_BACKEND picks its kernel)")
@@ -594,6 +609,8 @@ class InternImage(nn.Module):
                 res_post_norm=res_post_norm,
                 center_feature_scale=center_feature_scale,
                 remove_center=remove_center,
+                dcn_layer=dcn_layer,
+                mlp_fc2_bias=mlp_fc2_bias,
                 **dd,
             ))
             self.feature_info.append(dict(num_chs=out_chs, reduction=2 ** (i + 2), module=f'stages.{i}'))
@@ -621,14 +638,14 @@ class InternImage(nn.Module):
             self.set_grad_checkpointing()
 
     def init_weights(self) -> None:
-        """Official initialisation: truncated normal linears, then DCNv3's own reset."""
+        """Official initialisation: truncated normal linears, then DCNv3's (DCNv4's) own reset."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for module in self.modules():
-            if isinstance(module, DCNv3):
+            if isinstance(module, (DCNv3, DCNv4)):
                 module.reset_parameters()
 
     @torch.jit.ignore
@@ -942,7 +959,14 @@ def _match_float_dtypes(state_dict: Dict[str, Any], model: InternImage) -> Dict[
 
 
 def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
-    """Build through timm's ``build_model_with_cfg``; the pretrained cfg is resolved once, here.
+    return build_with_pretrained(InternImage, variant, pretrained, _VARIANT_ARGS[variant], **kwargs)
+
+
+def build_with_pretrained(
+        model_cls: type, variant: str, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any,
+) -> InternImage:
+    """Build an InternImage-family model (``model_cls`` with the variant's ``model_args``) through timm's
+    ``build_model_with_cfg``; the pretrained cfg is resolved once, here.
 
     A detection / segmentation tag (``DENSE_TAGS``) applies its checkpoint's model arguments and makes its
     config's ``out_indices`` the ``features_only`` default; explicit keyword arguments win. ``output_fmt='NHWC'``
@@ -970,12 +994,12 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -
         feature_cfg['output_fmt'] = _check_output_fmt(kwargs.pop('output_fmt'))
     with official_checkpoint_globals():
         return build_model_with_cfg(
-            InternImage, variant, pretrained,
+            model_cls, variant, pretrained,
             pretrained_cfg=pretrained_cfg,
             pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict, head_required=head_required),
             pretrained_strict=timm_strict,
             feature_cfg=feature_cfg,
-            **{**_VARIANT_ARGS[variant], **(dense.model_args if dense else {}), **kwargs},
+            **{**model_args, **(dense.model_args if dense else {}), **kwargs},
         )
 
 

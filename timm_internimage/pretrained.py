@@ -218,7 +218,8 @@ def fetch_hub_weights(
     For a repo the manifest lists, ``revision`` and ``filename`` default to its pinned revision and its layout,
     and the files it records for that revision are verified. With no known layout the repo is probed for
     ``model.safetensors``, then for the shard index. The only pickled files fetched from the Hub are the official
-    detection / segmentation ``.pth`` the manifest lists under ``checkpoints``; they are read ``weights_only``.
+    ``.pth`` the manifest lists under a repo's ``checkpoints`` (InternImage's detection / segmentation backbones,
+    FlashInternImage, which is published as ``.pth`` only); they are read ``weights_only``.
     """
     from huggingface_hub.errors import EntryNotFoundError
     entry = repo_entry(repo_id) or {'revision': 'main', 'files': {}}

@@ -1,0 +1,236 @@
+"""DCNv4: the functional op and the DCNv4 module (FlashInternImage's core operator).
+
+DCNv4 samples exactly as DCNv3 does (same grid, ``-1 < loc < size`` rule, bilinear corners and gradients); it
+differs in its inputs: one packed ``offset_mask`` tensor instead of separate offsets and mask, and point weights
+used as given (no softmax, unless asked for). So the op unpacks ``offset_mask`` into DCNv3's layouts and runs
+:func:`~timm_internimage.ops.dcn_v3.dcnv3_core`: the same backends (``TIMM_INTERNIMAGE_DCNV3_BACKEND``), the same
+validation and errors, autograd, torch.compile and export. Gradients flow back into ``offset_mask`` (zero in its
+padding channels).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from timm.layers import register_notrace_function
+
+from .dcn_v3 import IntOrPair, _check_arguments, _int_pair, dcnv3_core, linear
+from .dcnv3_torch import dcnv3_output_size
+
+__all__ = ['dcnv4', 'dcnv4_core', 'DCNv4', 'offset_mask_channels']
+
+
+def offset_mask_channels(group: int, num_points: int) -> int:
+    """Channels of the official packed ``offset_mask``: ``3 * group * num_points`` rounded up to a multiple of 8."""
+    return int(math.ceil(3 * group * num_points / 8) * 8)
+
+
+def _check_offset_mask(
+        input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+        pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, remove_center: bool,
+) -> None:
+    """ValueError for an ``offset_mask`` of the wrong rank, size or channel count. Everything else (kernel, group,
+    dtypes, devices) is DCNv3's validation, with its messages."""
+    if input.dim() != 4 or offset_mask.dim() != 4:
+        raise ValueError(
+            f'dcnv4: input and offset_mask must be 4-D channels-last tensors, got shapes {tuple(input.shape)} and '
+            f'{tuple(offset_mask.shape)}')
+    if (not isinstance(group, int) or group < 1 or input.shape[3] % group
+            or min(kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w) < 1 or min(pad_h, pad_w) < 0
+            or (remove_center and (kernel_h * kernel_w) % 2 == 0)):
+        # DCNv3's validation names the bad argument (before it would look at the offset and mask shapes).
+        _check_arguments(
+            input, offset_mask, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+            dilation_w, group, 0, remove_center)
+    num_points = kernel_h * kernel_w - int(remove_center)
+    used, padded = 3 * group * num_points, offset_mask_channels(group, num_points)
+    height_out, width_out = dcnv3_output_size(
+        input.shape[1], input.shape[2], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    expected = (input.shape[0], height_out, width_out)
+    if height_out >= 1 and width_out >= 1 and tuple(offset_mask.shape[:3]) != expected:
+        raise ValueError(
+            f'dcnv4: offset_mask must be (N, H_out, W_out, channels) = {expected + ("channels",)} for input '
+            f'{tuple(input.shape)}, got {tuple(offset_mask.shape)}')
+    if not used <= offset_mask.shape[3] <= padded:
+        raise ValueError(
+            f'dcnv4: offset_mask needs 3 * group * points = 3 * {group} * {num_points} = {used} channels, '
+            f'optionally padded to {padded} (the official layout), got {offset_mask.shape[3]}')
+
+
+@register_notrace_function
+def dcnv4_core(
+        input: Tensor,
+        offset_mask: Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: bool,
+        softmax: bool = False,
+        backend: Optional[str] = None,
+) -> Tensor:
+    """DCNv4 with explicit per-axis arguments (the official op's signature, without ``im2col_step``)."""
+    if not torch.jit.is_scripting():
+        _check_offset_mask(
+            input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+            group, remove_center)
+    num_points = kernel_h * kernel_w - int(remove_center)
+    # Per group: 2 * P offsets ((x, y) per point), then P weights; the padding channels are not read.
+    packed = offset_mask[..., :3 * group * num_points].unflatten(-1, (group, 3 * num_points))
+    offset = packed[..., :2 * num_points].flatten(-2).contiguous()
+    mask = packed[..., 2 * num_points:].flatten(-2).contiguous()
+    return dcnv3_core(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+        group, group_channels, offset_scale, remove_center, mask_is_logits=softmax, backend=backend)
+
+
+def dcnv4(
+        input: Tensor,
+        offset_mask: Tensor,
+        kernel_size: IntOrPair = 3,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 1,
+        dilation: IntOrPair = 1,
+        group: int = 4,
+        offset_scale: float = 1.0,
+        remove_center: bool = False,
+        softmax: bool = False,
+        backend: Optional[str] = None,
+) -> Tensor:
+    """Deformable convolution v4 sampling (no input/output projections).
+
+    Args:
+        input: ``(N, H, W, C)`` channels-last features, ``C`` divisible by ``group`` (any group width).
+        offset_mask: ``(N, H_out, W_out, M)``, the official packed layout: for group ``g``, channels
+            ``g * 3P .. (g + 1) * 3P`` hold 2P offsets in pixels ((x, y) per point, points ordered with x
+            varying slowest) then P point weights; ``P = kh * kw - remove_center``. ``M`` is ``3 * group * P``,
+            or up to the official padded size ``ceil(3 * group * P / 8) * 8`` (the padding is ignored).
+        kernel_size, stride, padding, dilation: ints or (h, w) pairs.
+        group: number of groups sharing offsets and weights.
+        offset_scale: scale of both the base kernel grid and the offsets.
+        remove_center: drop the kernel's centre point (needs an odd number of kernel points).
+        softmax: normalise the weights with a per-group softmax over the points (FlashInternImage: off).
+        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default from
+            ``TIMM_INTERNIMAGE_DCNV3_BACKEND`` (the backends of :func:`~timm_internimage.ops.dcnv3`).
+
+    Returns:
+        ``(N, H_out, W_out, C)`` in the input's dtype.
+
+    Raises:
+        ValueError: for arguments no backend can compute (the message names the argument and the fix).
+    """
+    kernel_h, kernel_w = _int_pair(kernel_size, 'kernel_size')
+    stride_h, stride_w = _int_pair(stride, 'stride')
+    pad_h, pad_w = _int_pair(padding, 'padding')
+    dilation_h, dilation_w = _int_pair(dilation, 'dilation')
+    channels = input.shape[-1] if input.dim() > 0 else 0
+    group_channels = channels // group if isinstance(group, int) and group > 0 and channels % group == 0 else 0
+    return dcnv4_core(
+        input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+        group, group_channels, float(offset_scale), bool(remove_center), softmax=bool(softmax), backend=backend)
+
+
+class DCNv4(nn.Module):
+    """DCNv4 block: value projection, packed offsets and weights predicted by a linear layer (after an optional
+    depthwise conv), deformable sampling, optional centre feature scaling, output projection.
+
+    Channels-last ``(N, H, W, C)`` in and out. Parameter names are the official ones, except that the official
+    ``center_feature_scale_proj_weight``/``_bias`` are the weight and bias of the ``center_feature_scale_proj``
+    linear here (as in :class:`~timm_internimage.ops.DCNv3`); ``checkpoint_filter_fn`` maps them.
+    """
+
+    def __init__(
+            self,
+            channels: int = 64,
+            kernel_size: int = 3,
+            stride: int = 1,
+            pad: int = 1,
+            dilation: int = 1,
+            group: int = 4,
+            offset_scale: float = 1.0,
+            dw_kernel_size: Optional[int] = None,
+            center_feature_scale: bool = False,
+            remove_center: bool = False,
+            output_bias: bool = True,
+            without_pointwise: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if channels % group != 0:
+            raise ValueError(f'DCNv4: channels ({channels}) must be divisible by group ({group})')
+        if stride != 1 or 2 * pad != dilation * (kernel_size - 1):
+            # The offsets and weights are predicted at the input resolution, so the op must keep the size.
+            raise ValueError(
+                f'DCNv4: the module keeps the spatial size, so it needs stride 1 and 2 * pad == dilation * '
+                f'(kernel_size - 1); got stride {stride}, pad {pad}, dilation {dilation}, kernel_size {kernel_size}')
+        if remove_center and kernel_size == 1:
+            raise ValueError('DCNv4: remove_center on a 1x1 kernel leaves no sampling point; use a larger kernel')
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.pad = pad
+        self.dilation = dilation
+        self.group = group
+        self.group_channels = channels // group
+        self.offset_scale = offset_scale
+        self.dw_kernel_size = dw_kernel_size
+        self.remove_center = bool(remove_center)
+        self.without_pointwise = without_pointwise
+        num_points = kernel_size * kernel_size - int(self.remove_center)
+
+        self.offset_mask_dw = nn.Conv2d(
+            channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels, **dd,
+        ) if dw_kernel_size is not None else None
+        self.offset_mask = nn.Linear(channels, offset_mask_channels(group, num_points), **dd)
+        if without_pointwise:
+            self.value_proj = self.output_proj = None
+        else:
+            self.value_proj = nn.Linear(channels, channels, **dd)
+            self.output_proj = nn.Linear(channels, channels, bias=output_bias, **dd)
+        self.center_feature_scale_proj = nn.Linear(channels, group, **dd) if center_feature_scale else None
+        if not self.offset_mask.weight.is_meta:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero offsets and weights, Xavier projections and a neutral centre scale, as the official initialisation."""
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+        for layer in (self.value_proj, self.output_proj):
+            if layer is not None:
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        if self.center_feature_scale_proj is not None:
+            nn.init.zeros_(self.center_feature_scale_proj.weight)
+            nn.init.zeros_(self.center_feature_scale_proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, H, W, C)`` in and out."""
+        projected = x if self.value_proj is None else linear(x, self.value_proj.weight, self.value_proj.bias)
+        context = x
+        if self.offset_mask_dw is not None:
+            context = self.offset_mask_dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        offset_mask = linear(context, self.offset_mask.weight, self.offset_mask.bias)
+        out = dcnv4_core(
+            projected, offset_mask,
+            self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
+            self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center)
+        if self.center_feature_scale_proj is not None:
+            # As officially, the scale is predicted from the sampled features.
+            scale = torch.sigmoid(self.center_feature_scale_proj(out))
+            scale = scale.repeat_interleave(self.group_channels, dim=-1)
+            out = out * (1 - scale) + projected * scale
+        if self.output_proj is not None:
+            out = linear(out, self.output_proj.weight, self.output_proj.bias)
+        return out
