@@ -388,6 +388,22 @@ def dcnv3(
         dilation_h, dilation_w, group, group_channels, float(offset_scale), bool(remove_center), backend=backend)
 
 
+def check_module_geometry(
+        name: str, channels: int, group: int, kernel_size: int, stride: int, pad: int, dilation: int,
+        remove_center: bool,
+) -> None:
+    """ValueError for a deformable-conv module (``name``: DCNv3, DCNv4) that cannot keep the spatial size: its
+    offsets and weights are predicted at the input resolution."""
+    if channels % group != 0:
+        raise ValueError(f'{name}: channels ({channels}) must be divisible by group ({group})')
+    if stride != 1 or 2 * pad != dilation * (kernel_size - 1):
+        raise ValueError(
+            f'{name}: the module keeps the spatial size, so it needs stride 1 and 2 * pad == dilation * '
+            f'(kernel_size - 1); got stride {stride}, pad {pad}, dilation {dilation}, kernel_size {kernel_size}')
+    if remove_center and kernel_size == 1:
+        raise ValueError(f'{name}: remove_center on a 1x1 kernel leaves no sampling point; use a larger kernel')
+
+
 class DCNv3(nn.Module):
     """DCNv3 block: input projection, offsets and softmax mask predicted by a depthwise conv branch,
     deformable sampling, optional centre feature scaling, output projection. Channels-last in and out.
@@ -412,15 +428,7 @@ class DCNv3(nn.Module):
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if channels % group != 0:
-            raise ValueError(f'DCNv3: channels ({channels}) must be divisible by group ({group})')
-        if stride != 1 or 2 * pad != dilation * (kernel_size - 1):
-            # The offsets and mask are predicted at the input resolution, so the op must keep the size.
-            raise ValueError(
-                f'DCNv3: the module keeps the spatial size, so it needs stride 1 and 2 * pad == dilation * '
-                f'(kernel_size - 1); got stride {stride}, pad {pad}, dilation {dilation}, kernel_size {kernel_size}')
-        if remove_center and kernel_size == 1:
-            raise ValueError('DCNv3: remove_center on a 1x1 kernel leaves no sampling point; use a larger kernel')
+        check_module_geometry('DCNv3', channels, group, kernel_size, stride, pad, dilation, remove_center)
         dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
         self.channels = channels
         self.kernel_size = kernel_size

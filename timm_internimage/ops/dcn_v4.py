@@ -16,7 +16,7 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
-from .dcn_v3 import IntOrPair, _check_arguments, _int_pair, dcnv3_core, linear
+from .dcn_v3 import IntOrPair, _check_arguments, _int_pair, check_module_geometry, dcnv3_core, linear
 from .dcnv3_torch import dcnv3_output_size
 
 __all__ = ['dcnv4', 'dcnv4_core', 'DCNv4', 'offset_mask_channels']
@@ -167,15 +167,7 @@ class DCNv4(nn.Module):
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if channels % group != 0:
-            raise ValueError(f'DCNv4: channels ({channels}) must be divisible by group ({group})')
-        if stride != 1 or 2 * pad != dilation * (kernel_size - 1):
-            # The offsets and weights are predicted at the input resolution, so the op must keep the size.
-            raise ValueError(
-                f'DCNv4: the module keeps the spatial size, so it needs stride 1 and 2 * pad == dilation * '
-                f'(kernel_size - 1); got stride {stride}, pad {pad}, dilation {dilation}, kernel_size {kernel_size}')
-        if remove_center and kernel_size == 1:
-            raise ValueError('DCNv4: remove_center on a 1x1 kernel leaves no sampling point; use a larger kernel')
+        check_module_geometry('DCNv4', channels, group, kernel_size, stride, pad, dilation, remove_center)
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride
