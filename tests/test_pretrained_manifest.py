@@ -8,6 +8,7 @@ import torch
 import timm
 
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest, manifest_path, weight_filename
+from timm_internimage.flash_internimage import _HUB_REPO as FLASH_REPO
 from timm_internimage.internimage import DENSE_REPO, DENSE_TAGS, _VARIANT_ARGS, pretrained_cfgs
 
 from conftest import tiny_model
@@ -23,8 +24,17 @@ def test_cfgs_read_the_manifest():
     cfgs = pretrained_cfgs()
     assert set(timm.list_pretrained('internimage_*')) == set(cfgs)
     repos = [cfg.hf_hub_id.partition('@')[0] for cfg in _classification_cfgs().values()]
-    # each classification repo the manifest lists is one tag's weights; the detection / segmentation tags share one
-    assert sorted(repos + [DENSE_REPO]) == sorted(load_manifest()['repos'])
+    # each classification repo the manifest lists is one tag's weights; the detection / segmentation tags share one,
+    # and the FlashInternImage tags another (official .pth files only)
+    assert sorted(repos + [DENSE_REPO, FLASH_REPO]) == sorted(load_manifest()['repos'])
+    flash = {name: cfg for name, cfg in timm.models.get_arch_pretrained_cfgs('flash_internimage_t').items()}
+    for model in ('flash_internimage_s', 'flash_internimage_b', 'flash_internimage_l'):
+        flash.update(timm.models.get_arch_pretrained_cfgs(model))
+    checkpoints = load_manifest()['repos'][FLASH_REPO]['checkpoints']
+    assert sorted(cfg.hf_hub_filename for cfg in flash.values()) == sorted(checkpoints)
+    for name, cfg in flash.items():
+        assert cfg.hf_hub_id == FLASH_REPO
+        assert cfg.description == f'ImageNet-1k top-1 {checkpoints[cfg.hf_hub_filename]["top1"]}% (published)', name
     for (name, cfg), repo_id in zip(_classification_cfgs().items(), repos):
         source = dict(hf_hub_id=cfg.hf_hub_id, hf_hub_filename=cfg.hf_hub_filename, custom_load=cfg.custom_load)
         assert source == hub_source(repo_id), name
@@ -54,8 +64,8 @@ def test_pool_size_is_the_feature_map_size(model):
 
 def test_manifest_entries_are_well_formed():
     for repo_id, entry in load_manifest()['repos'].items():
-        if 'checkpoints' in entry:  # OpenGVLab/InternImage: the detection / segmentation .pth, one per tag
-            assert repo_id == DENSE_REPO and 'file' not in entry and 'index_file' not in entry
+        if 'checkpoints' in entry:  # the official .pth, one per tag: InternImage's det/seg ones, FlashInternImage
+            assert repo_id in (DENSE_REPO, FLASH_REPO) and 'file' not in entry and 'index_file' not in entry
             assert set(entry['files']) <= set(entry['checkpoints'])
             assert all(name.endswith('.pth') for name in entry['checkpoints'])
             continue
