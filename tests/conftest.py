@@ -19,6 +19,25 @@ import torch
 
 from hub_server import FakeHub
 
+# ---- settings -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _restore_settings():
+    """Tests change the DCNv3 backend and the fused-linear switch with timm_internimage.set_backend /
+    set_fused_linear; each test ends with the settings it started with. (Skipped where timm_internimage is not
+    installed: test_compiled_op.py alone.)"""
+    try:
+        from timm_internimage.ops import settings
+    except ImportError:
+        yield
+        return
+    saved = settings.get_backend(), settings.fused_linear_enabled()
+    yield
+    settings.set_backend(saved[0])
+    settings.set_fused_linear(saved[1])
+
+
 # ---- small models -----------------------------------------------------------------------------------------------
 
 # Every stage and every block kind, a fraction of a second a forward. H and G need six stage-2 blocks for their
@@ -135,8 +154,8 @@ def golden_float64():
     def get(name):
         if name not in cache:
             model, case, tensors = golden_model(name, torch.float64)
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'reference')
+            from timm_internimage import backend
+            with backend('reference'):
                 outputs = [golden_outputs(model, tensors[f'input.{j}'].double()) for j in range(len(case['inputs']))]
             cache[name] = model, case, tensors, outputs
         return cache[name]

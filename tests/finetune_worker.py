@@ -15,6 +15,8 @@ from typing import Dict, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+import timm_internimage
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'examples'))
 from finetune import full_state_dict, wrap  # noqa: E402  (examples/finetune.py)
 
@@ -82,7 +84,7 @@ def main(rank: int, world_size: int, port: int, out_dir: str, backends: Sequence
                             timeout=datetime.timedelta(seconds=120))
     try:
         for backend in backends:
-            os.environ['TIMM_INTERNIMAGE_DCNV3_BACKEND'] = backend
+            timm_internimage.set_backend(backend)
             for wrapper in WRAPPERS:
                 model = wrap(build_model(), wrapper, world_size, torch.device('cpu'))
                 train(model, make_optimizer(model.parameters()), rank, world_size)

@@ -9,6 +9,8 @@ import pytest
 import timm
 import torch
 
+from timm_internimage import set_backend
+
 from timm_internimage.ops import DCNv3, compiled_backend_available, dcnv3, dcnv3_core
 from conftest import dcnv3_module, forward_backward, output_size, random_case, tiny_model
 from golden import cuda_semantics_args, cuda_semantics_cases, cuda_semantics_kwargs, load_cuda_semantics_case
@@ -179,7 +181,7 @@ def test_empty_batch(backend, dtype):
 
 @pytest.mark.parametrize('backend', ALL_BACKENDS)
 def test_model_empty_batch(backend, monkeypatch):
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     model = tiny_model('internimage_t', num_classes=5)
     logits = model(torch.randn(0, 3, 64, 64))
     assert logits.shape == (0, 5)
@@ -187,7 +189,7 @@ def test_model_empty_batch(backend, monkeypatch):
 
 
 def _nan_pixel_run(backend, monkeypatch):
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     torch.manual_seed(0)
     model = timm.create_model('internimage_s', channels=20, depths=(1, 1, 1, 1), groups=(5, 10, 20, 40),
                               num_classes=7).eval()
@@ -225,9 +227,9 @@ def test_many_kernel_points_run_on_every_backend(backend, monkeypatch):
     Measured against the torch backend (outputs up to 0.36, AVX2 EPYC): 1.8e-7."""
     module = dcnv3_module(channels=8, kernel_size=9, pad=4)
     x = torch.randn(1, 10, 11, 8)
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'torch')
+    set_backend('torch')
     expected = module(x)
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     torch.testing.assert_close(module(x), expected, rtol=0, atol=8e-7)
 
 
@@ -244,10 +246,14 @@ compiled = dcnv3(x, off, mask, group=2, backend='compiled')
 # measured: compiled vs torch 4.8e-7, reference vs compiled 7.2e-7 (outputs up to 2.8; AVX2 EPYC)
 torch.testing.assert_close(compiled, by_env, rtol=0, atol=2e-6)
 import os
-os.environ['TIMM_INTERNIMAGE_DCNV3_BACKEND'] = 'reference'
-from timm_internimage.ops.dcn_v3 import requested_backend
-assert requested_backend() == 'reference'
+os.environ['TIMM_INTERNIMAGE_DCNV3_BACKEND'] = 'compiled'  # read at import only: no effect now
+assert timm_internimage.get_backend() == 'torch'
+timm_internimage.set_backend('reference')
+assert timm_internimage.get_backend() == 'reference'
 torch.testing.assert_close(dcnv3(x, off, mask, group=2), compiled, rtol=0, atol=2e-6)
+with timm_internimage.backend('compiled'):
+    assert timm_internimage.get_backend() == 'compiled'
+assert timm_internimage.get_backend() == 'reference'
 """
 
 
@@ -261,7 +267,7 @@ def test_backend_switches_in_one_process_whatever_the_environment_said_at_import
 def test_compile_fullgraph_traces_through_dispatch(backend, monkeypatch):
     """Backend resolution, validation and the lazy compiled-op check all trace with fullgraph=True; the compiled
     module computes the eager function, forward and backward."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     module = dcnv3_module(dw_kernel_size=5, center_feature_scale=True)
     x = torch.randn(2, 6, 7, 16, requires_grad=True)
     eager = module(x)
@@ -321,3 +327,42 @@ def test_strided_views_are_accepted_on_every_backend(backend):
     expected = forward_backward(dcnv3_core, (input, offset, mask), grad_output, *args, backend=backend)
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, rtol=0, atol=1e-12)
+
+
+def test_settings_api():
+    """set_backend / backend() and set_fused_linear / fused_linear(): validated, process-wide, and the context
+    managers restore the previous setting even when the block raises."""
+    import timm_internimage as ti
+    from timm_internimage.ops.dcn_v3 import use_fused_linear
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        ti.set_backend('cuda')
+    ti.set_backend('TORCH')
+    assert ti.get_backend() == 'torch'
+    with pytest.raises(RuntimeError, match='inside'):
+        with ti.backend('reference'):
+            assert ti.get_backend() == 'reference'
+            raise RuntimeError('inside')
+    assert ti.get_backend() == 'torch'
+    x, weight = torch.randn(2, 3), torch.randn(4, 3)
+    with torch.no_grad():
+        with ti.fused_linear(False):
+            assert not ti.fused_linear_enabled() and not use_fused_linear(x, weight)
+        assert ti.fused_linear_enabled() == use_fused_linear(x, weight) == torch.backends.mkldnn.is_available()
+    # a backend= argument wins over the setting
+    input, offset, mask, args = random_case(batch=1, height=4, width=4)
+    ti.set_backend('reference')
+    torch.testing.assert_close(dcnv3_core(input, offset, mask, *args, backend='torch'),
+                               dcnv3_core(input, offset, mask, *args), rtol=0, atol=1e-12)
+
+
+def test_settings_threads_see_one_setting():
+    """The setting is process-wide: a thread started after set_backend runs that backend."""
+    import threading
+    import timm_internimage as ti
+    from timm_internimage.ops.settings import requested_backend
+    seen = []
+    ti.set_backend('reference')
+    thread = threading.Thread(target=lambda: seen.append(requested_backend()))
+    thread.start()
+    thread.join()
+    assert seen == ['reference']

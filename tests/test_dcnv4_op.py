@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from timm_internimage import set_backend
+
 from golden import GOLDEN_DIR
 from timm_internimage.ops import compiled_backend_available, dcnv3_core, dcnv4, dcnv4_core
 
@@ -216,7 +218,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
 
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_torch_export(backend, monkeypatch):
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     module = _dcnv4_module()
     x = torch.randn(2, 5, 8, 15)
     exported = torch.export.export(module, (x,))
@@ -226,7 +228,7 @@ def test_torch_export(backend, monkeypatch):
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_module_under_autocast(backend, monkeypatch):
     """CPU autocast (bfloat16): the linear layers run in bfloat16, so does the op; forward and backward run."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     module = _dcnv4_module()
     x = torch.randn(2, 5, 8, 15)
     with torch.autocast('cpu', dtype=torch.bfloat16):

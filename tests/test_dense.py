@@ -12,6 +12,7 @@ import pytest
 import torch
 import timm
 
+from timm_internimage import set_backend
 from timm_internimage.internimage import DENSE_REPO, DENSE_TAGS, dense_scores
 from timm_internimage.ops import compiled_backend_available
 from timm_internimage.pretrained import PretrainedWeightsError
@@ -75,7 +76,7 @@ def _assert_taps(features, case, tensors, output_fmt='NCHW'):
 def test_official_backbone_from_an_mmcv_checkpoint(name, backend, tmp_path, monkeypatch):
     """The three golden backbones (Mask R-CNN T, DINO L, UperNet H configs), saved as mmdet / mmseg checkpoints
     and loaded by file with their config's arguments, give the official taps within 1e-4 on every backend."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     case, path, tensors = _golden_file(tmp_path, name, 'mmseg' if 'upernet' in name else 'mmdet')
     features = timm.create_model('internimage_t', features_only=True, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(path)), **dense_model_kwargs(case)).eval()
@@ -296,7 +297,7 @@ def _example(name):
 def test_detection_example_trains_and_detects(backend, tmp_path, monkeypatch):
     """torchvision Mask R-CNN over the Mask R-CNN T backbone (loaded from an mmdet checkpoint): one training step
     on the generated COCO dataset, then inference on the bundled photo."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     detection = _example('detection')
     case, path, _ = _golden_file(tmp_path, 'tiny_mask_rcnn_t')
     torch.manual_seed(0)
@@ -322,7 +323,7 @@ def test_detection_example_trains_and_detects(backend, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_segmentation_example_trains_and_segments(backend, tmp_path, monkeypatch):
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     segmentation = _example('segmentation')
     case, path, _ = _golden_file(tmp_path, 'tiny_mask_rcnn_t', 'mmseg')
     torch.manual_seed(0)

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 import timm
 
+import timm_internimage
+from timm_internimage import set_backend
 from timm_internimage.ops import compiled_backend_available
 
 import finetune_worker
 from conftest import TINY, tiny_kwargs, tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
 NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
 BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED), 'reference']
 DIST_TIMEOUT_S = 420
@@ -70,8 +71,7 @@ def distributed_run(tmp_path_factory):
 @functools.lru_cache(maxsize=None)
 def _one_process(backend):
     """Initial parameters and final state dict of the single-process run on the whole batches."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(BACKEND_ENV, backend)
+    with timm_internimage.backend(backend):
         model = finetune_worker.build_model()
         initial = {name: p.detach().clone() for name, p in model.named_parameters()}
         finetune_worker.train(model, finetune_worker.make_optimizer(model.parameters()))
@@ -121,7 +121,7 @@ def _saved_tensor_bytes_and_grads(model, x, y):
 def test_grad_checkpointing_same_gradients_less_saved_memory(backend, monkeypatch):
     """``set_grad_checkpointing(True)`` and the official ``with_cp=True`` give the gradients of the plain model
     (stochastic depth on: the recomputation replays its random draws) and keep less for backward."""
-    monkeypatch.setenv(BACKEND_ENV, backend)
+    set_backend(backend)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 3])
     results = {}
@@ -196,7 +196,7 @@ def test_compiled_training_step_matches_eager(backend, monkeypatch):
     compiles the backward with them through the op's fake and autograd kernels; the parameters (float64, SGD)
     match eager.
     (Inductor also compiles this step, in 2-3 minutes on two CPU cores: too slow for the suite.)"""
-    monkeypatch.setenv(BACKEND_ENV, backend)
+    set_backend(backend)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 3])
     params = {}

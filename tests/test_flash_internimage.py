@@ -6,7 +6,7 @@ from timm.models import group_parameters
 
 from conftest import TINY
 from golden import DCNV4_MODEL_CASES, DCNV4_OUTPUTS, dcnv4_cases, flash_golden_model
-from timm_internimage import FlashInternImage, checkpoint_filter_fn
+from timm_internimage import FlashInternImage, checkpoint_filter_fn, set_backend
 from timm_internimage.ops import DCNv4, compiled_backend_available
 
 VARIANTS = ('flash_internimage_t', 'flash_internimage_s', 'flash_internimage_b', 'flash_internimage_l')
@@ -41,7 +41,7 @@ def tiny_flash(name='flash_internimage_t', **kwargs):
 @pytest.mark.parametrize('name', DCNV4_MODEL_CASES)
 def test_golden_float32(name, backend, monkeypatch):
     """Every logit and stage output of the tiny official FlashInternImage cases within 1e-4, on every backend."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     model, case, tensors = flash_golden_model(name)
     assert case['weight_rule'] == 'calm_dcnv4'
     x = tensors['input']

@@ -4,7 +4,7 @@ import timm
 import torch
 from timm.models import group_parameters
 
-from timm_internimage import InternImage, checkpoint_filter_fn
+from timm_internimage import InternImage, checkpoint_filter_fn, set_backend, set_fused_linear
 from timm_internimage.ops import compiled_backend_available
 from conftest import TINY, tiny_kwargs, tiny_model
 from golden import MODEL_CASES, MODEL_OUTPUTS, golden_expected, golden_model, golden_outputs, load_model_case
@@ -38,7 +38,7 @@ def _assert_outputs(outputs, expected, atol, what):
 def test_golden_float32(name, backend, monkeypatch):
     """Every logit and every stage output of the calm golden cases (trained-like weights, well conditioned) within
     1e-4 of the official model, in float32, on every backend."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     model, case, tensors = golden_model(name, calm=True)
     assert case['weight_rule'] == 'calm'
     for index in range(len(case['inputs'])):
@@ -63,7 +63,7 @@ def test_backend_is_the_same_function_in_float64(name, backend, golden_float64, 
     """In float64, rounding no longer matters: every output of every large-offset case equals the reference
     backend's to 1e-10."""
     model, case, tensors, reference = golden_float64(name)
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     for index, expected in enumerate(reference):
         outputs = golden_outputs(model, tensors[f'input.{index}'].double())
         _assert_outputs(outputs, expected, 1e-10, f'{name} input {index}')
@@ -351,10 +351,10 @@ def _onednn_linear_calls(model, x):
 @pytest.mark.parametrize('backend', ['torch', 'compiled'])
 def test_fused_linear_runs_on_onednn_and_computes_the_same_function(name, backend, monkeypatch):
     """float32 CPU inference runs the 6 linear layers of every block (with fc1's GELU) as oneDNN calls;
-    switched off with TIMM_INTERNIMAGE_FUSED_LINEAR=0 they are ATen's. Both are the float64 model's function to
+    switched off with set_fused_linear(False) they are ATen's. Both are the float64 model's function to
     float32 rounding: the logits and the four stage outputs, measured at most 2.2e-6 of each tensor's maximum
     with oneDNN and 1.3e-6 with ATen (AVX-512 AMD EPYC, the H case); the tolerance is 1e-5."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     torch.manual_seed(0)
     model = _randomised(tiny_model(name)).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -367,8 +367,8 @@ def test_fused_linear_runs_on_onednn_and_computes_the_same_function(name, backen
         expected = outputs(x.double())  # float64 runs ATen's linear
     model.float()  # exact: the weights are float32 values
     blocks = sum(len(stage.blocks) for stage in model.stages)
-    for switch, calls in (('0', 0), ('1', 6 * blocks)):
-        monkeypatch.setenv('TIMM_INTERNIMAGE_FUSED_LINEAR', switch)
+    for enabled, calls in ((False, 0), (True, 6 * blocks)):
+        set_fused_linear(enabled)
         assert _onednn_linear_calls(model, x)[0] == calls
         with torch.inference_mode():
             got = outputs(x)
@@ -380,7 +380,7 @@ def test_fused_linear_runs_on_onednn_and_computes_the_same_function(name, backen
 def test_fused_linear_applies_only_where_it_should(monkeypatch):
     from timm_internimage.ops.dcn_v3 import use_fused_linear
     x, weight = torch.randn(2, 3), torch.randn(4, 3, requires_grad=True)
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'torch')
+    set_backend('torch')
     with torch.no_grad():
         assert use_fused_linear(x, weight)
         assert not use_fused_linear(x.double(), weight.double())
@@ -389,12 +389,12 @@ def test_fused_linear_applies_only_where_it_should(monkeypatch):
             assert not use_fused_linear(x, weight)
         with torch.backends.mkldnn.flags(enabled=False):
             assert not use_fused_linear(x, weight)
-        monkeypatch.setenv('TIMM_INTERNIMAGE_FUSED_LINEAR', '0')
+        set_fused_linear(False)
         assert not use_fused_linear(x, weight)
-        monkeypatch.setenv('TIMM_INTERNIMAGE_FUSED_LINEAR', '1')
-        monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'reference')
+        set_fused_linear(True)
+        set_backend('reference')
         assert not use_fused_linear(x, weight)
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'torch')
+    set_backend('torch')
     assert not use_fused_linear(x, weight)  # autograd needs ATen's linear
     assert use_fused_linear(x, weight.detach())
 
@@ -405,7 +405,7 @@ def test_model_under_cpu_autocast(backend, monkeypatch):
     over seeds 0-3): reference 2.8e-3 (3.4e-3), torch 2.0e-3 (2.2e-3), compiled 2.3e-3 (2.5e-3), the same with
     ATen, oneDNN and MKL held to their baseline ISA; the tolerance is 1e-2. Absolute only: logits near 0 make
     relative errors meaningless."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     torch.manual_seed(0)
     model = tiny_model('internimage_t').eval()
     x = torch.randn(1, 3, 64, 64)
@@ -595,7 +595,7 @@ def test_with_cp_is_gradient_checkpointing(monkeypatch):
 def test_compile_dynamic_fullgraph_does_not_recompile_across_batch_sizes(backend, monkeypatch):
     """One graph serves every batch size under ``torch.compile(dynamic=True, fullgraph=True)``: no guard in the
     model or in the op's dispatch and validation specialises on the batch."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     torch._dynamo.reset()
     model = tiny_model('internimage_t').eval()
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend='eager')
@@ -611,7 +611,7 @@ def test_inductor_compiles_the_inference_model_with_its_onednn_linear_layers(fre
     traces the whole model in one graph, keeps the oneDNN linear layers as calls of their custom op and
     computes the eager function (float32 rounding: measured at most 3e-7 of the logits' maximum)."""
     import torch._inductor.config
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', 'auto')
+    set_backend('auto')
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _randomised(tiny_model('internimage_t')).eval()

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from timm_internimage import set_backend
+
 from timm_internimage.ops import compiled_backend_available, dcnv3, dcnv3_reference, dcnv3_torch
 from conftest import dcnv3_module, forward_backward, random_case
 from golden import load_op_case, op_args, op_cases
@@ -76,7 +78,7 @@ def test_backend_selection_by_argument_and_environment(backend, monkeypatch):
     input, offset, mask, args = random_case(dtype=torch.float32, spread=5.0)
     expected = PURE_BACKENDS[backend](input, offset, mask, *args)
     by_argument = dcnv3(input, offset, mask, group=2, backend=backend)
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     by_environment = dcnv3(input, offset, mask, group=2)
     assert torch.equal(by_argument, expected) and torch.equal(by_environment, expected)
 
@@ -125,7 +127,7 @@ def test_meta_device_shapes(backend):
 @pytest.mark.parametrize('dtype,atol', [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)], ids=['float16', 'bfloat16'])
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_module_runs_in_half_precision(backend, dtype, atol, monkeypatch):
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     module = dcnv3_module(dtype=dtype, center_feature_scale=True)
     x = torch.randn(2, 6, 7, 16)
     output = module(x.to(dtype))
@@ -135,7 +137,7 @@ def test_module_runs_in_half_precision(backend, dtype, atol, monkeypatch):
 
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_module_under_autocast(backend, monkeypatch):
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     module = dcnv3_module()
     x = torch.randn(2, 6, 7, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16):

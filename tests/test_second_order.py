@@ -9,6 +9,8 @@ silently wrong result.
 import pytest
 import torch
 
+from timm_internimage import set_backend
+
 from conftest import leaves, random_case
 from golden import golden_model
 
@@ -47,7 +49,7 @@ def test_mask_logits_gradgradcheck(backend):
 
 def _penalty_grads(model, x, backend, monkeypatch):
     """Parameter gradients of an R1-style penalty: the squared norm of the input gradient of the logits' sum."""
-    monkeypatch.setenv('TIMM_INTERNIMAGE_DCNV3_BACKEND', backend)
+    set_backend(backend)
     model.zero_grad()
     x = x.clone().requires_grad_()
     (grad_x,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)

@@ -4,5 +4,9 @@ __version__ = '0.1.0'
 
 from .flash_internimage import FlashInternImage
 from .internimage import InternImage, checkpoint_filter_fn
+from .ops.settings import backend, fused_linear, fused_linear_enabled, get_backend, set_backend, set_fused_linear
 
-__all__ = ['FlashInternImage', 'InternImage', 'checkpoint_filter_fn', '__version__']
+__all__ = [
+    'FlashInternImage', 'InternImage', 'backend', 'checkpoint_filter_fn', 'fused_linear', 'fused_linear_enabled',
+    'get_backend', 'set_backend', 'set_fused_linear', '__version__',
+]

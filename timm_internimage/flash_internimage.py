@@ -61,7 +61,7 @@ class FlashInternImage(InternImage):
     ) -> None:
         """
         Args:
-            core_op: the core operator, only ``'DCNv4'`` (``TIMM_INTERNIMAGE_DCNV3_BACKEND`` picks its kernel).
+            core_op: the core operator, only ``'DCNv4'`` (``timm_internimage.set_backend`` picks its kernel).
             mlp_fc2_bias: bias in the MLPs' second layer.
             dcn_output_bias: bias in DCNv4's output projection.
             dw_kernel_size: depthwise conv before DCNv4's offset/weight linear (None: none).
@@ -73,7 +73,7 @@ class FlashInternImage(InternImage):
         if core_op != 'DCNv4':
             raise ValueError(
                 f"core_op={core_op!r} is not supported; FlashInternImage implements core_op='DCNv4' "
-                f"(TIMM_INTERNIMAGE_DCNV3_BACKEND picks its kernel)")
+                f"(timm_internimage.set_backend picks its kernel)")
         super().__init__(
             core_op=core_op, channels=channels, depths=depths, groups=groups, num_classes=num_classes,
             mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate, drop_path_type=drop_path_type,

@@ -525,7 +525,7 @@ class InternImage(nn.Module):
     ) -> None:
         """
         Args:
-            core_op: the core operator, only ``'DCNv3'`` (``TIMM_INTERNIMAGE_DCNV3_BACKEND`` picks its kernel).
+            core_op: the core operator, only ``'DCNv3'`` (``timm_internimage.set_backend`` picks its kernel).
             channels: width of stage 0; stage ``i`` has ``channels * 2**i``.
             depths: blocks per stage.
             groups: DCNv3 groups per stage.
@@ -562,7 +562,7 @@ class InternImage(nn.Module):
         if dcn_layer is None and core_op != 'DCNv3':
             raise ValueError(
                 f"core_op={core_op!r} is not supported; InternImage implements core_op='DCNv3' "
-                f"(TIMM_INTERNIMAGE_DCNV3_BACKEND picks its kernel)")
+                f"(timm_internimage.set_backend picks its kernel)")
         if len(depths) != 4 or len(groups) != 4:
             raise ValueError(f'InternImage needs 4 stages: got depths={list(depths)}, groups={list(groups)}')
         for i, group in enumerate(groups):

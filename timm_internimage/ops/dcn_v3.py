@@ -9,13 +9,13 @@ Backends:
 
 ``torch`` and ``compiled`` follow the official CUDA kernel's semantics exactly (integer positions, borders,
 non-finite offsets); ``reference`` follows the official ``grid_sample`` fallback. The backend is chosen per
-call in one place (:func:`requested_backend`): a ``backend=`` argument, else ``TIMM_INTERNIMAGE_DCNV3_BACKEND``
-read at call time, else ``auto``. Arguments are validated once, before any backend runs.
+call in one place (:func:`.settings.requested_backend`): a ``backend=`` argument, else the setting
+(:func:`.settings.set_backend`; by default ``TIMM_INTERNIMAGE_DCNV3_BACKEND`` at import, else ``auto``). Arguments
+are validated once, before any backend runs.
 """
 import functools
 import importlib
 import logging
-import os
 from types import ModuleType
 from typing import Any, Callable, Optional, Tuple, Union
 
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
+from .settings import BACKENDS, fused_linear_enabled, requested_backend
 from .dcnv3_reference import dcnv3_reference
 from .dcnv3_torch import dcnv3_output_size, dcnv3_torch, dcnv3_torch_differentiable, differentiable_grads
 
@@ -34,9 +35,6 @@ __all__ = ['dcnv3', 'DCNv3', 'compiled_backend_available', 'linear', 'requested_
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ('auto', 'torch', 'reference', 'compiled')
-_BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
-_FUSED_LINEAR_ENV = 'TIMM_INTERNIMAGE_FUSED_LINEAR'
 _EXTENSION_MODULE = 'timm_internimage_dcnv3'
 # The compiled kernels address rows and columns in 32 bits; larger maps go to the torch backend.
 _COMPILED_MAX_SIDE = 2 ** 31 - 1
@@ -51,15 +49,6 @@ def _int_pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f'dcnv3: {name} must be an int or a pair of ints, got {value!r}')
     return pair
-
-
-def requested_backend(backend: Optional[str] = None) -> str:
-    """The backend asked for: ``backend`` if given, else ``TIMM_INTERNIMAGE_DCNV3_BACKEND`` (read now), else
-    ``'auto'``. The one place the setting is read, for the op and for the model's fused layers alike."""
-    requested = (backend or os.environ.get(_BACKEND_ENV) or 'auto').lower()
-    if requested not in BACKENDS:
-        raise ValueError(f'dcnv3: unknown backend {requested!r}; choose one of {", ".join(BACKENDS)}')
-    return requested
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,13 +67,13 @@ def _extension() -> Optional[ModuleType]:
             f'{_EXTENSION_MODULE} is installed but failed to load ({error}). It was probably built for an '
             f'incompatible torch; rebuild it against this torch (`bash dcnv3/build_wheel.sh --cpu --install` in a '
             f'clone; from the first release, `pip install --force-reinstall timm-internimage[compiled]`), '
-            f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.') from error
+            f"or call timm_internimage.set_backend('torch') to use the pure-PyTorch op.") from error
     if getattr(extension, '__version__', None) != __version__:
         raise ImportError(
             f'{_EXTENSION_MODULE} {getattr(extension, "__version__", "?")} does not match timm-internimage '
             f'{__version__}; install matching versions (the op built from the same clone, or '
             f'`pip install timm-internimage[compiled]=={__version__}` from the first release), '
-            f'or set {_BACKEND_ENV}=torch to use the pure-PyTorch op.')
+            f"or call timm_internimage.set_backend('torch') to use the pure-PyTorch op.")
     extension.set_create_graph_backward(_compiled_create_graph_backward)
     return extension
 
@@ -155,10 +144,9 @@ def use_fused_linear(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear` runs on oneDNN for input ``x`` and ``weight``: float32 CPU inference.
 
     That is: CPU float32 tensors that autograd does not track, outside fx and TorchScript tracing (a trace holds
-    ATen's linear whatever the grad mode), autocast and ONNX export,
-    with oneDNN available and enabled (``torch.backends.mkldnn``), unless ``TIMM_INTERNIMAGE_FUSED_LINEAR=0``
-    (read at call time) or the requested DCNv3 backend (:func:`requested_backend`) is ``reference``, which
-    keeps the official float operation order in the whole model.
+    ATen's linear whatever the grad mode), autocast and ONNX export, with oneDNN available and enabled
+    (``torch.backends.mkldnn``), unless switched off (:func:`.settings.set_fused_linear`) or the requested backend
+    is ``reference``, which keeps the official float operation order in the whole model.
     """
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
@@ -171,10 +159,9 @@ def use_fused_linear(x: Tensor, weight: Tensor) -> bool:
 
 @torch.compiler.assume_constant_result
 def _onednn_enabled() -> bool:
-    """oneDNN is built in and enabled, and the fused linear layers are not switched off (read now; a constant
-    for torch.compile, which evaluates it once while tracing)."""
-    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and os.environ.get(_FUSED_LINEAR_ENV, '1') != '0')
+    """oneDNN is built in and enabled, and the fused linear layers are not switched off (a constant for
+    torch.compile, which evaluates it once while tracing)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and fused_linear_enabled()
 
 
 @torch.library.custom_op('timm_internimage_cpu::linear', mutates_args=())
@@ -368,8 +355,8 @@ def dcnv3(
         group: number of groups sharing offsets and mask.
         offset_scale: scale of both the base kernel grid and the offsets.
         remove_center: drop the kernel's centre point (needs an odd number of kernel points).
-        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default from
-            ``TIMM_INTERNIMAGE_DCNV3_BACKEND``.
+        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default: the setting
+            (:func:`timm_internimage.set_backend`).
 
     Returns:
         ``(N, H_out, W_out, C)`` in the input's dtype.

@@ -3,7 +3,7 @@
 DCNv4 samples exactly as DCNv3 does (same grid, ``-1 < loc < size`` rule, bilinear corners and gradients); it
 differs in its inputs: one packed ``offset_mask`` tensor instead of separate offsets and mask, and point weights
 used as given (no softmax, unless asked for). So the op unpacks ``offset_mask`` into DCNv3's layouts and runs
-:func:`~timm_internimage.ops.dcn_v3.dcnv3_core`: the same backends (``TIMM_INTERNIMAGE_DCNV3_BACKEND``), the same
+:func:`~timm_internimage.ops.dcn_v3.dcnv3_core`: the same backends and backend setting, the same
 validation and errors, autograd, torch.compile and export. Gradients flow back into ``offset_mask`` (zero in its
 padding channels).
 """
@@ -119,8 +119,8 @@ def dcnv4(
         offset_scale: scale of both the base kernel grid and the offsets.
         remove_center: drop the kernel's centre point (needs an odd number of kernel points).
         softmax: normalise the weights with a per-group softmax over the points (FlashInternImage: off).
-        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default from
-            ``TIMM_INTERNIMAGE_DCNV3_BACKEND`` (the backends of :func:`~timm_internimage.ops.dcnv3`).
+        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default: the setting
+            (:func:`timm_internimage.set_backend`; the backends of :func:`~timm_internimage.ops.dcnv3`).
 
     Returns:
         ``(N, H_out, W_out, C)`` in the input's dtype.
