@@ -98,3 +98,48 @@ def test_benchmark_lists_and_compile_modes_run():
     assert [(r['config']['batch_size'], r['config']['fused_linear']) for r in doc['results']] == [
         (1, 'on'), (1, 'off'), (2, 'on'), (2, 'off')]
     assert all('error' not in r for r in doc['results'])
+
+
+
+def _expected_configs(options, op=False, peers=False, in_process=False):
+    """The configurations asked for by ``options`` (``{'--dtype': 'float32,bfloat16', ...}``), written out in
+    the documented order: dtype, batch, resolution, mode, model, backend, fused linear, compile mode (--op:
+    dtype, batch, backend, compile mode, shape group). timm's models get one configuration per compile mode."""
+    split = lambda option, default: options.get(option, default).split(',')  # noqa: E731
+    common = {'op': op, 'device': 'auto', 'threads': 0, 'warmup': 2, 'iters': 5, 'clock': 'wall'}
+    compiled = lambda mode: False if mode == 'eager' else mode  # noqa: E731
+    if op:
+        groups = [[0, 1, 2, 3]] if in_process else [[0], [1], [2], [3]]
+        return [{**common, 'dtype': d, 'batch_size': int(b), 'backend': be, 'compile': compiled(c), 'shapes': s}
+                for d in split('--dtype', 'float32') for b in split('--batch-size', '8')
+                for be in split('--backend', 'auto') for c in split('--compile', 'eager') for s in groups]
+    models = split('--model', 'internimage_t') + (['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50']
+                                                  if peers else [])
+    ours = lambda model: model.startswith('internimage')  # noqa: E731
+    return [{**common, 'dtype': d, 'batch_size': int(b), 'img_size': int(r), 'mode': mode, 'model': m,
+             'backend': be, 'fused_linear': f, 'compile': compiled(c), 'in_chans': 3, 'channels_last': False,
+             'amp': False, 'model_kwargs': {'channels': 16} if ours(m) else {}}
+            for d in split('--dtype', 'float32') for b in split('--batch-size', '8')
+            for r in split('--img-size', '224') for mode in split('--mode', 'infer')
+            for m in models
+            for be in (split('--backend', 'auto') if ours(m) else ['none'])
+            for f in (split('--fused-linear', 'on') if ours(m) else ['on'])
+            for c in split('--compile', 'eager') if not (c == 'freezing' and mode == 'train')]
+
+
+def test_configurations_run_in_the_documented_order():
+    bench = _load_benchmark()
+    model_options = {'--model': 'internimage_t,resnet18', '--dtype': 'float32,bfloat16', '--batch-size': '1,8',
+                     '--img-size': '224,384', '--mode': 'infer,train', '--backend': 'reference,compiled',
+                     '--fused-linear': 'on,off', '--compile': 'eager,default,freezing'}
+    op_options = {'--dtype': 'float32,float64', '--batch-size': '1,4', '--backend': 'torch,compiled',
+                  '--compile': 'eager,default'}
+    cases = [(model_options, {'peers': True}), (op_options, {'op': True}),
+             (op_options, {'op': True, 'in_process': True})]
+    for options, flags in cases:
+        argv = [a for item in options.items() for a in item] + ['--model-kwargs', 'channels=16']
+        argv += ['--' + flag.replace('_', '-') for flag in flags]
+        configs = bench._configs(bench.build_parser().parse_args(argv))
+        assert configs == _expected_configs(options, **flags)
+    # 2 dtypes x 2 batches x 2 resolutions x (infer: 12 internimage_t + 3 resnet18 + 9 peers; train: 8 + 2 + 6)
+    assert len(_expected_configs(model_options, peers=True)) == 8 * (24 + 16)
