@@ -143,3 +143,46 @@ def test_configurations_run_in_the_documented_order():
         assert configs == _expected_configs(options, **flags)
     # 2 dtypes x 2 batches x 2 resolutions x (infer: 12 internimage_t + 3 resnet18 + 9 peers; train: 8 + 2 + 6)
     assert len(_expected_configs(model_options, peers=True)) == 8 * (24 + 16)
+
+
+def test_each_measurement_reads_the_clock_it_is_given():
+    import time
+
+    import torch
+    from timm_internimage import benchmarking as measure
+    cpu = torch.device('cpu')
+    readings = iter([0.0, 0.25, 1.0, 1.5])
+    assert measure.time_it(lambda: None, cpu, 0, 2, lambda: next(readings)) == [0.25, 0.5]
+    # a sleep costs wall time, not CPU time; a CPU-clock measurement first leaves the next one's clock alone
+    asleep = measure.time_it(lambda: time.sleep(0.05), cpu, 0, 1, measure.CLOCKS['cpu'])
+    awake = measure.time_it(lambda: time.sleep(0.05), cpu, 0, 1, measure.CLOCKS['wall'])
+    assert asleep[0] < 0.03 and awake[0] >= 0.05
+
+
+def test_in_process_configurations_leave_the_process_settings_as_they_were(monkeypatch):
+    import torch
+    import torch._inductor.config as inductor_config
+    bench = _load_benchmark()
+    freezing_at_compile = []
+
+    def compile_eagerly(model, **kwargs):  # stands in for inductor: notes the flag when the model compiles
+        def compiled(*args):
+            freezing_at_compile.append(inductor_config.freezing)
+            return model(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, 'compile', compile_eagerly)
+    threads, backend_env = torch.get_num_threads(), os.environ.get('TIMM_INTERNIMAGE_DCNV3_BACKEND')
+    args = bench.build_parser().parse_args([
+        '--in-process', '--device', 'cpu', '--batch-size', '1', '--img-size', '32', '--backend', 'torch',
+        '--compile', 'default,freezing', '--warmup', '0', '--iters', '1', '--clock', 'cpu',
+        '--threads', str(threads + 1), '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]'])
+    for before in (False, True):
+        monkeypatch.setattr(inductor_config, 'freezing', before)
+        freezing_at_compile.clear()
+        results = [bench._run_in_process(cfg) for cfg in bench._configs(args)]
+        assert [r['config']['compile'] for r in results] == ['default', 'freezing']
+        assert all('error' not in r for r in results), results
+        assert freezing_at_compile == [False, True]  # each configuration's own flag while it runs
+        assert inductor_config.freezing is before and torch.get_num_threads() == threads
+        assert os.environ.get('TIMM_INTERNIMAGE_DCNV3_BACKEND') == backend_env
