@@ -41,8 +41,12 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+import timm
+import torch
+
 if importlib.util.find_spec('timm_internimage') is None:  # a source checkout that is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm_internimage  # noqa: E402  registers the models
 from timm_internimage import benchmarking as measure  # noqa: E402
 
 BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
@@ -58,9 +62,7 @@ _WORKER_FLAG = '--_worker'
 # helpers (run inside the worker process)
 
 
-def _environment(device: 'torch.device') -> Dict[str, Any]:
-    import torch
-    import timm
+def _environment(device: torch.device) -> Dict[str, Any]:
     info = {
         'python': platform.python_version(),
         'torch': torch.__version__,
@@ -68,12 +70,8 @@ def _environment(device: 'torch.device') -> Dict[str, Any]:
         'device': device.type,
         'threads': torch.get_num_threads(),
         'cpu_count': os.cpu_count(),
+        'timm_internimage': timm_internimage.__version__,
     }
-    try:
-        import timm_internimage
-        info['timm_internimage'] = getattr(timm_internimage, '__version__', '?')
-    except ImportError:
-        pass
     if device.type == 'cuda':
         info['device_name'] = torch.cuda.get_device_name(device)
     else:
@@ -92,8 +90,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _resolve_device(name: str) -> 'torch.device':
-    import torch
+def _resolve_device(name: str) -> torch.device:
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
     return torch.device(name)
@@ -120,7 +117,6 @@ def _parse_kwargs(items: List[str]) -> Dict[str, Any]:
 
 def _setup(cfg: Dict[str, Any]) -> measure.Clock:
     """Apply the configuration's thread count; return its clock."""
-    import torch
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     return measure.CLOCKS[cfg['clock']]
@@ -128,10 +124,6 @@ def _setup(cfg: Dict[str, Any]) -> measure.Clock:
 
 def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Benchmark one model configuration in this process."""
-    import torch
-    import timm
-    import timm_internimage  # noqa: F401  registers the models
-
     clock = _setup(cfg)
     device = _resolve_device(cfg['device'])
     dtype = getattr(torch, cfg['dtype'])
@@ -150,9 +142,9 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     model.train(train)
     compile_settings = contextlib.nullcontext()
     if cfg['compile']:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
         # read when the model compiles, at its first call: set for this configuration's runs only
-        compile_settings = torch._inductor.config.patch(freezing=cfg['compile'] == 'freezing')
+        compile_settings = inductor_config.patch(freezing=cfg['compile'] == 'freezing')
         model = torch.compile(model)
 
     x = torch.randn(cfg['batch_size'], cfg['in_chans'], cfg['img_size'], cfg['img_size'], device=device)
@@ -199,8 +191,6 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Benchmark the DCNv3 op for one backend on all InternImage-T stage shapes, in this process."""
-    import torch
-
     clock = _setup(cfg)
     device = _resolve_device(cfg['device'])
     dtype = getattr(torch, cfg['dtype'])
@@ -243,7 +233,6 @@ def _apply_settings(cfg: Dict[str, Any], env: Any) -> None:
 def _run_in_process(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """One configuration in this process; the settings it changes (DCNv3 environment variables, thread count)
     are restored after it, like a subprocess leaves its parent's alone."""
-    import torch
     previous = {name: os.environ.get(name) for name in (BACKEND_ENV, FUSED_LINEAR_ENV)}
     previous_threads = torch.get_num_threads()
     _apply_settings(cfg, os.environ)
