@@ -20,23 +20,34 @@ Examples::
 no DCNv3 backend). ``--compile`` takes ``eager`` (no compile), ``default`` (inductor) and ``freezing`` (inductor
 with ``torch._inductor.config.freezing``, inference only).
 
-Peak memory, of the timed iterations (after warmup): on CUDA, ``torch.cuda.max_memory_allocated`` above
-what was allocated before them (model, input). On CPU, the peak resident set size of the process above
-its size before them: freed heap memory is handed back to the OS (``malloc_trim``) and the kernel's
-high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs``, so the number covers only the
-timed work. Where that reset is not allowed, the mark covers the whole run and the number is an upper
-bound, flagged ``peak_mem_exact: false``. ``--clock cpu`` times with the process CPU time instead of
-the wall clock: with ``--threads 1`` it is barely disturbed by other load on a shared machine.
+Peak memory is that of the timed iterations (after warmup), as ``timm_internimage.benchmarking.PeakMemory``
+measures it: allocated CUDA memory, or the CPU process's peak resident set size, above the level before them.
+Where the kernel does not allow resetting the CPU high-water mark, the number is an upper bound, flagged
+``peak_mem_exact: false``. ``--clock cpu`` times with the process CPU time instead of the wall clock: with
+``--threads 1`` it is barely disturbed by other load on a shared machine.
+
+Each configuration sets its own clock, thread count, DCNv3 settings and inductor ``freezing`` flag, and
+``--in-process`` runs restore the process's settings after each one.
 """
 import argparse
+import contextlib
+import importlib.util
+import itertools
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+import timm
+import torch
+
+if importlib.util.find_spec('timm_internimage') is None:  # a source checkout that is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm_internimage  # noqa: E402  registers the models
+from timm_internimage import benchmarking as measure  # noqa: E402
 
 BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
 BACKEND_CHOICES = ('auto', 'torch', 'reference', 'compiled')
@@ -44,113 +55,14 @@ FUSED_LINEAR_ENV = 'TIMM_INTERNIMAGE_FUSED_LINEAR'
 COMPILE_CHOICES = ('eager', 'default', 'freezing')
 PEERS = ('convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50')
 DTYPE_CHOICES = ('float32', 'bfloat16', 'float16', 'float64')
-# (height = width, channels, groups) of the DCNv3 layers in InternImage-T's four stages at 224 px.
-OP_SHAPES = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))
 _WORKER_FLAG = '--_worker'
 
 
 # ----------------------------------------------------------------------------------------------------
-# measurement helpers (run inside the worker process)
+# helpers (run inside the worker process)
 
 
-def _proc_status_kib(field: str) -> Optional[int]:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _release_free_memory() -> None:
-    """Give memory freed earlier in the process back to the OS (glibc), so that reusing it counts as new."""
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory of the work done between ``start()`` and ``stop()``, in MiB."""
-
-    def __init__(self, device: 'torch.device') -> None:
-        self.device = device
-        self.exact = True
-        self.baseline_kib = 0
-
-    def start(self) -> None:
-        import torch
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
-            return
-        _release_free_memory()
-        try:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')  # resets VmHWM to the current RSS (Linux >= 4.0)
-        except OSError:
-            self.exact = False
-        self.baseline_kib = _proc_status_kib('VmRSS') or 0
-
-    def stop(self) -> Optional[float]:
-        import torch
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes) / 2 ** 20
-        peak = _proc_status_kib('VmHWM')
-        if peak is None:
-            return None
-        return max(peak - self.baseline_kib, 0) / 1024
-
-
-def _sync(device: 'torch.device') -> None:
-    import torch
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-_CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
-_clock = time.perf_counter
-
-
-def _time_it(
-        fn: Callable[[], Any],
-        device: 'torch.device',
-        warmup: int,
-        iters: int,
-        after_warmup: Optional[Callable[[], None]] = None,
-) -> List[float]:
-    """Seconds per call of ``fn`` for ``iters`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if after_warmup is not None:
-        after_warmup()
-    times = []
-    for _ in range(iters):
-        start = _clock()
-        fn()
-        _sync(device)
-        times.append(_clock() - start)
-    return times
-
-
-def _summary(times: List[float]) -> Dict[str, float]:
-    return {
-        'median_ms': 1e3 * statistics.median(times),
-        'min_ms': 1e3 * min(times),
-        'mean_ms': 1e3 * statistics.fmean(times),
-        'iters': len(times),
-    }
-
-
-def _environment(device: 'torch.device') -> Dict[str, Any]:
-    import torch
-    import timm
+def _environment(device: torch.device) -> Dict[str, Any]:
     info = {
         'python': platform.python_version(),
         'torch': torch.__version__,
@@ -158,12 +70,8 @@ def _environment(device: 'torch.device') -> Dict[str, Any]:
         'device': device.type,
         'threads': torch.get_num_threads(),
         'cpu_count': os.cpu_count(),
+        'timm_internimage': timm_internimage.__version__,
     }
-    try:
-        import timm_internimage
-        info['timm_internimage'] = getattr(timm_internimage, '__version__', '?')
-    except ImportError:
-        pass
     if device.type == 'cuda':
         info['device_name'] = torch.cuda.get_device_name(device)
     else:
@@ -182,8 +90,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _resolve_device(name: str) -> 'torch.device':
-    import torch
+def _resolve_device(name: str) -> torch.device:
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
     return torch.device(name)
@@ -208,21 +115,16 @@ def _parse_kwargs(items: List[str]) -> Dict[str, Any]:
 # workers: one configuration each, result as a dict
 
 
-def _setup(cfg: Dict[str, Any]) -> None:
-    import torch
-    global _clock
+def _setup(cfg: Dict[str, Any]) -> measure.Clock:
+    """Apply the configuration's thread count; return its clock."""
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
-    _clock = _CLOCKS[cfg['clock']]
+    return measure.CLOCKS[cfg['clock']]
 
 
 def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Benchmark one model configuration in this process."""
-    import torch
-    import timm
-    import timm_internimage  # noqa: F401  registers the models
-
-    _setup(cfg)
+    clock = _setup(cfg)
     device = _resolve_device(cfg['device'])
     dtype = getattr(torch, cfg['dtype'])
     torch.manual_seed(0)
@@ -238,9 +140,11 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         model.to(dtype)
     train = cfg['mode'] == 'train'
     model.train(train)
+    compile_settings = contextlib.nullcontext()
     if cfg['compile']:
-        import torch._inductor.config
-        torch._inductor.config.freezing = cfg['compile'] == 'freezing'
+        from torch._inductor import config as inductor_config
+        # read when the model compiles, at its first call: set for this configuration's runs only
+        compile_settings = inductor_config.patch(freezing=cfg['compile'] == 'freezing')
         model = torch.compile(model)
 
     x = torch.randn(cfg['batch_size'], cfg['in_chans'], cfg['img_size'], cfg['img_size'], device=device)
@@ -267,12 +171,12 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 model(x)
         grad_ctx = torch.inference_mode
 
-    memory = PeakMemory(device)
-    with grad_ctx():
+    memory = measure.PeakMemory(device)
+    with compile_settings, grad_ctx():
         # steady state: the memory window opens after warmup (first-call caches, torch.compile)
-        times = _time_it(step, device, cfg['warmup'], cfg['iters'], after_warmup=memory.start)
+        times = measure.time_it(step, device, cfg['warmup'], cfg['iters'], clock, after_warmup=memory.start)
         peak = memory.stop()
-    stats = _summary(times)
+    stats = measure.summary(times)
     return {
         'kind': 'model',
         'config': cfg,
@@ -285,72 +189,20 @@ def run_model_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _op_inputs(batch: int, size: int, channels: int, group: int, dtype, device, generator):
-    import torch
-    points = 9
-    x = torch.randn(batch, size, size, channels, generator=generator).to(device, dtype)
-    # Offsets of a few pixels, some sampling points leave the map (exercises the border handling).
-    offset = (2 * torch.randn(batch, size, size, group * points * 2, generator=generator)).to(device, dtype)
-    mask = torch.randn(batch, size, size, group, points, generator=generator).softmax(-1)
-    mask = mask.reshape(batch, size, size, group * points).to(device, dtype)
-    return x, offset, mask
-
-
 def run_op_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Benchmark the DCNv3 op for one backend on all InternImage-T stage shapes, in this process."""
-    import torch
-    from timm_internimage.ops import dcnv3
-
-    _setup(cfg)
+    clock = _setup(cfg)
     device = _resolve_device(cfg['device'])
     dtype = getattr(torch, cfg['dtype'])
-    backend = cfg['backend']
-
-    def op(x, offset, mask, group: int):
-        return dcnv3(x, offset, mask, kernel_size=3, stride=1, padding=1, dilation=1, group=group,
-                     offset_scale=1.0, backend=backend)
-
-    fn = torch.compile(op, fullgraph=True, dynamic=False) if cfg['compile'] else op
-    rows = []
-    for size, channels, group in [OP_SHAPES[i] for i in cfg['shapes']]:
-        generator = torch.Generator().manual_seed(0)
-        x, offset, mask = _op_inputs(cfg['batch_size'], size, channels, group, dtype, device, generator)
-        memory = PeakMemory(device)
-        with torch.inference_mode():
-            fwd = _time_it(lambda: fn(x, offset, mask, group), device, cfg['warmup'], cfg['iters'],
-                           after_warmup=memory.start)
-            fwd_peak = memory.stop()
-
-        leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
-        grad_out = torch.randn_like(x)
-        bwd = []
-        memory = PeakMemory(device)
-        for i in range(cfg['warmup'] + cfg['iters']):
-            if i == cfg['warmup']:
-                memory.start()
-            out = fn(*leaves, group)
-            _sync(device)
-            start = _clock()
-            out.backward(grad_out)
-            _sync(device)
-            if i >= cfg['warmup']:
-                bwd.append(_clock() - start)
-            for leaf in leaves:
-                leaf.grad = None
-            del out
-        train_peak = memory.stop()
-        fwd_stats, bwd_stats = _summary(fwd), _summary(bwd)
-        rows.append({
-            'shape': {'N': cfg['batch_size'], 'H': size, 'W': size, 'C': channels, 'G': group},
-            'fwd_ms': fwd_stats['median_ms'],
-            'bwd_ms': bwd_stats['median_ms'],
-            'fwd': fwd_stats,
-            'bwd': bwd_stats,
-            'fwd_peak_mem_mib': fwd_peak,
-            'fwd_bwd_peak_mem_mib': train_peak,
-        })
-        del x, offset, mask, leaves, grad_out
-    return {'kind': 'op', 'config': cfg, 'shapes': rows, 'peak_mem_exact': memory.exact, 'env': _environment(device)}
+    op = measure.dcnv3_3x3(cfg['backend'])
+    if cfg['compile']:
+        op = torch.compile(op, fullgraph=True, dynamic=False)
+    rows, exact = [], True
+    for index in cfg['shapes']:
+        row, exact = measure.time_op_shape(op, cfg['batch_size'], measure.OP_SHAPES[index], dtype, device,
+                                           cfg['warmup'], cfg['iters'], clock)
+        rows.append(row)
+    return {'kind': 'op', 'config': cfg, 'shapes': rows, 'peak_mem_exact': exact, 'env': _environment(device)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,13 +231,17 @@ def _apply_settings(cfg: Dict[str, Any], env: Any) -> None:
 
 
 def _run_in_process(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """One configuration in this process; the settings it changes (DCNv3 environment variables, thread count)
+    are restored after it, like a subprocess leaves its parent's alone."""
     previous = {name: os.environ.get(name) for name in (BACKEND_ENV, FUSED_LINEAR_ENV)}
+    previous_threads = torch.get_num_threads()
     _apply_settings(cfg, os.environ)
     try:
         return run_op_config(cfg) if cfg['op'] else run_model_config(cfg)
     except Exception as error:  # reported like a failed subprocess, the other configurations still run
         return {'kind': 'op' if cfg['op'] else 'model', 'config': cfg, 'error': f'{type(error).__name__}: {error}'}
     finally:
+        torch.set_num_threads(previous_threads)
         for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -395,10 +251,6 @@ def _run_in_process(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def _worker_main(cfg_json: str) -> None:
     cfg = json.loads(cfg_json)
-    try:
-        import timm_internimage  # noqa: F401
-    except ImportError:  # running from a source checkout without installing it
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = run_op_config(cfg) if cfg['op'] else run_model_config(cfg)
     sys.stdout.write(json.dumps(result) + '\n')
 
@@ -439,35 +291,27 @@ def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
     configs = []
     if args.op:
         # one shape per worker: a fresh process per shape keeps the peak memory of each its own
-        shape_groups = [list(range(len(OP_SHAPES)))] if args.in_process else [[i] for i in range(len(OP_SHAPES))]
-        for dtype in dtypes:
-            for batch_size in batch_sizes:
-                for backend in backends:
-                    for compile_mode in compiles:
-                        for shapes in shape_groups:
-                            configs.append({**common, 'dtype': dtype, 'batch_size': batch_size, 'backend': backend,
-                                            'compile': False if compile_mode == 'eager' else compile_mode,
-                                            'shapes': shapes})
+        all_shapes = list(range(len(measure.OP_SHAPES)))
+        shape_groups = [all_shapes] if args.in_process else [[i] for i in all_shapes]
+        for dtype, batch_size, backend, compile_mode, shapes in itertools.product(
+                dtypes, batch_sizes, backends, compiles, shape_groups):
+            configs.append({**common, 'dtype': dtype, 'batch_size': batch_size, 'backend': backend,
+                            'compile': False if compile_mode == 'eager' else compile_mode, 'shapes': shapes})
         return configs
-    for dtype in dtypes:
-        for batch_size in batch_sizes:
-            for img_size in img_sizes:
-                for mode in modes:
-                    for model in models:
-                        # timm's own models have no DCNv3 and no fused linear layers: one configuration each
-                        ours = model.startswith('internimage')
-                        for backend in backends if ours else ['none']:
-                            for linear in fused_linear if ours else ['on']:
-                                for compile_mode in compiles:
-                                    if compile_mode == 'freezing' and mode == 'train':
-                                        continue  # freezing is for inference
-                                    configs.append({
-                                        **common, 'dtype': dtype, 'batch_size': batch_size, 'img_size': img_size,
-                                        'mode': mode, 'model': model, 'backend': backend, 'fused_linear': linear,
-                                        'compile': False if compile_mode == 'eager' else compile_mode,
-                                        'in_chans': args.in_chans, 'channels_last': args.channels_last,
-                                        'amp': args.amp, 'model_kwargs': _parse_kwargs(args.model_kwargs) if ours else {},
-                                    })
+    for dtype, batch_size, img_size, mode, model in itertools.product(dtypes, batch_sizes, img_sizes, modes, models):
+        # timm's own models have no DCNv3 and no fused linear layers: one configuration each
+        ours = model.startswith('internimage')
+        for backend, linear, compile_mode in itertools.product(
+                backends if ours else ['none'], fused_linear if ours else ['on'], compiles):
+            if compile_mode == 'freezing' and mode == 'train':
+                continue  # freezing is for inference
+            configs.append({
+                **common, 'dtype': dtype, 'batch_size': batch_size, 'img_size': img_size, 'mode': mode,
+                'model': model, 'backend': backend, 'fused_linear': linear,
+                'compile': False if compile_mode == 'eager' else compile_mode,
+                'in_chans': args.in_chans, 'channels_last': args.channels_last, 'amp': args.amp,
+                'model_kwargs': _parse_kwargs(args.model_kwargs) if ours else {},
+            })
     return configs
 
 
@@ -613,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--channels-last', action='store_true', help='channels_last input and model memory format')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: torch default)')
-    p.add_argument('--clock', choices=tuple(_CLOCKS), default='wall',
+    p.add_argument('--clock', choices=tuple(measure.CLOCKS), default='wall',
                    help='wall: elapsed time; cpu: CPU time of the process (with --threads 1 a measure that other '
                         'load on a shared machine barely disturbs; with more threads it sums their time)')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,20 +25,12 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from timm_internimage import benchmarking as measure
+
 REPO = Path(__file__).resolve().parents[1]
 SEMANTICS_DIR = REPO / 'tests' / 'data' / 'golden' / 'cuda_semantics'
 PASS, FAIL, SKIP = 'PASS', 'FAIL', 'SKIP'
 OUTPUT_NAMES = ('output', 'grad_input', 'grad_offset', 'grad_mask')
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location('_timm_internimage_benchmark', REPO / 'benchmarks' / 'benchmark.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()  # timing and peak-memory helpers, op input generator, InternImage-T stage shapes
 
 
 @dataclass
@@ -137,7 +128,7 @@ def max_abs_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def small_inputs(device, dtype=torch.float32, n=2, size=24, channels=64, group=4, seed=0):
-    return bench._op_inputs(n, size, channels, group, dtype, device, torch.Generator().manual_seed(seed))
+    return measure.op_inputs(n, size, channels, group, dtype, device, torch.Generator().manual_seed(seed))
 
 
 def needs_cuda(ctx: Context, name: str, what: str) -> Optional[Row]:
@@ -381,13 +372,11 @@ def check_op_timings(ctx: Context) -> List[Row]:
     warmup, iters = (1, 1) if not ctx.cuda else ((2, 5) if ctx.quick else (5, 20))
     rows = []
     for n in ((1, 32) if ctx.cuda else (1,)):
-        timings = {}
-        for backend in ('compiled', 'torch'):
-            cfg = dict(op=True, device=str(ctx.device), threads=0, clock='wall', warmup=warmup, iters=iters,
-                       batch_size=n, dtype='float32', backend=backend, compile=False,
-                       shapes=list(range(len(bench.OP_SHAPES))))
-            timings[backend] = bench.run_op_config(cfg)['shapes']
-        for (size, channels, group), fast, slow in zip(bench.OP_SHAPES, timings['compiled'], timings['torch']):
+        timings = {backend: [measure.time_op_shape(measure.dcnv3_3x3(backend), n, shape, torch.float32, ctx.device,
+                                                   warmup, iters, time.perf_counter)[0]
+                             for shape in measure.OP_SHAPES]
+                   for backend in ('compiled', 'torch')}
+        for (size, channels, group), fast, slow in zip(measure.OP_SHAPES, timings['compiled'], timings['torch']):
             x, offset, mask = small_inputs(ctx.device, n=n, size=size, channels=channels, group=group)
             with torch.no_grad():
                 diff = max_abs_error(op(x, offset, mask, group=group, backend='compiled'),
@@ -436,9 +425,10 @@ def check_models(ctx: Context) -> List[Row]:
                 del outputs[:-1]
 
             model.eval()
-            memory = bench.PeakMemory(device)
+            memory = measure.PeakMemory(device)
             with torch.inference_mode():
-                infer_s = bench._summary(bench._time_it(infer, device, warmup, iters, after_warmup=memory.start))
+                infer_s = measure.summary(
+                    measure.time_it(infer, device, warmup, iters, time.perf_counter, after_warmup=memory.start))
                 infer_peak = _peak(memory, device)
             finite = bool(torch.isfinite(outputs[-1]).all())
             losses = []
@@ -454,8 +444,9 @@ def check_models(ctx: Context) -> List[Row]:
             notes = f"batch {batch} @ {size}px: infer {batch / infer_s['median_ms'] * 1e3:.1f} img/s, {infer_peak}; "
             if ctx.cuda or dtype is not torch.float16:
                 model.train()
-                memory = bench.PeakMemory(device)
-                train_s = bench._summary(bench._time_it(train_step, device, warmup, iters, after_warmup=memory.start))
+                memory = measure.PeakMemory(device)
+                train_s = measure.summary(
+                    measure.time_it(train_step, device, warmup, iters, time.perf_counter, after_warmup=memory.start))
                 finite = finite and all(bool(torch.isfinite(loss)) for loss in losses)
                 notes += (f"train step (SGD) {train_s['median_ms']:.1f} ms = "
                           f"{batch / train_s['median_ms'] * 1e3:.1f} img/s, {_peak(memory, device)}; ")

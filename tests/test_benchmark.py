@@ -98,3 +98,91 @@ def test_benchmark_lists_and_compile_modes_run():
     assert [(r['config']['batch_size'], r['config']['fused_linear']) for r in doc['results']] == [
         (1, 'on'), (1, 'off'), (2, 'on'), (2, 'off')]
     assert all('error' not in r for r in doc['results'])
+
+
+
+def _expected_configs(options, op=False, peers=False, in_process=False):
+    """The configurations asked for by ``options`` (``{'--dtype': 'float32,bfloat16', ...}``), written out in
+    the documented order: dtype, batch, resolution, mode, model, backend, fused linear, compile mode (--op:
+    dtype, batch, backend, compile mode, shape group). timm's models get one configuration per compile mode."""
+    split = lambda option, default: options.get(option, default).split(',')  # noqa: E731
+    common = {'op': op, 'device': 'auto', 'threads': 0, 'warmup': 2, 'iters': 5, 'clock': 'wall'}
+    compiled = lambda mode: False if mode == 'eager' else mode  # noqa: E731
+    if op:
+        groups = [[0, 1, 2, 3]] if in_process else [[0], [1], [2], [3]]
+        return [{**common, 'dtype': d, 'batch_size': int(b), 'backend': be, 'compile': compiled(c), 'shapes': s}
+                for d in split('--dtype', 'float32') for b in split('--batch-size', '8')
+                for be in split('--backend', 'auto') for c in split('--compile', 'eager') for s in groups]
+    models = split('--model', 'internimage_t') + (['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50']
+                                                  if peers else [])
+    ours = lambda model: model.startswith('internimage')  # noqa: E731
+    return [{**common, 'dtype': d, 'batch_size': int(b), 'img_size': int(r), 'mode': mode, 'model': m,
+             'backend': be, 'fused_linear': f, 'compile': compiled(c), 'in_chans': 3, 'channels_last': False,
+             'amp': False, 'model_kwargs': {'channels': 16} if ours(m) else {}}
+            for d in split('--dtype', 'float32') for b in split('--batch-size', '8')
+            for r in split('--img-size', '224') for mode in split('--mode', 'infer')
+            for m in models
+            for be in (split('--backend', 'auto') if ours(m) else ['none'])
+            for f in (split('--fused-linear', 'on') if ours(m) else ['on'])
+            for c in split('--compile', 'eager') if not (c == 'freezing' and mode == 'train')]
+
+
+def test_configurations_run_in_the_documented_order():
+    bench = _load_benchmark()
+    model_options = {'--model': 'internimage_t,resnet18', '--dtype': 'float32,bfloat16', '--batch-size': '1,8',
+                     '--img-size': '224,384', '--mode': 'infer,train', '--backend': 'reference,compiled',
+                     '--fused-linear': 'on,off', '--compile': 'eager,default,freezing'}
+    op_options = {'--dtype': 'float32,float64', '--batch-size': '1,4', '--backend': 'torch,compiled',
+                  '--compile': 'eager,default'}
+    cases = [(model_options, {'peers': True}), (op_options, {'op': True}),
+             (op_options, {'op': True, 'in_process': True})]
+    for options, flags in cases:
+        argv = [a for item in options.items() for a in item] + ['--model-kwargs', 'channels=16']
+        argv += ['--' + flag.replace('_', '-') for flag in flags]
+        configs = bench._configs(bench.build_parser().parse_args(argv))
+        assert configs == _expected_configs(options, **flags)
+    # 2 dtypes x 2 batches x 2 resolutions x (infer: 12 internimage_t + 3 resnet18 + 9 peers; train: 8 + 2 + 6)
+    assert len(_expected_configs(model_options, peers=True)) == 8 * (24 + 16)
+
+
+def test_each_measurement_reads_the_clock_it_is_given():
+    import time
+
+    import torch
+    from timm_internimage import benchmarking as measure
+    cpu = torch.device('cpu')
+    readings = iter([0.0, 0.25, 1.0, 1.5])
+    assert measure.time_it(lambda: None, cpu, 0, 2, lambda: next(readings)) == [0.25, 0.5]
+    # a sleep costs wall time, not CPU time; a CPU-clock measurement first leaves the next one's clock alone
+    asleep = measure.time_it(lambda: time.sleep(0.05), cpu, 0, 1, measure.CLOCKS['cpu'])
+    awake = measure.time_it(lambda: time.sleep(0.05), cpu, 0, 1, measure.CLOCKS['wall'])
+    assert asleep[0] < 0.03 and awake[0] >= 0.05
+
+
+def test_in_process_configurations_leave_the_process_settings_as_they_were(monkeypatch):
+    import torch
+    import torch._inductor.config as inductor_config
+    bench = _load_benchmark()
+    freezing_at_compile = []
+
+    def compile_eagerly(model, **kwargs):  # stands in for inductor: notes the flag when the model compiles
+        def compiled(*args):
+            freezing_at_compile.append(inductor_config.freezing)
+            return model(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, 'compile', compile_eagerly)
+    threads, backend_env = torch.get_num_threads(), os.environ.get('TIMM_INTERNIMAGE_DCNV3_BACKEND')
+    args = bench.build_parser().parse_args([
+        '--in-process', '--device', 'cpu', '--batch-size', '1', '--img-size', '32', '--backend', 'torch',
+        '--compile', 'default,freezing', '--warmup', '0', '--iters', '1', '--clock', 'cpu',
+        '--threads', str(threads + 1), '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]'])
+    for before in (False, True):
+        monkeypatch.setattr(inductor_config, 'freezing', before)
+        freezing_at_compile.clear()
+        results = [bench._run_in_process(cfg) for cfg in bench._configs(args)]
+        assert [r['config']['compile'] for r in results] == ['default', 'freezing']
+        assert all('error' not in r for r in results), results
+        assert freezing_at_compile == [False, True]  # each configuration's own flag while it runs
+        assert inductor_config.freezing is before and torch.get_num_threads() == threads
+        assert os.environ.get('TIMM_INTERNIMAGE_DCNV3_BACKEND') == backend_env

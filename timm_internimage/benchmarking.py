@@ -1,0 +1,209 @@
+"""Measurement helpers shared by ``benchmarks/benchmark.py`` and ``scripts/gpu_check.py``.
+
+Timing with an explicit clock, peak memory of a window of work, median summaries, and the DCNv3 op timed
+forward and backward on the shapes of InternImage-T's four stages. Nothing here keeps state between calls:
+each measurement gets its clock and device as arguments.
+
+Peak memory (``PeakMemory``): on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated when the
+window opened. On CPU, the peak resident set size of the process above its size when the window opened: freed
+heap memory is handed back to the OS (``malloc_trim``) and the kernel's high-water mark (``VmHWM``) is reset
+through ``/proc/self/clear_refs``, so the number covers only the work in the window. Where that reset is not
+allowed, the mark covers the whole process and the number is an upper bound (``exact`` is then False).
+"""
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'PeakMemory', 'dcnv3_3x3', 'op_inputs', 'summary', 'synchronize', 'time_it',
+           'time_op_shape']
+
+Clock = Callable[[], float]  # seconds, e.g. time.perf_counter
+
+# ``wall``: elapsed time; ``cpu``: CPU time of the process (summed over its threads).
+CLOCKS: Dict[str, Clock] = {'wall': time.perf_counter, 'cpu': time.process_time}
+
+# (height = width, channels, groups) of the DCNv3 layers in InternImage-T's four stages at 224 px.
+OP_SHAPES: Tuple[Tuple[int, int, int], ...] = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_memory() -> None:
+    """Give memory freed earlier in the process back to the OS (glibc), so that reusing it counts as new."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of the work done between ``start()`` and ``stop()``, in MiB (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.exact = True
+        self.baseline_kib = 0
+        self.baseline_bytes = 0
+
+    def start(self) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+            return
+        _release_free_memory()
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # resets VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            self.exact = False
+        self.baseline_kib = _proc_status_kib('VmRSS') or 0
+
+    def stop(self) -> Optional[float]:
+        """MiB above the level at ``start()``; None where the platform does not report it."""
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes) / 2 ** 20
+        peak = _proc_status_kib('VmHWM')
+        if peak is None:
+            return None
+        return max(peak - self.baseline_kib, 0) / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_it(
+        fn: Callable[[], Any],
+        device: torch.device,
+        warmup: int,
+        iters: int,
+        clock: Clock,
+        after_warmup: Optional[Callable[[], None]] = None,
+) -> List[float]:
+    """Seconds per call of ``fn``, read on ``clock``, for ``iters`` calls after ``warmup`` untimed ones.
+
+    ``after_warmup`` runs once between the two (e.g. ``PeakMemory.start``).
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if after_warmup is not None:
+        after_warmup()
+    times = []
+    for _ in range(iters):
+        start = clock()
+        fn()
+        synchronize(device)
+        times.append(clock() - start)
+    return times
+
+
+def summary(times: List[float]) -> Dict[str, float]:
+    """Median, min and mean in milliseconds of ``times`` (seconds), and their count."""
+    return {
+        'median_ms': 1e3 * statistics.median(times),
+        'min_ms': 1e3 * min(times),
+        'mean_ms': 1e3 * statistics.fmean(times),
+        'iters': len(times),
+    }
+
+
+def op_inputs(
+        batch: int,
+        size: int,
+        channels: int,
+        group: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``(input, offset, mask)`` of a 3x3 DCNv3 on a ``size`` x ``size`` map, channels last, drawn on
+    the CPU from ``generator`` (the same values on every device). Offsets are a few pixels, so that some
+    sampling points leave the map (the border handling runs); the mask is a softmax over each group's points."""
+    points = 9
+    x = torch.randn(batch, size, size, channels, generator=generator).to(device, dtype)
+    offset = (2 * torch.randn(batch, size, size, group * points * 2, generator=generator)).to(device, dtype)
+    mask = torch.randn(batch, size, size, group, points, generator=generator).softmax(-1)
+    mask = mask.reshape(batch, size, size, group * points).to(device, dtype)
+    return x, offset, mask
+
+
+def dcnv3_3x3(backend: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """``op(input, offset, mask, group)``: the 3x3, stride 1, padding 1 DCNv3 of InternImage's blocks, on
+    ``backend``."""
+    from .ops import dcnv3
+
+    def op(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
+        return dcnv3(x, offset, mask, kernel_size=3, stride=1, padding=1, dilation=1, group=group,
+                     offset_scale=1.0, backend=backend)
+    return op
+
+
+def time_op_shape(
+        op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+        batch: int,
+        shape: Tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        warmup: int,
+        iters: int,
+        clock: Clock,
+) -> Tuple[Dict[str, Any], bool]:
+    """Forward (under ``inference_mode``) and backward times of ``op`` on one ``OP_SHAPES`` entry, and peak
+    memory of each phase's timed iterations.
+
+    Returns the row (``shape``, ``fwd_ms`` and ``bwd_ms`` medians, full ``fwd``/``bwd`` summaries,
+    ``fwd_peak_mem_mib``, ``fwd_bwd_peak_mem_mib``) and whether the peak memory is exact.
+    """
+    size, channels, group = shape
+    x, offset, mask = op_inputs(batch, size, channels, group, dtype, device, torch.Generator().manual_seed(0))
+    memory = PeakMemory(device)
+    with torch.inference_mode():
+        fwd = time_it(lambda: op(x, offset, mask, group), device, warmup, iters, clock, after_warmup=memory.start)
+        fwd_peak = memory.stop()
+
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+    grad_out = torch.randn_like(x)
+    bwd = []
+    memory = PeakMemory(device)
+    for i in range(warmup + iters):  # only the backward is timed; the window covers forward and backward
+        if i == warmup:
+            memory.start()
+        out = op(*leaves, group)
+        synchronize(device)
+        start = clock()
+        out.backward(grad_out)
+        synchronize(device)
+        if i >= warmup:
+            bwd.append(clock() - start)
+        for leaf in leaves:
+            leaf.grad = None
+        del out
+    train_peak = memory.stop()
+    fwd_stats, bwd_stats = summary(fwd), summary(bwd)
+    row = {
+        'shape': {'N': batch, 'H': size, 'W': size, 'C': channels, 'G': group},
+        'fwd_ms': fwd_stats['median_ms'],
+        'bwd_ms': bwd_stats['median_ms'],
+        'fwd': fwd_stats,
+        'bwd': bwd_stats,
+        'fwd_peak_mem_mib': fwd_peak,
+        'fwd_bwd_peak_mem_mib': train_peak,
+    }
+    return row, memory.exact
