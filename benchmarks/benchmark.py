@@ -222,7 +222,8 @@ def _run_in_subprocess(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _apply_settings(cfg: Dict[str, Any], env: Any) -> None:
-    """The DCNv3 backend and the fused-linear switch reach the package through its environment variables."""
+    """A worker process gets the DCNv3 backend and the fused-linear switch through the package's environment
+    variables, which it reads when it imports the package."""
     for name, value in ((BACKEND_ENV, cfg.get('backend', 'auto')), (FUSED_LINEAR_ENV, cfg.get('fused_linear', 'on'))):
         if value in ('auto', 'on', 'none'):
             env.pop(name, None)
@@ -231,22 +232,18 @@ def _apply_settings(cfg: Dict[str, Any], env: Any) -> None:
 
 
 def _run_in_process(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """One configuration in this process; the settings it changes (DCNv3 environment variables, thread count)
-    are restored after it, like a subprocess leaves its parent's alone."""
-    previous = {name: os.environ.get(name) for name in (BACKEND_ENV, FUSED_LINEAR_ENV)}
+    """One configuration in this process, under the package's settings API; the settings it changes (backend,
+    fused linear layers, thread count) are restored after it, like a subprocess leaves its parent's alone."""
     previous_threads = torch.get_num_threads()
-    _apply_settings(cfg, os.environ)
+    backend = cfg.get('backend', 'auto')
     try:
-        return run_op_config(cfg) if cfg['op'] else run_model_config(cfg)
+        with timm_internimage.backend('auto' if backend == 'none' else backend), \
+                timm_internimage.fused_linear(cfg.get('fused_linear', 'on') != 'off'):
+            return run_op_config(cfg) if cfg['op'] else run_model_config(cfg)
     except Exception as error:  # reported like a failed subprocess, the other configurations still run
         return {'kind': 'op' if cfg['op'] else 'model', 'config': cfg, 'error': f'{type(error).__name__}: {error}'}
     finally:
         torch.set_num_threads(previous_threads)
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _worker_main(cfg_json: str) -> None:

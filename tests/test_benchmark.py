@@ -172,10 +172,15 @@ def test_in_process_configurations_leave_the_process_settings_as_they_were(monke
         return compiled
 
     monkeypatch.setattr(torch, 'compile', compile_eagerly)
-    threads, backend_env = torch.get_num_threads(), os.environ.get('TIMM_INTERNIMAGE_DCNV3_BACKEND')
+    import timm_internimage
+    threads = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(bench, 'run_model_config', lambda cfg, run=bench.run_model_config: (
+        seen.append((timm_internimage.get_backend(), timm_internimage.fused_linear_enabled())), run(cfg))[1])
+    timm_internimage.set_backend('reference')
     args = bench.build_parser().parse_args([
         '--in-process', '--device', 'cpu', '--batch-size', '1', '--img-size', '32', '--backend', 'torch',
-        '--compile', 'default,freezing', '--warmup', '0', '--iters', '1', '--clock', 'cpu',
+        '--compile', 'default,freezing', '--fused-linear', 'off', '--warmup', '0', '--iters', '1', '--clock', 'cpu',
         '--threads', str(threads + 1), '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]'])
     for before in (False, True):
         monkeypatch.setattr(inductor_config, 'freezing', before)
@@ -185,4 +190,5 @@ def test_in_process_configurations_leave_the_process_settings_as_they_were(monke
         assert all('error' not in r for r in results), results
         assert freezing_at_compile == [False, True]  # each configuration's own flag while it runs
         assert inductor_config.freezing is before and torch.get_num_threads() == threads
-        assert os.environ.get('TIMM_INTERNIMAGE_DCNV3_BACKEND') == backend_env
+        assert timm_internimage.get_backend() == 'reference' and timm_internimage.fused_linear_enabled()
+    assert seen == [('torch', False)] * 4  # each configuration ran under its own settings
