@@ -16,6 +16,7 @@ layers, so the artifacts need neither this package nor the compiled op. With ``d
 width are symbolic (sides of at least 32; multiples of 32 for the H/G classifiers, whose heads fuse stride-16
 and stride-32 maps), and the check runs a batch and size other than the traced ones.
 """
+import importlib
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ import torch.nn as nn
 
 from .ops.dcnv3_export import export_formulation
 
-__all__ = ['FORMATS', 'ExportError', 'ExportCheckError', 'ExportResult', 'export_model', 'artifact_paths']
+__all__ = ['FORMATS', 'ExportError', 'ExportCheckError', 'ExportResult', 'artifact_paths', 'check_format', 'export_model']
 
 _logger = logging.getLogger(__name__)
 
@@ -83,19 +84,25 @@ class ExportResult:
 
 
 def artifact_paths(out: Union[str, Path], format: str) -> Tuple[Path, ...]:
-    """The files a format writes for ``out``: OpenVINO's ``.bin`` beside the ``.xml``, ONNX external data."""
+    """The files a format writes for ``out``: OpenVINO's ``.bin`` beside the ``.xml``, else ``out`` alone."""
     out = Path(out)
-    if format == 'openvino':
-        return out, out.with_suffix('.bin')
-    if format == 'onnx':
-        return out, out.with_name(out.name + '.data')
-    return (out,)
+    return (out, out.with_suffix('.bin')) if format == 'openvino' else (out,)
 
 
-def _check_runtime(format: str) -> None:
-    """ExportError naming the pip package for a missing writer or runtime of ``format``."""
-    import importlib.util
-    missing = [package for module, package in _RUNTIMES[format] if importlib.util.find_spec(module) is None]
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def check_format(format: str) -> None:
+    """ExportError for an unknown format, or one whose writer or runtime is not installed (naming the pip
+    command): checked before anything slow happens."""
+    if format not in FORMATS:
+        raise ExportError(f'unknown format {format!r}; choose one of {", ".join(FORMATS)}')
+    missing = [package for module, package in _RUNTIMES[format] if not _importable(module)]
     if missing:
         raise ExportError(
             f'format {format!r} needs {", ".join(missing)}: pip install {" ".join(missing)} '
@@ -220,8 +227,7 @@ def export_model(
             float16) or are not finite.
     """
     report = progress or _logger.info
-    if format not in FORMATS:
-        raise ExportError(f'unknown format {format!r}; choose one of {", ".join(FORMATS)}')
+    check_format(format)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ExportError(f'unknown dtype {dtype!r}; choose one of {", ".join(DTYPES)}')
@@ -230,7 +236,6 @@ def export_model(
         raise ExportError(f'dtype {dtype} is not supported; choose one of {", ".join(DTYPES)}')
     if batch < 1:
         raise ExportError(f'batch must be at least 1, got {batch}')
-    _check_runtime(format)
     height, width = (img_size, img_size) if isinstance(img_size, int) else (img_size or _default_img_size(model))
     # torch.export's dynamic sizes of the H/G classifiers are multiples of 32 (the ONNX graph takes any size).
     multiple_of_32 = _needs_multiple_of_32(model) and dynamic and format in ('torch-export', 'aoti')
