@@ -5,7 +5,6 @@ import importlib.util
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 

@@ -18,7 +18,6 @@ and stride-32 maps), and the check runs a batch and size other than the traced o
 """
 import importlib
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -32,7 +31,8 @@ import torch.nn as nn
 
 from .ops.dcnv3_export import export_formulation
 
-__all__ = ['FORMATS', 'ExportError', 'ExportCheckError', 'ExportResult', 'artifact_paths', 'check_format', 'export_model']
+__all__ = [
+    'FORMATS', 'ExportError', 'ExportCheckError', 'ExportResult', 'artifact_paths', 'check_format', 'export_model']
 
 _logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def export_model(
 
     Args:
         model: any model taking an ``(N, C, H, W)`` image batch: a classifier, or a ``features_only`` backbone
-            (one output per stage). It is exported on CPU in eval mode and ``dtype``.
+            (one output per stage). It is put in eval mode on CPU in ``dtype`` (in place) and exported.
         out: the file to write (OpenVINO also writes the ``.bin`` beside the ``.xml``).
         format: one of :data:`FORMATS`.
         dynamic: batch, height and width symbolic; else fixed to ``batch`` and ``img_size``.

@@ -123,15 +123,15 @@ def dcnv3_export(
     padded = F.pad(input, (0, 0, 1, 1, 1, 1)).reshape(batch, height + 2, width + 2, group, group_channels)
     table = torch.cat((
         padded[:, :-1, :-1], padded[:, :-1, 1:], padded[:, 1:, :-1], padded[:, 1:, 1:]), -1)
-    table = table.reshape(batch * (height + 1) * (width + 1) * group, 4 * group_channels)  # (N * (H + 1) * (W + 1) * G, 4 * C)
+    table = table.reshape(batch * (height + 1) * (width + 1) * group, 4 * group_channels)
 
     row_y = floor_y.to(torch.int64)
     row_x = floor_x.to(torch.int64)
     batch_index = torch.arange(batch, device=device).view(batch, 1, 1, 1, 1)
     group_index = torch.arange(group, device=device).view(1, 1, 1, group, 1)
     rows = ((batch_index * (height + 1) + row_y) * (width + 1) + row_x) * group + group_index
-    # Reshapes below merge or split static dimensions only (flatten/unflatten), so torch.export needs no guards
-    # on the sizes. (N, H_out, W_out, G, P, 4 * C) -> (..., 4 * P, C)
+    # The reshapes below merge or split static dimensions only (flatten/unflatten): no view of a dynamic size
+    # that torch.export would have to prove divisible. (N, H_out, W_out, G, P, 4 * C) -> (..., 4 * P, C)
     sampled = F.embedding(rows, table).unflatten(-1, (4, group_channels)).flatten(-3, -2)  # ONNX Gather
     # (..., 1, 4 * P) @ (..., 4 * P, C): the weighted sum over points and corners as one batched MatMul.
     output = torch.matmul(corner_weights.to(input.dtype).flatten(-2).unsqueeze(-2), sampled)
