@@ -6,6 +6,7 @@ Commands:
     convert SRC OUT_DIR       official .pth / HF-format folder / Hub repo id -> timm folder (config.json + model.safetensors)
     list                      the pretrained tags and where their weights live
     manifest-refresh          (maintainers, online) pin revisions, sizes and sha256 in weights_manifest.json
+    export OUT                ONNX / OpenVINO / torch.export / AOTInductor artifact, checked against eager PyTorch
 """
 import argparse
 import datetime
@@ -679,6 +680,35 @@ def _cmd_manifest_refresh(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# export (the export itself is export.py)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+    from .export import ExportError, check_format, export_model
+    model_kwargs = _json_arg(args.model_args, '--model-args')
+    if args.out_indices and not args.features_only:
+        raise CliError('--out-indices selects the stages of --features-only; add --features-only')
+    if args.features_only:
+        model_kwargs['features_only'] = True
+        if args.out_indices:
+            model_kwargs['out_indices'] = tuple(args.out_indices)
+    try:
+        check_format(args.format)  # before any download
+        _err(f'Loading {args.model} (weights are downloaded once, then read from the Hugging Face cache) ...')
+        model = load_pretrained_model(args.model, args.checkpoint, model_kwargs, torch.device('cpu'))
+        result = export_model(model, args.out, args.format, dynamic=args.dynamic, batch=args.batch,
+                              img_size=tuple(args.img_size) if args.img_size else None, dtype=args.dtype,
+                              progress=_err)
+    except ExportError as e:
+        raise CliError(str(e)) from None
+    _err(f'Wrote {", ".join(str(path) for path in result.files)} in {result.export_seconds:.1f} s.')
+    _out(f'{result.format} {result.path}: max abs difference from eager PyTorch {result.max_abs_diff:.3g} '
+         f'(tolerance {result.tolerance:.3g}) on input {result.checked_shape}')
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -757,6 +787,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--manifest', help='manifest file to update (default: the package\'s weights_manifest.json)')
     p.add_argument('--dry-run', action='store_true', help='print the updated manifest instead of writing it')
     p.set_defaults(func=_cmd_manifest_refresh)
+
+    p = sub.add_parser('export', help='write an ONNX / OpenVINO / torch.export / AOTInductor artifact',
+                       description='Export a model, run the artifact once in its runtime (ONNX Runtime for onnx, '
+                                   'OpenVINO for openvino, torch for torch-export and aoti) on an input of another '
+                                   'batch and size (with --dynamic), and print its max abs difference from eager '
+                                   'PyTorch; above 1e-4 (float32) it is an error and no file is left behind. '
+                                   'onnx needs `pip install onnx onnxruntime`, openvino `pip install onnx '
+                                   'openvino`.')
+    p.add_argument('out', metavar='OUT', help='file to write (.onnx; .xml for openvino, with its .bin; .pt2)')
+    p.add_argument('--model', '-m', default=DEFAULT_MODEL, help=f'model name or model.tag (default {DEFAULT_MODEL})')
+    p.add_argument('--checkpoint', help='local weights (.safetensors, official .pth, or a converted folder) '
+                                        'instead of the Hub')
+    p.add_argument('--model-args', help='extra timm.create_model keyword arguments as a JSON object')
+    p.add_argument('--features-only', action='store_true',
+                   help='export the backbone: one NCHW output per stage (for detection and segmentation)')
+    p.add_argument('--out-indices', type=int, nargs='+', metavar='I', help='with --features-only: these stages')
+    p.add_argument('--format', default='onnx', help='onnx (default), openvino, torch-export or aoti')
+    p.add_argument('--dynamic', action='store_true',
+                   help='dynamic batch, height and width (else fixed to --batch and --img-size)')
+    p.add_argument('--batch', type=_positive_int, default=1, help='batch size of the traced input (default 1)')
+    p.add_argument('--img-size', type=_positive_int, nargs=2, metavar=('H', 'W'),
+                   help="height and width of the traced input (default: the tag's input size)")
+    p.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='weights and input dtype')
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

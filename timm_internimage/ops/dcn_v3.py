@@ -27,6 +27,7 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
+from .dcnv3_export import dcnv3_export, export_formulation_active
 from .settings import BACKENDS, fused_linear_enabled, requested_backend
 from .dcnv3_reference import dcnv3_reference
 from .dcnv3_torch import dcnv3_output_size, dcnv3_torch, dcnv3_torch_differentiable, differentiable_grads
@@ -112,22 +113,21 @@ def compiled_backend_available(device: Optional[torch.device] = None, dtype: tor
 
 
 def _choose_backend(requested: str, input: Tensor) -> str:
-    """The backend that runs this call: ``auto`` takes ``compiled`` wherever it can run the call."""
+    """The backend that runs this call: ``auto`` takes ``compiled`` wherever it can run the call; graph export
+    (ONNX, or :func:`.dcnv3_export.export_formulation`) takes ``export``, whatever is requested."""
+    if export_formulation_active():
+        return 'export'
     if requested in ('torch', 'reference'):
         return requested
     device = input.device
-    # ONNX export needs the op as ATen operations, which only the pure-PyTorch backends are; a TorchScript trace
-    # gets them too under ``auto``, so that it runs without the wheel (forcing ``compiled`` records its op).
-    exporting = torch.onnx.is_in_onnx_export()
-    usable = (not exporting and not (requested == 'auto' and torch.jit.is_tracing())
-              and compiled_backend_available(device, input.dtype))
+    # A TorchScript trace gets the pure-PyTorch op under ``auto``, so that it runs without the wheel (forcing
+    # ``compiled`` records its op).
+    usable = not (requested == 'auto' and torch.jit.is_tracing()) and compiled_backend_available(device, input.dtype)
     fits = input.shape[1] <= _COMPILED_MAX_SIDE and input.shape[2] <= _COMPILED_MAX_SIDE
     if requested == 'compiled' and not (usable and fits):
         if not usable and _extension() is None:
             reason = ('is not installed (build it in a clone: `bash dcnv3/build_wheel.sh --cpu --install`; from the '
                       'first release, `pip install timm-internimage[compiled]`)')
-        elif exporting:
-            reason = 'cannot be exported to ONNX (use the torch backend)'
         elif not usable:
             reason = f'does not support {input.dtype} on {device.type}'
         else:
@@ -148,7 +148,7 @@ def use_fused_linear(x: Tensor, weight: Tensor) -> bool:
     (``torch.backends.mkldnn``), unless switched off (:func:`.settings.set_fused_linear`) or the requested backend
     is ``reference``, which keeps the official float operation order in the whole model.
     """
-    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or export_formulation_active():
         return False
     if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
@@ -316,7 +316,7 @@ def dcnv3_core(
     chosen = _choose_backend(requested, input)
     num_points = kernel_h * kernel_w - int(remove_center)
     if mask_is_logits and (chosen != 'compiled' or num_points > _COMPILED_MAX_SOFTMAX_POINTS):
-        mask = _softmax_over_points(mask, group, exact=chosen == 'reference')
+        mask = _softmax_over_points(mask, group, exact=chosen in ('reference', 'export'))
         mask_is_logits = False
     args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
             float(offset_scale), bool(remove_center))
@@ -327,7 +327,7 @@ def dcnv3_core(
         # An empty batch: an empty output that still belongs to the autograd graph of all three inputs.
         empty = input.new_zeros(0, offset.shape[1], offset.shape[2], input.shape[3])
         return empty + (input.sum() + offset.sum() + mask.sum()) * 0
-    implementation = dcnv3_reference if chosen == 'reference' else dcnv3_torch
+    implementation = {'reference': dcnv3_reference, 'export': dcnv3_export}.get(chosen, dcnv3_torch)
     return implementation(input, offset, mask, *args)
 
 
@@ -465,7 +465,9 @@ class DCNv3(nn.Module):
             self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center,
             mask_is_logits=True)
         if self.center_feature_scale_proj is not None:
-            scale = torch.sigmoid(self.center_feature_scale_proj(context))
-            scale = scale.repeat_interleave(self.group_channels, dim=-1)
-            out = out * (1 - scale) + projected * scale
+            # One scale per group, broadcast over its channels (not repeat_interleave, which the TorchScript
+            # ONNX exporter crashes on).
+            scale = torch.sigmoid(self.center_feature_scale_proj(context)).unsqueeze(-1)
+            groups = (self.group, self.group_channels)
+            out = (out.unflatten(-1, groups) * (1 - scale) + projected.unflatten(-1, groups) * scale).flatten(-2)
         return linear(out, self.output_proj.weight, self.output_proj.bias)
