@@ -3,7 +3,8 @@
 - ``fake_hub``/``hf_env``: a local Hub-compatible server and an isolated Hugging Face cache; ``t_repo``: the T tag's
   repo on it; ``manifest_entry``: edits a manifest entry for one test.
 - ``golden_float64``: the float64 reference outputs of the large-offset golden model cases, once per session.
-- Plain helpers the test modules import (``from conftest import ...``): ``TINY``, ``TINY_HG``, ``tiny_kwargs``,
+- Plain helpers the test modules import (``from conftest import ...``): ``REPO_ROOT``, ``NEEDS_COMPILED``,
+  ``KERNEL_BACKENDS``, ``ALL_BACKENDS`` (the DCNv3 backends to parametrize over), ``TINY``, ``TINY_HG``, ``tiny_kwargs``,
   ``tiny_model``, ``official_model``, ``assert_same_weights``, ``random_case``, ``output_size``, ``leaves``,
   ``forward_backward``, ``dcnv3_module``.
 
@@ -18,6 +19,21 @@ import pytest
 import torch
 
 from hub_server import FakeHub
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compiled_op_available():
+    try:
+        from timm_internimage.ops import compiled_backend_available
+    except ImportError:  # test_compiled_op.py's own environment: torch and the compiled op only
+        return False
+    return compiled_backend_available()
+
+
+NEEDS_COMPILED = pytest.mark.skipif(not _compiled_op_available(), reason='timm-internimage-dcnv3 is not installed')
+KERNEL_BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)]  # the official CUDA kernel's semantics
+ALL_BACKENDS = ['reference', 'torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
 
 # ---- settings -----------------------------------------------------------------------------------------------------
 

@@ -37,7 +37,6 @@ def build_model() -> torch.nn.Module:
     the whole batch (SyncBatchNorm needs CUDA), so the head BN uses its running statistics, as in fine-tuning
     with small per-device batches."""
     import timm
-    import timm_internimage  # noqa: F401  (registers the models)
     torch.manual_seed(0)
     model = timm.create_model('internimage_t', num_classes=NUM_CLASSES, **TINY).double().train()
     for module in model.modules():

@@ -3,15 +3,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+from conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / 'benchmarks' / 'benchmark.py'
+SCRIPT = REPO_ROOT / 'benchmarks' / 'benchmark.py'
 
 
 def _run(*args: str) -> dict:
     env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get('PYTHONPATH')]))
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), '--json', '--in-process', '--device', 'cpu', '--warmup', '0', '--iters', '1',
          *args],

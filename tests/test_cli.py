@@ -12,10 +12,9 @@ from timm_internimage.cli import _infer_model, convert, main, sample_image_path
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest
 from timm_internimage.internimage import pretrained_cfgs
 
-from conftest import TINY, assert_same_weights, official_model, tiny_model
+from conftest import REPO_ROOT, TINY, assert_same_weights, official_model, tiny_model
 from hub_server import hf_format, safetensors_bytes, sharded_repo, single_file_repo, tiny_case
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 T_TAG, T_REPO = 'internimage_t.in1k', 'OpenGVLab/internimage_t_1k_224'
 G_REPO = 'OpenGVLab/internimage_g_22kto1k_512'
 

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import forward_backward, output_size
+from conftest import REPO_ROOT, forward_backward, output_size
 from golden import (
     cuda_semantics_args, cuda_semantics_cases, load_cuda_semantics_case, load_op_case, op_args, op_cases)
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_driver():
     spec = importlib.util.spec_from_file_location(
-        'dcnv3_cuda_emulation_driver', REPO / 'dcnv3' / 'tools' / 'cuda_emulation' / 'driver.py')
+        'dcnv3_cuda_emulation_driver', REPO_ROOT / 'dcnv3' / 'tools' / 'cuda_emulation' / 'driver.py')
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

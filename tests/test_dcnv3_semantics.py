@@ -3,7 +3,6 @@ arguments alike, and the backend setting is read in one place."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -12,14 +11,11 @@ import torch
 from timm_internimage import set_backend
 
 from timm_internimage.ops import DCNv3, compiled_backend_available, dcnv3, dcnv3_core
-from conftest import dcnv3_module, forward_backward, output_size, random_case, tiny_model
+from conftest import (
+    ALL_BACKENDS, KERNEL_BACKENDS, NEEDS_COMPILED, REPO_ROOT, dcnv3_module, forward_backward, output_size, random_case, tiny_model)
 from golden import cuda_semantics_args, cuda_semantics_cases, cuda_semantics_kwargs, load_cuda_semantics_case
 
-NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
-KERNEL_BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
-ALL_BACKENDS = ['torch', 'reference', pytest.param('compiled', marks=NEEDS_COMPILED)]
 GRADIENTS = ('grad_input', 'grad_offset', 'grad_mask')
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)
@@ -260,7 +256,7 @@ assert timm_internimage.get_backend() == 'reference'
 @NEEDS_COMPILED
 def test_backend_switches_in_one_process_whatever_the_environment_said_at_import():
     env = dict(os.environ, TIMM_INTERNIMAGE_DCNV3_BACKEND='torch')
-    subprocess.run([sys.executable, '-c', _SWITCH_SCRIPT], env=env, check=True, cwd=REPO, timeout=300)
+    subprocess.run([sys.executable, '-c', _SWITCH_SCRIPT], env=env, check=True, cwd=REPO_ROOT, timeout=300)
 
 
 @pytest.mark.parametrize('backend', ['auto', 'torch', pytest.param('compiled', marks=NEEDS_COMPILED)])

@@ -12,6 +12,7 @@ import torch
 
 from timm_internimage import set_backend
 
+from conftest import KERNEL_BACKENDS
 from golden import GOLDEN_DIR
 from timm_internimage.ops import compiled_backend_available, dcnv3_core, dcnv4, dcnv4_core
 
@@ -20,9 +21,6 @@ CASES = {name: case for name, case in json.loads((DCNV4_DIR / 'cases.json').read
          if name.startswith('op_')}
 # Cases whose sampling positions fall on exact integers (integer offsets, scale-2 grids on zero offsets).
 INTEGER_POSITION_CASES = ('op_integer_offsets', 'op_scale2_borders')
-NEEDS_COMPILED = pytest.mark.skipif(
-    not compiled_backend_available(dtype=torch.float64), reason='the compiled op is not installed')
-KERNEL_BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
 GOLDEN_ATOL = 1e-10
 
 

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,12 @@ import timm
 
 from timm_internimage import set_backend
 from timm_internimage.internimage import DENSE_REPO, DENSE_TAGS, dense_scores
-from timm_internimage.ops import compiled_backend_available
 from timm_internimage.pretrained import PretrainedWeightsError
 
+from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT
 from golden import DENSE_CASES, dense_model_kwargs, load_dense_case
 from hub_server import tiny_case
 
-ALL_BACKENDS = ['reference', 'torch', pytest.param('compiled', marks=pytest.mark.skipif(
-    not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed'))]
 HEADS = {'mmdet': ('neck.', 'rpn_head.', 'roi_head.'), 'mmseg': ('decode_head.', 'auxiliary_head.')}
 MASK_RCNN_T = 'internimage_t.coco_mask_rcnn_1x'
 
@@ -281,8 +278,6 @@ def test_classification_checkpoint_still_loads_by_file(tmp_path):
 
 # ---- examples: a real detector and a segmenter, end to end -----------------------------------------------------
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ['torch', pytest.param('compiled', marks=ALL_BACKENDS[2].marks)]
 
 
 def _example(name):
@@ -293,7 +288,7 @@ def _example(name):
     return module
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_detection_example_trains_and_detects(backend, tmp_path, monkeypatch):
     """torchvision Mask R-CNN over the Mask R-CNN T backbone (loaded from an mmdet checkpoint): one training step
     on the generated COCO dataset, then inference on the bundled photo."""
@@ -321,7 +316,7 @@ def test_detection_example_trains_and_detects(backend, tmp_path, monkeypatch):
         assert 1 <= label <= len(detection.COLOURS) and 0 <= score <= 1 and len(box) == 4
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_segmentation_example_trains_and_segments(backend, tmp_path, monkeypatch):
     set_backend(backend)
     segmentation = _example('segmentation')

@@ -20,11 +20,8 @@ from timm_internimage import set_backend
 from timm_internimage.ops import compiled_backend_available
 
 import finetune_worker
-from conftest import TINY, tiny_kwargs, tiny_model
+from conftest import ALL_BACKENDS, NEEDS_COMPILED, REPO_ROOT, TINY, tiny_kwargs, tiny_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
-BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED), 'reference']
 DIST_TIMEOUT_S = 420
 
 
@@ -78,7 +75,7 @@ def _one_process(backend):
     return initial, model.state_dict()
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
 @pytest.mark.parametrize('wrapper', finetune_worker.WRAPPERS)
 def test_data_parallel_training_equals_one_process_on_the_whole_batch(distributed_run, wrapper, backend):
     """Both ranks end with the same parameters, equal (float64, 1e-10) to one process stepping on the concatenated
@@ -117,7 +114,7 @@ def _saved_tensor_bytes_and_grads(model, x, y):
     return sum(saved), {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
 def test_grad_checkpointing_same_gradients_less_saved_memory(backend, monkeypatch):
     """``set_grad_checkpointing(True)`` and the official ``with_cp=True`` give the gradients of the plain model
     (stochastic depth on: the recomputation replays its random draws) and keep less for backward."""

@@ -4,14 +4,12 @@ import timm
 import torch
 from timm.models import group_parameters
 
-from conftest import TINY
-from golden import DCNV4_MODEL_CASES, DCNV4_OUTPUTS, dcnv4_cases, flash_golden_model
+from conftest import ALL_BACKENDS, TINY
+from golden import DCNV4_MODEL_CASES, DCNV4_OUTPUTS, flash_golden_model
 from timm_internimage import FlashInternImage, checkpoint_filter_fn, set_backend
-from timm_internimage.ops import DCNv4, compiled_backend_available
+from timm_internimage.ops import DCNv4
 
 VARIANTS = ('flash_internimage_t', 'flash_internimage_s', 'flash_internimage_b', 'flash_internimage_l')
-NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
-ALL_BACKENDS = ['reference', 'torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
 # The reference README's float32 agreement (outputs are O(1)). Measured on the two cases (2-core AMD EPYC VM),
 # largest error of any logit or stage output: torch 5.5e-6, compiled 5.0e-6, reference 6.9e-6.
 GOLDEN_ATOL = 1e-4

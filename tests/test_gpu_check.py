@@ -4,15 +4,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location('gpu_check', REPO / 'scripts' / 'gpu_check.py')
+    spec = importlib.util.spec_from_file_location('gpu_check', REPO_ROOT / 'scripts' / 'gpu_check.py')
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -33,8 +32,8 @@ def _table(stdout: str) -> dict:
 def test_cpu_smoke_run(tmp_path):
     report = tmp_path / 'report.json'
     env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(['bash', str(REPO / 'scripts' / 'gpu_check.sh'), '--device', 'cpu', '--json', str(report)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(['bash', str(REPO_ROOT / 'scripts' / 'gpu_check.sh'), '--device', 'cpu', '--json', str(report)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _table(proc.stdout)
     either = {'PASS', 'SKIP'}

@@ -1,19 +1,17 @@
 """hubconf.py through torch.hub with source='local'."""
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 import timm
 
-from conftest import TINY, assert_same_weights, official_model
+from conftest import REPO_ROOT, TINY, assert_same_weights, official_model
 from hub_server import hf_format, single_file_repo, tiny_case
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def _hubconf():
-    spec = importlib.util.spec_from_file_location('hubconf_under_test', Path(REPO_ROOT) / 'hubconf.py')
+    spec = importlib.util.spec_from_file_location('hubconf_under_test', REPO_ROOT / 'hubconf.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -33,9 +31,9 @@ def test_one_documented_entrypoint_per_model():
 
 
 def test_hub_load_local_random_init_and_kwargs():
-    model = torch.hub.load(REPO_ROOT, 'internimage_t', source='local', num_classes=5, **TINY)
+    model = torch.hub.load(str(REPO_ROOT), 'internimage_t', source='local', num_classes=5, **TINY)
     assert model.head.fc.out_features == 5 and model.stem.conv1.out_channels == 8
-    features = torch.hub.load(REPO_ROOT, 'internimage_t', source='local', features_only=True, out_indices=(1, 3),
+    features = torch.hub.load(str(REPO_ROOT), 'internimage_t', source='local', features_only=True, out_indices=(1, 3),
                               **TINY)
     outs = features(torch.randn(1, 3, 64, 64))
     assert [o.shape[1] for o in outs] == [32, 128]
@@ -44,7 +42,7 @@ def test_hub_load_local_random_init_and_kwargs():
 def test_hub_load_local_pretrained_tag(hf_env):
     kwargs, official = tiny_case('tiny_l', num_classes=21841)
     hf_env.hub.add_repo('OpenGVLab/internimage_l_22k_384', single_file_repo(hf_format(official)))
-    model = torch.hub.load(REPO_ROOT, 'internimage_l', source='local', pretrained=True, tag='in22k_384', **kwargs)
+    model = torch.hub.load(str(REPO_ROOT), 'internimage_l', source='local', pretrained=True, tag='in22k_384', **kwargs)
     assert model.pretrained_cfg['tag'] == 'in22k_384'
     assert_same_weights(model, official_model('internimage_l', kwargs, official))
     assert any(p.endswith('/OpenGVLab/internimage_l_22k_384/resolve/main/model.safetensors')
@@ -54,4 +52,4 @@ def test_hub_load_local_pretrained_tag(hf_env):
 def test_hub_unknown_tag():
     with pytest.raises(ValueError, match=r"internimage_t has no pretrained tag 'in21k'; choose one of \['in1k', "
                                          r"'coco_mask_rcnn_1x', "):
-        torch.hub.load(REPO_ROOT, 'internimage_t', source='local', pretrained=True, tag='in21k', **TINY)
+        torch.hub.load(str(REPO_ROOT), 'internimage_t', source='local', pretrained=True, tag='in21k', **TINY)

@@ -5,14 +5,11 @@ import torch
 from timm.models import group_parameters
 
 from timm_internimage import InternImage, checkpoint_filter_fn, set_backend, set_fused_linear
-from timm_internimage.ops import compiled_backend_available
-from conftest import TINY, tiny_kwargs, tiny_model
+from conftest import ALL_BACKENDS, KERNEL_BACKENDS, TINY, tiny_kwargs, tiny_model
 from golden import MODEL_CASES, MODEL_OUTPUTS, golden_expected, golden_model, golden_outputs, load_model_case
 
 VARIANTS = ('internimage_t', 'internimage_s', 'internimage_b', 'internimage_l', 'internimage_xl', 'internimage_h',
             'internimage_g')
-NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
-ALL_BACKENDS = ['reference', 'torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
 
 # The reference README's float32 agreement with the official model (outputs are O(1)). Measured on the calm cases
 # (AVX2 EPYC), largest error of any logit or stage output: reference 3.8e-6, torch 5.5e-6, compiled 5.0e-6.
@@ -57,7 +54,7 @@ def test_large_offset_cases_match_official_in_float64(name, golden_float64):
         _assert_outputs(outputs, expected, LARGE_OFFSET_ATOL[name], f'{name} input {index}')
 
 
-@pytest.mark.parametrize('backend', ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 @pytest.mark.parametrize('name', MODEL_CASES)
 def test_backend_is_the_same_function_in_float64(name, backend, golden_float64, monkeypatch):
     """In float64, rounding no longer matters: every output of every large-offset case equals the reference
@@ -591,7 +588,7 @@ def test_with_cp_is_gradient_checkpointing(monkeypatch):
         torch.testing.assert_close(value, target, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize('backend', ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_compile_dynamic_fullgraph_does_not_recompile_across_batch_sizes(backend, monkeypatch):
     """One graph serves every batch size under ``torch.compile(dynamic=True, fullgraph=True)``: no guard in the
     model or in the op's dispatch and validation specialises on the batch."""

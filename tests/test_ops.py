@@ -4,13 +4,11 @@ import torch
 
 from timm_internimage import set_backend
 
-from timm_internimage.ops import compiled_backend_available, dcnv3, dcnv3_reference, dcnv3_torch
-from conftest import dcnv3_module, forward_backward, random_case
+from timm_internimage.ops import dcnv3, dcnv3_reference, dcnv3_torch
+from conftest import KERNEL_BACKENDS, dcnv3_module, forward_backward, random_case
 from golden import load_op_case, op_args, op_cases
 
 PURE_BACKENDS = {'torch': dcnv3_torch, 'reference': dcnv3_reference}
-NEEDS_COMPILED = pytest.mark.skipif(not compiled_backend_available(), reason='timm-internimage-dcnv3 is not installed')
-KERNEL_BACKENDS = ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)]
 
 
 @pytest.mark.parametrize('backend', sorted(PURE_BACKENDS))

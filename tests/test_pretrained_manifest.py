@@ -1,7 +1,6 @@
 """The pretrained cfgs (internimage.py) and the file facts they read (weights_manifest.json) agree, as do the docs."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,8 @@ from timm_internimage._manifest import dump_manifest, hub_source, load_manifest,
 from timm_internimage.flash_internimage import _HUB_REPO as FLASH_REPO
 from timm_internimage.internimage import DENSE_REPO, DENSE_TAGS, _VARIANT_ARGS, pretrained_cfgs
 
-from conftest import tiny_model
+from conftest import REPO_ROOT, tiny_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _classification_cfgs():

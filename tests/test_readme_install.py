@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
 MARKER = '<!-- install-from-clone'
 
 slow = pytest.mark.skipif(os.environ.get('TIMM_INTERNIMAGE_README_INSTALL') != '1',

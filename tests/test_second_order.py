@@ -11,13 +11,9 @@ import torch
 
 from timm_internimage import set_backend
 
-from conftest import leaves, random_case
+from conftest import ALL_BACKENDS, NEEDS_COMPILED, leaves, random_case
 from golden import golden_model
 
-NEEDS_COMPILED = pytest.mark.skipif(
-    not __import__('timm_internimage.ops', fromlist=['x']).compiled_backend_available(dtype=torch.float64),
-    reason='the compiled op is not installed')
-BACKENDS = ['torch', 'reference', pytest.param('compiled', marks=NEEDS_COMPILED)]
 
 CASES = {
     'basic': dict(),
@@ -31,7 +27,7 @@ def _op(backend, args):
     return lambda input, offset, mask: dcnv3_core(input, offset, mask, *args, backend=backend)
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', ALL_BACKENDS)
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_gradgradcheck(backend, name):
     input, offset, mask, args = random_case(**dict(dict(batch=1, height=3, width=4, group_channels=2), **CASES[name]))

@@ -20,10 +20,9 @@ from timm_internimage import validate as validate_module
 from timm_internimage.cli import main, sample_image_path
 from timm_internimage.validate import GAP_POINTS, compare_published, label_space
 
-from conftest import TINY, official_model, tiny_model
+from conftest import REPO_ROOT, TINY, official_model, tiny_model
 from hub_server import single_file_repo, tiny_case
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 T_TAG = 'internimage_t.in1k'
 L22K_TAG, L22K_REPO = 'internimage_l.in22k_384', 'OpenGVLab/internimage_l_22k_384'
 IN1K = ImageNetInfo('imagenet-1k').label_names()

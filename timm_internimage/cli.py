@@ -266,7 +266,8 @@ def load_pretrained_model(model_name: str, checkpoint: Optional[str], model_kwar
         model = _create_model(model_name, pretrained=True, **kwargs)
     except SafetensorError as e:
         raise CliError(f'{checkpoint or model_name}: corrupt or truncated safetensors weights ({e})') from None
-    _refuse_untrained_head(model_name, model.num_classes, model.pretrained_cfg.get('num_classes'))
+    if not kwargs.get('features_only'):  # a feature extractor has no classifier to be untrained
+        _refuse_untrained_head(model_name, model.num_classes, model.pretrained_cfg.get('num_classes'))
     return model.eval().to(device)
 
 
