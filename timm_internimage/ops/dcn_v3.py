@@ -375,6 +375,14 @@ def dcnv3(
         dilation_h, dilation_w, group, group_channels, float(offset_scale), bool(remove_center), backend=backend)
 
 
+def blend_center_feature(out: Tensor, projected: Tensor, scale_logits: Tensor, group: int) -> Tensor:
+    """Centre feature scaling: ``out * (1 - s) + projected * s`` with ``s = sigmoid(scale_logits)``, one scale per
+    group broadcast over its channels (not ``repeat_interleave``, which the TorchScript ONNX exporter crashes on)."""
+    scale = torch.sigmoid(scale_logits).unsqueeze(-1)
+    groups = (group, out.shape[-1] // group)
+    return (out.unflatten(-1, groups) * (1 - scale) + projected.unflatten(-1, groups) * scale).flatten(-2)
+
+
 def check_module_geometry(
         name: str, channels: int, group: int, kernel_size: int, stride: int, pad: int, dilation: int,
         remove_center: bool,
@@ -465,9 +473,5 @@ class DCNv3(nn.Module):
             self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center,
             mask_is_logits=True)
         if self.center_feature_scale_proj is not None:
-            # One scale per group, broadcast over its channels (not repeat_interleave, which the TorchScript
-            # ONNX exporter crashes on).
-            scale = torch.sigmoid(self.center_feature_scale_proj(context)).unsqueeze(-1)
-            groups = (self.group, self.group_channels)
-            out = (out.unflatten(-1, groups) * (1 - scale) + projected.unflatten(-1, groups) * scale).flatten(-2)
+            out = blend_center_feature(out, projected, self.center_feature_scale_proj(context), self.group)
         return linear(out, self.output_proj.weight, self.output_proj.bias)

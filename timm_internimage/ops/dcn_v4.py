@@ -16,7 +16,8 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
-from .dcn_v3 import IntOrPair, _check_arguments, _int_pair, check_module_geometry, dcnv3_core, linear
+from .dcn_v3 import (
+    IntOrPair, _check_arguments, _int_pair, blend_center_feature, check_module_geometry, dcnv3_core, linear)
 from .dcnv3_torch import dcnv3_output_size
 
 __all__ = ['dcnv4', 'dcnv4_core', 'DCNv4', 'offset_mask_channels']
@@ -220,9 +221,7 @@ class DCNv4(nn.Module):
             self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center)
         if self.center_feature_scale_proj is not None:
             # As officially, the scale is predicted from the sampled features.
-            scale = torch.sigmoid(self.center_feature_scale_proj(out))
-            scale = scale.repeat_interleave(self.group_channels, dim=-1)
-            out = out * (1 - scale) + projected * scale
+            out = blend_center_feature(out, projected, self.center_feature_scale_proj(out), self.group)
         if self.output_proj is not None:
             out = linear(out, self.output_proj.weight, self.output_proj.bias)
         return out
