@@ -182,12 +182,13 @@ def test_in_process_configurations_leave_the_process_settings_as_they_were(monke
         '--compile', 'default,freezing', '--fused-linear', 'off', '--warmup', '0', '--iters', '1', '--clock', 'cpu',
         '--threads', str(threads + 1), '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]'])
     for before in (False, True):
-        monkeypatch.setattr(inductor_config, 'freezing', before)
-        freezing_at_compile.clear()
-        results = [bench._run_in_process(cfg) for cfg in bench._configs(args)]
-        assert [r['config']['compile'] for r in results] == ['default', 'freezing']
-        assert all('error' not in r for r in results), results
-        assert freezing_at_compile == [False, True]  # each configuration's own flag while it runs
-        assert inductor_config.freezing is before and torch.get_num_threads() == threads
-        assert timm_internimage.get_backend() == 'reference' and timm_internimage.fused_linear_enabled()
+        # inductor's own patch: monkeypatch's undo deletes the option from torch's config module
+        with inductor_config.patch(freezing=before):
+            freezing_at_compile.clear()
+            results = [bench._run_in_process(cfg) for cfg in bench._configs(args)]
+            assert [r['config']['compile'] for r in results] == ['default', 'freezing']
+            assert all('error' not in r for r in results), results
+            assert freezing_at_compile == [False, True]  # each configuration's own flag while it runs
+            assert inductor_config.freezing is before and torch.get_num_threads() == threads
+            assert timm_internimage.get_backend() == 'reference' and timm_internimage.fused_linear_enabled()
     assert seen == [('torch', False)] * 4  # each configuration ran under its own settings
