@@ -75,19 +75,8 @@ def _environment(device: torch.device) -> Dict[str, Any]:
     if device.type == 'cuda':
         info['device_name'] = torch.cuda.get_device_name(device)
     else:
-        info['device_name'] = _cpu_name()
+        info['device_name'] = measure.cpu_name()
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _resolve_device(name: str) -> torch.device:

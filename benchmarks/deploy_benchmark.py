@@ -24,15 +24,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
+from timm_internimage.benchmarking import cpu_name
 
 
 def _time(run: Callable[[], object], iters: int) -> float:
@@ -130,7 +122,7 @@ def main() -> int:
                     times.setdefault((runtime, batch), []).append(float(output.split()[-1]))
 
     load = os.getloadavg()
-    print(f'# {_cpu_name()}, {os.cpu_count()} CPUs, {args.threads} threads, load average {load[0]:.2f} / '
+    print(f'# {cpu_name()}, {os.cpu_count()} CPUs, {args.threads} threads, load average {load[0]:.2f} / '
           f'{load[1]:.2f} / {load[2]:.2f} (1/5/15 min, after the run)')
     print(f'# python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, '
           f'openvino {openvino.__version__}')

@@ -10,13 +10,14 @@ heap memory is handed back to the OS (``malloc_trim``) and the kernel's high-wat
 through ``/proc/self/clear_refs``, so the number covers only the work in the window. Where that reset is not
 allowed, the mark covers the whole process and the number is an upper bound (``exact`` is then False).
 """
+import platform
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'PeakMemory', 'dcnv3_3x3', 'op_inputs', 'summary', 'synchronize', 'time_it',
+__all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'PeakMemory', 'cpu_name', 'dcnv3_3x3', 'op_inputs', 'summary', 'synchronize', 'time_it',
            'time_op_shape']
 
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter
@@ -80,6 +81,18 @@ class PeakMemory:
         if peak is None:
             return None
         return max(peak - self.baseline_kib, 0) / 1024
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows; every reported figure names its CPU."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:
