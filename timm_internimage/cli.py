@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .loading import UsageError, check_checkpoint, create_model, load_pretrained_model, resolve_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,8 +33,8 @@ SAMPLE_IMAGE_CREDIT = ("'Chelsea the cat', scikit-image sample data (skimage.dat
 DEFAULT_MODEL = 'internimage_t.in1k'
 
 
-class CliError(Exception):
-    """An error reported to the user as ``error: ...`` with exit status 2, without a traceback."""
+# The library's error for unusable input; the CLI reports it as ``error: ...`` with exit status 2, no traceback.
+CliError = UsageError
 
 
 def _out(text: str = '') -> None:
@@ -179,105 +181,6 @@ def _label_fn(num_classes: int) -> Callable[[int], str]:
         return lambda index: f'class {index}'
     info = ImageNetInfo(subset)
     return info.index_to_description
-
-
-def resolve_device(name: str) -> 'torch.device':
-    """The torch device for ``--device``: ``auto`` is CUDA if available, then MPS, else CPU; a named device must
-    exist here (``CliError`` otherwise)."""
-    import torch
-
-    def available(kind: str) -> bool:
-        backend = torch.backends.mps if kind == 'mps' else getattr(torch, kind, None)  # torch.cpu, torch.cuda, ...
-        return bool(getattr(backend, 'is_available', lambda: False)())
-
-    if name == 'auto':
-        return torch.device(next((kind for kind in ('cuda', 'mps') if available(kind)), 'cpu'))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CliError(f'--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps') from None
-    if not available(device.type):
-        raise CliError(f'--device {name}: no {device.type} device is available here; use --device auto or cpu')
-    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-        raise CliError(f'--device {name}: there are {torch.cuda.device_count()} CUDA device(s)')
-    return device
-
-
-def _create_model(model_name: str, **kwargs: Any):
-    """``timm.create_model`` with ``CliError`` for an unknown model or tag, or keyword arguments it does not take."""
-    import timm
-    from timm.models import get_arch_pretrained_cfgs
-    from . import internimage  # noqa: F401  (registers the models)
-    arch, _, tag = model_name.partition('.')
-    if ':' not in arch:  # hf-hub:/local-dir: names are timm's to resolve
-        if not timm.is_model(arch):
-            raise CliError(f'unknown model {arch!r}; see `python -m timm_internimage list`')
-        tagged_names = list(get_arch_pretrained_cfgs(arch))
-        if tag and model_name not in tagged_names:
-            raise CliError(f'unknown tag {tag!r} for {arch}; its tags: {", ".join(tagged_names) or "none"}')
-    try:
-        return timm.create_model(model_name, **kwargs)
-    except TypeError as e:  # an unknown keyword argument, from --model-args
-        raise CliError(f'{model_name} cannot be built with these arguments (check --model-args): {e}') from None
-
-
-def _check_checkpoint(path_text: str) -> None:
-    """``CliError`` naming ``path_text`` unless it is a folder, a shard index, a PyTorch ``.pth`` (a
-    ``torch.save`` zip archive or a pickle) or a safetensors file whose header is whole."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path_text).expanduser()
-    if not path.exists():
-        raise CliError(f'{path}: no such file or folder')
-    if path.is_dir() or path.suffix == '.json':
-        return
-    if not path.is_file():
-        raise CliError(f'{path}: not a regular file (a device, FIFO or socket); pass a checkpoint file or folder')
-    with open(path, 'rb') as f:
-        head = f.read(9)
-    if head[:1] == b'\x80' or head[:4] == b'PK\x03\x04':  # a pickle (protocol 2+) or a torch.save zip archive
-        return
-    if head[8:9] != b'{':  # safetensors: an 8-byte header length, then the JSON header
-        raise CliError(f'{path}: not a checkpoint (neither safetensors nor a PyTorch .pth archive or pickle)')
-    try:
-        with safe_open(str(path), framework='pt'):
-            pass
-    except SafetensorError as e:
-        raise CliError(f'{path}: corrupt or truncated safetensors file ({e})') from None
-
-
-def load_pretrained_model(model_name: str, checkpoint: Optional[str], model_kwargs: Optional[Dict[str, Any]],
-                          device: 'torch.device') -> 'torch.nn.Module':
-    """The pretrained model in eval mode on ``device``: the tag's Hub weights, or ``checkpoint`` (whose head has
-    ``model_kwargs['num_classes']`` classes when given, so a fine-tuned classifier is kept)."""
-    from safetensors import SafetensorError
-    from timm.models import get_pretrained_cfg
-    kwargs = dict(model_kwargs or {})
-    if checkpoint:
-        _check_checkpoint(checkpoint)
-        overlay = dict(file=checkpoint)
-        if 'num_classes' in kwargs:
-            overlay['num_classes'] = kwargs['num_classes']
-        kwargs['pretrained_cfg_overlay'] = overlay
-    elif 'num_classes' in kwargs and ':' not in model_name:  # before any download; hf-hub: etc. after loading
-        cfg = get_pretrained_cfg(model_name)
-        if cfg is not None:
-            _refuse_untrained_head(model_name, kwargs['num_classes'], cfg.num_classes)
-    try:
-        model = _create_model(model_name, pretrained=True, **kwargs)
-    except SafetensorError as e:
-        raise CliError(f'{checkpoint or model_name}: corrupt or truncated safetensors weights ({e})') from None
-    if not kwargs.get('features_only'):  # a feature extractor has no classifier to be untrained
-        _refuse_untrained_head(model_name, model.num_classes, model.pretrained_cfg.get('num_classes'))
-    return model.eval().to(device)
-
-
-def _refuse_untrained_head(model_name: str, num_classes: int, trained_classes: Optional[int]) -> None:
-    """``CliError`` when the model's classifier has another class count than its weights: timm then leaves it
-    randomly initialised, and its predictions and accuracy would mean nothing."""
-    if trained_classes is not None and num_classes != trained_classes:
-        raise CliError(f'--model-args num_classes={num_classes}: the weights of {model_name} have a '
-                       f'{trained_classes}-class classifier, so a {num_classes}-class one would be untrained '
-                       f'(random); pass the fine-tuned weights with --checkpoint, or leave num_classes out')
 
 
 def predict(
@@ -448,7 +351,7 @@ def _read_checkpoint(src: str) -> Dict[str, Any]:
     import pickle
     from safetensors import SafetensorError
     from .pretrained import PretrainedWeightsError, load_checkpoint
-    _check_checkpoint(src)
+    check_checkpoint(src)
     try:
         return load_checkpoint(src)
     except PretrainedWeightsError:
@@ -526,7 +429,7 @@ def convert(
         # a released tag with the same class count carries the right preprocessing metadata
         model_name = next((name for name, cfg in get_arch_pretrained_cfgs(model_name).items()
                            if cfg.num_classes == kwargs['num_classes']), model_name)
-    meta_model = _create_model(model_name, pretrained=False, device='meta', **kwargs)
+    meta_model = create_model(model_name, pretrained=False, device='meta', **kwargs)
     try:
         converted = checkpoint_filter_fn(state_dict, meta_model, source=src)  # the backbone is complete
     except PretrainedWeightsError as e:

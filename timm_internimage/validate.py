@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import CliError, load_pretrained_model, resolve_device
+from .loading import UsageError, load_pretrained_model, resolve_device
 
 __all__ = ['FULL_VAL_IMAGES', 'GAP_POINTS', 'LabelSpace', 'find_samples', 'label_space', 'published_top1',
            'compare_published', 'validate']
@@ -79,10 +79,10 @@ def _read_labels_file(path: Path) -> Dict[str, Key]:
     try:
         lines = [line.strip() for line in path.read_text(encoding='utf-8-sig').splitlines()]
     except OSError as e:
-        raise CliError(f'{path}: cannot read the labels file ({e})') from None
+        raise UsageError(f'{path}: cannot read the labels file ({e})') from None
     lines = [line for line in lines if line]
     if lines and all(line.isdigit() for line in lines):
-        raise CliError(f'{path} holds one number a line: the ILSVRC2012 devkit ground truth, whose class ids need '
+        raise UsageError(f'{path} holds one number a line: the ILSVRC2012 devkit ground truth, whose class ids need '
                        f"the devkit's meta.mat. Use a file of filename,label lines (wnids or ImageNet-1k indices), "
                        f"the Caffe val.txt or Kaggle's LOC_val_solution.csv, or class folders")
     labels = {}
@@ -92,10 +92,10 @@ def _read_labels_file(path: Path) -> Dict[str, Key]:
         if number == 1 and fields[0].strip().lower() in _HEADER_NAMES:
             continue
         if not label:
-            raise CliError(f'{path}, line {number}: expected "filename,label", got {line!r}')
+            raise UsageError(f'{path}, line {number}: expected "filename,label", got {line!r}')
         labels[fields[0].strip()] = _key(label)
     if not labels:
-        raise CliError(f'{path}: no labels')
+        raise UsageError(f'{path}: no labels')
     return labels
 
 
@@ -105,7 +105,7 @@ def find_samples(root: Union[str, Path],
     ``labels_file`` names (sorted by path). Keys are ints for integer labels, else the folder name or label."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise CliError(f'{root}: not a folder')
+        raise UsageError(f'{root}: not a folder')
     if labels_file is not None:
         labels = _read_labels_file(Path(labels_file).expanduser())
         by_name: Dict[str, Path] = {}
@@ -115,12 +115,12 @@ def find_samples(root: Union[str, Path],
             by_name.setdefault(os.path.splitext(relative)[0], path)
         samples = sorted((str(by_name[name]), key) for name, key in labels.items() if name in by_name)
         if not samples:
-            raise CliError(f'none of the {len(labels)} files that {labels_file} names is an image under {root}')
+            raise UsageError(f'none of the {len(labels)} files that {labels_file} names is an image under {root}')
         return samples, 'labels file'
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     samples = [(str(path), _key(folder.name)) for folder in folders for path in _image_files(folder)]
     if not samples:
-        raise CliError(f'{root}: no images in class folders; for a flat folder of images pass --labels FILE')
+        raise UsageError(f'{root}: no images in class folders; for a flat folder of images pass --labels FILE')
     integers = all(isinstance(key, int) for _, key in samples)
     return samples, 'class folders' + (' named by class index' if integers else '')
 
@@ -130,7 +130,7 @@ def find_samples(root: Union[str, Path],
 
 
 def label_space(keys: Sequence[Key], num_classes: int, all_classes: bool = False) -> LabelSpace:
-    """Map label keys to the outputs of a ``num_classes``-way head (see the module docstring); ``CliError`` for
+    """Map label keys to the outputs of a ``num_classes``-way head (see the module docstring); ``UsageError`` for
     labels the head does not have. Keys missing from ``targets`` are ImageNet-1k classes that a 21841-class head
     lacks: their images are skipped."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
@@ -140,33 +140,33 @@ def label_space(keys: Sequence[Key], num_classes: int, all_classes: bool = False
     names = [k for k in unique if isinstance(k, str)]
     wnids = [k for k in names if _WNID.fullmatch(k)]
     if ints and names or names and wnids and len(wnids) != len(names):
-        raise CliError(f'the labels mix ImageNet wnids, integers and other names: {unique[:3]} ... {unique[-3:]}')
+        raise UsageError(f'the labels mix ImageNet wnids, integers and other names: {unique[:3]} ... {unique[-3:]}')
     subset = infer_imagenet_subset({'num_classes': num_classes})
     if names and not wnids:  # a custom set of classes, in timm's ImageFolder order
         if len(names) > num_classes:
-            raise CliError(f'{len(names)} classes ({names[0]} ... {names[-1]}) but the model has {num_classes}')
+            raise UsageError(f'{len(names)} classes ({names[0]} ... {names[-1]}) but the model has {num_classes}')
         return LabelSpace({name: i for i, name in enumerate(names)}, None, f'{len(names)} classes by folder name')
     if subset not in ('imagenet-1k', 'imagenet-22k'):
         if wnids:
-            raise CliError(f'the labels are ImageNet wnids but the model has {num_classes} classes, neither '
+            raise UsageError(f'the labels are ImageNet wnids but the model has {num_classes} classes, neither '
                            f'ImageNet-1k (1000) nor ImageNet-22k (21841)')
         out_of_range = [k for k in ints if k >= num_classes]
         if out_of_range:
-            raise CliError(f'label {out_of_range[0]} is beyond the {num_classes} classes of the model')
+            raise UsageError(f'label {out_of_range[0]} is beyond the {num_classes} classes of the model')
         return LabelSpace({k: k for k in ints}, None, f'class indices of the {num_classes}-class head')
     in1k = ImageNetInfo('imagenet-1k').label_names()
     index_1k = {wnid: i for i, wnid in enumerate(in1k)}
     if ints:
         beyond = [k for k in ints if k >= len(in1k)]
         if beyond:
-            raise CliError(f'integer labels are ImageNet-1k class indices (0-999), got {beyond[0]}')
+            raise UsageError(f'integer labels are ImageNet-1k class indices (0-999), got {beyond[0]}')
         wnid_of = {k: in1k[k] for k in ints}
     else:
         wnid_of = {k: k for k in wnids}
     if subset == 'imagenet-1k':
         outside = [w for w in wnid_of.values() if w not in index_1k]
         if outside:
-            raise CliError(f'{len(outside)} wnid(s) of the data are not ImageNet-1k classes ({", ".join(outside[:5])})'
+            raise UsageError(f'{len(outside)} wnid(s) of the data are not ImageNet-1k classes ({", ".join(outside[:5])})'
                            f', and the model has the 1000 ImageNet-1k classes: an ImageNet-22k folder needs a '
                            f'21841-class tag')
         return LabelSpace({k: index_1k[w] for k, w in wnid_of.items()}, None, 'ImageNet-1k', True,
@@ -175,7 +175,7 @@ def label_space(keys: Sequence[Key], num_classes: int, all_classes: bool = False
     headless = [w for w in in1k if w not in index_22k]  # n04399382 (teddy bear) is not in ImageNet-22k (fall 2011)
     outside = [w for w in wnid_of.values() if w not in index_22k and w not in headless]
     if outside:
-        raise CliError(f'{len(outside)} wnid(s) of the data are not ImageNet-22k classes ({", ".join(outside[:5])})')
+        raise UsageError(f'{len(outside)} wnid(s) of the data are not ImageNet-22k classes ({", ".join(outside[:5])})')
     note = f'; {", ".join(headless)} has no output, its images are skipped' if headless else ''
     if not all_classes and all(w in index_1k for w in wnid_of.values()):
         scored = [w for w in in1k if w in index_22k]
@@ -192,7 +192,7 @@ def _real_label_sets(paths: Sequence[str], real_json: Optional[str], space: Labe
     """ImageNet-ReaL label sets of the val images ``paths`` as scored targets (timm's bundled file by default)."""
     import pkgutil
     if space.from_1k is None:
-        raise CliError('ImageNet-ReaL labels need an ImageNet-1k or -22k head and ImageNet labels')
+        raise UsageError('ImageNet-ReaL labels need an ImageNet-1k or -22k head and ImageNet labels')
     if real_json:
         real = json.loads(Path(real_json).expanduser().read_text(encoding='utf-8'))
     else:
@@ -201,7 +201,7 @@ def _real_label_sets(paths: Sequence[str], real_json: Optional[str], space: Labe
     for path in paths:
         match = _VAL_NUMBER.search(os.path.basename(path))
         if not match or not 0 < int(match.group(1)) <= len(real):
-            raise CliError(f'{path}: not an ImageNet val image name (ILSVRC2012_val_NNNNNNNN) in the ReaL labels')
+            raise UsageError(f'{path}: not an ImageNet val image name (ILSVRC2012_val_NNNNNNNN) in the ReaL labels')
         labels = [space.from_1k[i] for i in real[int(match.group(1)) - 1]]
         sets.append(labels)
     return sets
@@ -314,11 +314,11 @@ def validate(
     from timm.data import create_transform, resolve_data_config
 
     if workers < 0:
-        raise CliError(f'--workers must be 0 or more, got {workers}')
+        raise UsageError(f'--workers must be 0 or more, got {workers}')
     samples, layout = find_samples(data, labels)
     torch_device = resolve_device(device)
     if amp is not None and amp not in AMP_DTYPES:
-        raise CliError(f'--amp must be one of {", ".join(AMP_DTYPES)}, got {amp!r}')
+        raise UsageError(f'--amp must be one of {", ".join(AMP_DTYPES)}, got {amp!r}')
     model = load_pretrained_model(model_name, checkpoint, model_kwargs, torch_device)
     space = label_space([key for _, key in samples], model.num_classes, all_classes)
     skipped = sum(1 for _, key in samples if key not in space.targets)
@@ -354,12 +354,12 @@ def validate(
                 if columns is not None:
                     logits = logits.index_select(1, columns)
                 if not logits.isfinite().all():
-                    raise CliError(f'{model_name} gave NaN or infinite outputs; check the weights (and --amp)')
+                    raise UsageError(f'{model_name} gave NaN or infinite outputs; check the weights (and --amp)')
                 _score(tally, logits, targets.to(torch_device),
                        [real_sets[i] for i in indices.tolist()] if real_sets is not None else None)
                 bar.update(targets.numel())
         except UnreadableImageError as e:
-            raise CliError(_last_line(e)) from None
+            raise UsageError(_last_line(e)) from None
     if torch_device.type == 'cuda':
         torch.cuda.synchronize(torch_device)
     seconds = time.perf_counter() - start

@@ -1,0 +1,78 @@
+"""The package's import graph: no module imports one that imports it back (directly or through others, function-level
+imports included), and library modules never import the command line."""
+import ast
+
+from conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / 'timm_internimage'
+
+
+def _module_name(path):
+    parts = path.relative_to(REPO_ROOT).with_suffix('').parts
+    return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def _imports(path, name):
+    """The package modules that the module ``name`` (file ``path``) imports, anywhere in its code."""
+    package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition('.')[0]
+            module = f'{base}.{node.module}' if node.level and node.module else (node.module or base)
+            targets = [module] + [f'{module}.{alias.name}' for alias in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t.startswith('timm_internimage'))
+    return found
+
+
+def _graph():
+    modules = {_module_name(path): path for path in PACKAGE.rglob('*.py')}
+    return {name: {t for t in _imports(path, name) if t in modules and t != name} for name, path in modules.items()}
+
+
+def _cycle(graph):
+    """One import cycle as a list of modules, or None. A package's ``__init__`` importing its own submodules
+    is not a cycle of interest (``timm_internimage.ops`` -> ``timm_internimage.ops.dcn_v3``): edges from a module
+    to its own package are left out."""
+    edges = {m: {t for t in targets if not m.startswith(t + '.')} for m, targets in graph.items()}
+    state, stack = {}, []
+
+    def visit(module):
+        state[module] = 'open'
+        stack.append(module)
+        for target in sorted(edges[module]):
+            if state.get(target) == 'open':
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        stack.pop()
+        state[module] = 'done'
+        return None
+
+    for module in sorted(edges):
+        if module not in state:
+            found = visit(module)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    assert _cycle(_graph()) is None
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+
+
+def test_library_modules_do_not_import_the_command_line():
+    importers = {m for m, targets in _graph().items() if 'timm_internimage.cli' in targets}
+    assert importers <= {'timm_internimage.__main__'}
