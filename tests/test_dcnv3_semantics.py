@@ -362,3 +362,19 @@ def test_settings_threads_see_one_setting():
     thread.start()
     thread.join()
     assert seen == ['reference']
+
+
+@NEEDS_COMPILED
+def test_a_wheel_of_another_version_is_a_clear_error(monkeypatch):
+    """The op checks the wheel against the installed package's metadata (it never imports the package root)."""
+    import timm_internimage_dcnv3
+    from timm_internimage.ops import dcn_v3
+    monkeypatch.setattr(timm_internimage_dcnv3, '__version__', '0.0.0')
+    dcn_v3._extension.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r'timm_internimage_dcnv3 0\.0\.0 does not match timm-internimage'):
+            dcn_v3._extension()
+    finally:
+        monkeypatch.undo()
+        dcn_v3._extension.cache_clear()
+    assert dcn_v3._extension() is timm_internimage_dcnv3

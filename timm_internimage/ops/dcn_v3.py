@@ -15,6 +15,7 @@ are validated once, before any backend runs.
 """
 import functools
 import importlib
+import importlib.metadata
 import logging
 from types import ModuleType
 from typing import Any, Callable, Optional, Tuple, Union
@@ -52,13 +53,21 @@ def _int_pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     return pair
 
 
+def _package_version() -> Optional[str]:
+    """The installed version of timm-internimage (its metadata, not the package root, which the op does not import),
+    or None when it runs from a source tree that is not installed."""
+    try:
+        return importlib.metadata.version('timm-internimage')
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _extension() -> Optional[ModuleType]:
     """The compiled op wheel, imported on first use (once), or None if it is not installed.
 
     A broken or mismatched wheel is an ImportError naming the fix: the pure-PyTorch backends never call this.
     """
-    from timm_internimage import __version__
     try:
         extension = importlib.import_module(_EXTENSION_MODULE)
     except ImportError as error:
@@ -69,11 +78,12 @@ def _extension() -> Optional[ModuleType]:
             f'incompatible torch; rebuild it against this torch (`bash dcnv3/build_wheel.sh --cpu --install` in a '
             f'clone; from the first release, `pip install --force-reinstall timm-internimage[compiled]`), '
             f"or call timm_internimage.set_backend('torch') to use the pure-PyTorch op.") from error
-    if getattr(extension, '__version__', None) != __version__:
+    version = _package_version()
+    if version is not None and getattr(extension, '__version__', None) != version:
         raise ImportError(
             f'{_EXTENSION_MODULE} {getattr(extension, "__version__", "?")} does not match timm-internimage '
-            f'{__version__}; install matching versions (the op built from the same clone, or '
-            f'`pip install timm-internimage[compiled]=={__version__}` from the first release), '
+            f'{version}; install matching versions (the op built from the same clone, or '
+            f'`pip install timm-internimage[compiled]=={version}` from the first release), '
             f"or call timm_internimage.set_backend('torch') to use the pure-PyTorch op.")
     extension.set_create_graph_backward(_compiled_create_graph_backward)
     return extension
