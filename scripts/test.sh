@@ -26,7 +26,7 @@ export PIP_NO_CACHE_DIR=1
 step() { printf '\n== %s\n' "$*"; }
 
 step "environment $venv (torch $torch_version)"
-# A run needs about 7.5 GB of disk (7.2 GB measured on a fresh clone): the environment (5.6 GB with a CUDA
+# A run needs about 7.5 GB of disk (7.3 GB measured on a fresh clone): the environment (5.6 GB with a CUDA
 # build of torch), the release check's environments and the tests' temporary files.
 df -h . | awk 'NR == 2 {print "disk: " $4 " free of " $2}'
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
