@@ -12,12 +12,11 @@ same :func:`checkpoint_filter_fn` as InternImage's.
 from functools import partial
 from typing import Any, Dict, Optional, Sequence
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerType
 from timm.models import generate_default_cfgs, register_model
 
 from ._manifest import repo_entry
-from .internimage import InternImage, build_with_pretrained
+from .internimage import InternImage, build_with_pretrained, official_eval_cfg
 from .ops import DCNv4
 
 __all__ = ['FlashInternImage']
@@ -114,17 +113,7 @@ def _cfg(filename: str, img_size: int = 224) -> Dict[str, Any]:
         hf_hub_id=_HUB_REPO,
         hf_hub_filename=filename,
         num_classes=1000,
-        input_size=(3, img_size, img_size),
-        pool_size=(img_size // 32, img_size // 32),
-        min_input_size=(3, 32, 32),
-        crop_pct=1.0,
-        crop_mode='center',
-        interpolation='bicubic',
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        first_conv='stem.conv1',
-        classifier='head.fc',
-        license='mit',
+        **official_eval_cfg(img_size),
         description=f'ImageNet-1k top-1 {top1}% (published)',
         paper_ids='arXiv:2401.06197',
         paper_name='Efficient Deformable ConvNets: Rethinking Dynamic and Sparse Operator for Vision Applications',

@@ -1025,14 +1025,11 @@ _VARIANT_ARGS = dict(
 )
 
 
-def _cfg(name: str, repo_id: str, img_size: int = 224, num_classes: int = 1000) -> Dict[str, Any]:
-    """Pretrained cfg of ``name`` (``model.tag``): the official evaluation preprocessing, and the Hub weights as
-    ``weights_manifest.json`` records them (revision, file layout, published top-1)."""
-    stride = 16 if _VARIANT_ARGS[name.split('.')[0]].get('use_clip_projector') else 32  # H/G: the fused map
-    top1 = repo_entry(repo_id)['top1']
+def official_eval_cfg(img_size: int, stride: int = 32) -> Dict[str, Any]:
+    """The pretrained-cfg fields of every official classifier of both families: the official evaluation
+    preprocessing (short side resized, centre crop 1.0, bicubic, ImageNet mean/std), sizes, first conv, classifier,
+    licence. ``stride``: of the map the head pools (16 for H/G's fused map)."""
     return dict(
-        hub_source(repo_id),
-        num_classes=num_classes,
         input_size=(3, img_size, img_size),
         pool_size=(img_size // stride, img_size // stride),
         min_input_size=(3, 32, 32),
@@ -1044,6 +1041,18 @@ def _cfg(name: str, repo_id: str, img_size: int = 224, num_classes: int = 1000) 
         first_conv='stem.conv1',
         classifier='head.fc',
         license='mit',
+    )
+
+
+def _cfg(name: str, repo_id: str, img_size: int = 224, num_classes: int = 1000) -> Dict[str, Any]:
+    """Pretrained cfg of ``name`` (``model.tag``): the official evaluation preprocessing, and the Hub weights as
+    ``weights_manifest.json`` records them (revision, file layout, published top-1)."""
+    stride = 16 if _VARIANT_ARGS[name.split('.')[0]].get('use_clip_projector') else 32  # H/G: the fused map
+    top1 = repo_entry(repo_id)['top1']
+    return dict(
+        hub_source(repo_id),
+        **official_eval_cfg(img_size, stride),
+        num_classes=num_classes,
         description=f'ImageNet-1k top-1 {top1}% (published)' if top1 else f'{num_classes}-class ImageNet-22k head',
         paper_ids='arXiv:2211.05778',
         paper_name='InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
