@@ -10,13 +10,14 @@ plain ATen ops (any device; traces, scripts, exports and compiles); when gradien
 are needed outside tracing and export, a hand-written backward (``_DCNv3Sampling``)
 replaces autograd through the location and weight arithmetic.
 """
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['dcnv3_torch', 'dcnv3_torch_differentiable', 'dcnv3_output_size', 'differentiable_grads']
+__all__ = ['dcnv3_torch', 'dcnv3_torch_differentiable', 'dcnv3_output_size', 'differentiable_grads',
+           'kernel_point_offsets']
 
 # Elements of the buffer of gathered corner rows in _corner_dots (4 MiB of float32).
 _CHUNK_ELEMENTS = 2 ** 20
@@ -40,27 +41,20 @@ def dcnv3_output_size(
     return height_out, width_out
 
 
-def _kernel_points(
-        kernel_h: int,
-        kernel_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        remove_center: bool,
-        device: torch.device,
-        dtype: torch.dtype,
-) -> Tuple[Tensor, Tensor]:
-    """Kernel point offsets (x, y) from the window centre, x varying slowest."""
+def kernel_point_offsets(
+        kernel_h: int, kernel_w: int, dilation_h: int, dilation_w: int, remove_center: bool,
+) -> Tuple[List[int], List[int]]:
+    """Kernel point offsets (x, y) from the window centre as Python ints, x varying slowest: constants of every
+    traced or exported graph (no tensor op builds them)."""
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
-    kx = torch.arange(kernel_w, device=device, dtype=dtype) * dilation_w - half_w
-    ky = torch.arange(kernel_h, device=device, dtype=dtype) * dilation_h - half_h
-    point_x = kx.repeat_interleave(kernel_h)
-    point_y = ky.repeat(kernel_w)
-    if remove_center:
-        center = (kernel_h * kernel_w) // 2
-        keep = torch.cat([torch.arange(center, device=device), torch.arange(center + 1, kernel_h * kernel_w, device=device)])
-        point_x = point_x[keep]
-        point_y = point_y[keep]
+    point_x: List[int] = []
+    point_y: List[int] = []
+    for i in range(kernel_w):  # loops rather than comprehensions: TorchScript compiles this too
+        for j in range(kernel_h):
+            if not (remove_center and i * kernel_h + j == (kernel_h * kernel_w) // 2):
+                point_x.append(i * dilation_w - half_w)
+                point_y.append(j * dilation_h - half_h)
     return point_x, point_y
 
 
@@ -110,7 +104,9 @@ def _sampling_plan(
     padded_w = width + 3
 
     # Sampling grid without offsets, in padded coordinates: (H_out, W_out, 1, P, 2) (x, y) pairs.
-    point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, device, loc_dtype)
+    offsets_x, offsets_y = kernel_point_offsets(kernel_h, kernel_w, dilation_h, dilation_w, remove_center)
+    point_x = torch.tensor(offsets_x, device=device, dtype=loc_dtype)
+    point_y = torch.tensor(offsets_y, device=device, dtype=loc_dtype)
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
     center_x = torch.arange(width_out, device=device, dtype=loc_dtype) * stride_w + (half_w - pad_w + 1)
@@ -235,7 +231,7 @@ class _DCNv3Sampling(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, offset: Tensor, mask: Tensor, *plan_args: Any) -> Tensor:
         top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, *plan_args)
-        group, row_stride = _table_layout(*plan_args)
+        group, row_stride, _ = _table_layout(*plan_args)
         output, weights = _bilinear_gather(table, top_left, frac, mask_counted, group, row_stride)
         ctx.save_for_backward(table, offset, mask, top_left, weights)
         ctx.plan_args = plan_args
@@ -249,8 +245,7 @@ class _DCNv3Sampling(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             sampling = lambda *tensors: _gather_sampling(*tensors, *ctx.plan_args)  # noqa: E731
             return differentiable_grads(sampling, (table, offset, mask), needs, grad_output) + no_grads
-        group, row_stride = _table_layout(*ctx.plan_args)
-        offset_scale = ctx.plan_args[11]
+        group, row_stride, offset_scale = _table_layout(*ctx.plan_args)
         grad_output = grad_output.contiguous()
         grad_table = grad_offset = grad_mask = None
         if needs[0]:
@@ -292,9 +287,10 @@ def differentiable_grads(
 def _table_layout(
         height: int, width: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
         dilation_h: int, dilation_w: int, group: int, offset_scale: float, remove_center: bool,
-) -> Tuple[int, int]:
-    """``group`` and the table's row stride (one padded image row) for :func:`_sampling_plan`'s arguments."""
-    return group, (width + 3) * group
+) -> Tuple[int, int, float]:
+    """``group``, the table's row stride (one padded image row) and ``offset_scale`` of :func:`_sampling_plan`'s
+    arguments."""
+    return group, (width + 3) * group, offset_scale
 
 
 def _gather_sampling(table: Tensor, offset: Tensor, mask: Tensor, *plan_args: Any) -> Tensor:
@@ -305,7 +301,7 @@ def _gather_sampling(table: Tensor, offset: Tensor, mask: Tensor, *plan_args: An
     row, ``4 * P`` times the output, so the first-order paths do not use it.
     """
     top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, *plan_args)
-    group, row_stride = _table_layout(*plan_args)
+    group, row_stride, _ = _table_layout(*plan_args)
     bags, points = top_left.shape
     weights = _bilinear_weights(frac, mask_counted).to(table.dtype).view(bags, 1, 4 * points)
     corners = table.index_select(0, _corner_rows(top_left, group, row_stride).view(-1))
