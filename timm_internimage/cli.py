@@ -33,8 +33,6 @@ SAMPLE_IMAGE_CREDIT = ("'Chelsea the cat', scikit-image sample data (skimage.dat
 DEFAULT_MODEL = 'internimage_t.in1k'
 
 
-# The library's error for unusable input; the CLI reports it as ``error: ...`` with exit status 2, no traceback.
-CliError = UsageError
 
 
 def _out(text: str = '') -> None:
@@ -52,9 +50,9 @@ def _json_arg(text: Optional[str], what: str) -> Dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise CliError(f'{what} is not valid JSON: {e}') from e
+        raise UsageError(f'{what} is not valid JSON: {e}') from e
     if not isinstance(value, dict):
-        raise CliError(f'{what} must be a JSON object, got {text!r}')
+        raise UsageError(f'{what} must be a JSON object, got {text!r}')
     return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
 
 
@@ -78,7 +76,7 @@ def _positive_int(text: str) -> int:
 
 
 def _open_image(path: str):
-    """The Pillow image of ``path``, header read but not decoded; ``CliError`` naming the file if it is not one.
+    """The Pillow image of ``path``, header read but not decoded; ``UsageError`` naming the file if it is not one.
 
     Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused, not just warned about.
     """
@@ -89,32 +87,32 @@ def _open_image(path: str):
             return Image.open(path)
     except FileNotFoundError:
         if path == '-':
-            raise CliError("-: reading images from standard input is not supported; save the image to a file "
+            raise UsageError("-: reading images from standard input is not supported; save the image to a file "
                            "and pass its path") from None
         if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', path):
-            raise CliError(f'{path}: URLs are not supported; download the image first (for example '
+            raise UsageError(f'{path}: URLs are not supported; download the image first (for example '
                            f'`curl -LO URL`) and pass the file') from None
-        raise CliError(f'{path}: no such file') from None
+        raise UsageError(f'{path}: no such file') from None
     except IsADirectoryError:
-        raise CliError(f'{path}: is a directory, not an image') from None
+        raise UsageError(f'{path}: is a directory, not an image') from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CliError(f'{path}: refused as a possible decompression bomb ({e})') from None
+        raise UsageError(f'{path}: refused as a possible decompression bomb ({e})') from None
     except UnidentifiedImageError:
-        raise CliError(f'{path}: not an image file Pillow can read (unknown or corrupt format)') from None
+        raise UsageError(f'{path}: not an image file Pillow can read (unknown or corrupt format)') from None
     except (OSError, ValueError) as e:
-        raise CliError(f'{path}: cannot be read as an image ({e})') from None
+        raise UsageError(f'{path}: cannot be read as an image ({e})') from None
 
 
 def _check_images(paths: Sequence[str]) -> None:
-    """Open every image (headers only), reporting all that cannot be read in one ``CliError``."""
+    """Open every image (headers only), reporting all that cannot be read in one ``UsageError``."""
     problems = []
     for path in paths:
         try:
             _open_image(path).close()
-        except CliError as e:
+        except UsageError as e:
             problems.append(str(e))
     if problems:
-        raise CliError('cannot read image(s):\n  ' + '\n  '.join(problems))
+        raise UsageError('cannot read image(s):\n  ' + '\n  '.join(problems))
 
 
 def _white_level(mode: str, peak: float) -> float:
@@ -150,7 +148,7 @@ def _decode_image(path: str):
         try:
             return _to_rgb(ImageOps.exif_transpose(image))
         except (OSError, ValueError) as e:  # truncated or corrupt image data
-            raise CliError(f'{path}: cannot be decoded ({e})') from None
+            raise UsageError(f'{path}: cannot be decoded ({e})') from None
 
 
 def _image_batches(paths: Sequence[str], transform: Callable, batch_size: int
@@ -167,7 +165,7 @@ def _image_batches(paths: Sequence[str], transform: Callable, batch_size: int
             try:
                 tensors.append(transform(_decode_image(path)))
                 errors.append(None)
-            except CliError as e:
+            except UsageError as e:
                 errors.append(str(e))
         yield chunk, torch.stack(tensors) if tensors else None, errors
 
@@ -196,7 +194,7 @@ def predict(
 
     Each image is decoded once, when its batch is made; one that cannot be decoded (a truncated file) gets
     ``{image, error, predictions: []}`` and the others are still classified. ``top_k`` is capped at the class
-    count. A model output that is not finite (NaN or inf) is a ``CliError`` naming the images.
+    count. A model output that is not finite (NaN or inf) is a ``UsageError`` naming the images.
     """
     import torch
     from timm.data import create_transform, resolve_data_config
@@ -222,12 +220,12 @@ def predict(
 
 def _top_k(model: 'torch.nn.Module', batch: 'torch.Tensor', paths: Sequence[str], model_name: str, top_k: int,
            label: Callable[[int], str], device: 'torch.device') -> List[List[Dict[str, Any]]]:
-    """The ``top_k`` predictions of each image of ``batch``; ``CliError`` naming ``paths`` with non-finite outputs."""
+    """The ``top_k`` predictions of each image of ``batch``; ``UsageError`` naming ``paths`` with non-finite outputs."""
     logits = model(batch.to(device)).float()
     finite = logits.isfinite().all(dim=-1).tolist()
     if not all(finite):
         bad = ', '.join(path for path, ok in zip(paths, finite) if not ok)
-        raise CliError(f'{model_name} gave NaN or infinite outputs for {bad}; check the weights')
+        raise UsageError(f'{model_name} gave NaN or infinite outputs for {bad}; check the weights')
     values, indices = logits.softmax(dim=-1).topk(top_k, dim=-1)
     return [[{'rank': r + 1, 'index': i, 'label': label(i), 'probability': v}
              for r, (v, i) in enumerate(zip(vals, idxs))] for vals, idxs in zip(values.tolist(), indices.tolist())]
@@ -327,12 +325,12 @@ def _infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     from .internimage import _VARIANT_ARGS, remap_checkpoint_keys
     keys = remap_checkpoint_keys(state_dict, timm.create_model('internimage_t', device='meta'))
     if 'stem.conv1.weight' not in keys:
-        raise CliError('cannot tell the architecture: the checkpoint has no stem convolution '
+        raise UsageError('cannot tell the architecture: the checkpoint has no stem convolution '
                        '(patch_embed.conv1.weight); pass --model')
     channels = 2 * keys['stem.conv1.weight'].shape[0]
     models = {args['channels']: model for model, args in _VARIANT_ARGS.items()}
     if channels not in models:
-        raise CliError(f'no released InternImage has {channels} channels; pass --model and --model-args')
+        raise UsageError(f'no released InternImage has {channels} channels; pass --model and --model-args')
     inferred = {'model': models[channels]}
     if 'head.fc.weight' in keys:
         inferred['num_classes'] = keys['head.fc.weight'].shape[0]
@@ -347,7 +345,7 @@ def _infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _read_checkpoint(src: str) -> Dict[str, Any]:
-    """``load_checkpoint`` with a ``CliError`` naming ``src`` when it is not a readable checkpoint."""
+    """``load_checkpoint`` with a ``UsageError`` naming ``src`` when it is not a readable checkpoint."""
     import pickle
     from safetensors import SafetensorError
     from .pretrained import PretrainedWeightsError, load_checkpoint
@@ -357,16 +355,16 @@ def _read_checkpoint(src: str) -> Dict[str, Any]:
     except PretrainedWeightsError:
         raise
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        raise CliError(f'{src}: cannot be read as a checkpoint ({e})') from None
+        raise UsageError(f'{src}: cannot be read as a checkpoint ({e})') from None
 
 
 def _write_atomically(out: Path, writers: Dict[str, Callable[[Path], None]], force: bool) -> None:
     """Write ``out/NAME`` with ``writers[NAME](path)`` for each name: first to temporary names in ``out``, then
-    renamed. Existing outputs are a ``CliError`` unless ``force``. On failure, what was created is removed
+    renamed. Existing outputs are a ``UsageError`` unless ``force``. On failure, what was created is removed
     (temporary files, new outputs, folders made for ``out``)."""
     existing = [str(out / name) for name in writers if (out / name).exists()]
     if existing and not force:
-        raise CliError(f'{", ".join(existing)} already exist(s); pass --force to overwrite')
+        raise UsageError(f'{", ".join(existing)} already exist(s); pass --force to overwrite')
     new_folders = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     temporary = {name: out / f'.{name}.{os.getpid()}.tmp' for name in writers}
@@ -415,7 +413,7 @@ def convert(
         state_dict = _read_checkpoint(str(next(iter(files.values()))))
         model_name = model_name or _repo_tags().get(repo_id)
     else:
-        raise CliError(f'{src}: no such file or folder (and not a Hub repo id like OpenGVLab/internimage_t_1k_224)')
+        raise UsageError(f'{src}: no such file or folder (and not a Hub repo id like OpenGVLab/internimage_t_1k_224)')
 
     dense_files = {tag.filename: name for name, tag in DENSE_TAGS.items()}
     if model_name is None and src_path.name in dense_files:  # an official detection / segmentation file
@@ -522,7 +520,7 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
     repo_tags = {name: cfg.hf_hub_id.partition('@')[0] for name, cfg in pretrained_cfgs().items()}
     unknown = [tag for tag in (tags or []) if tag not in repo_tags]
     if unknown:
-        raise CliError(f'unknown tag(s) {unknown}; see `python -m timm_internimage list`')
+        raise UsageError(f'unknown tag(s) {unknown}; see `python -m timm_internimage list`')
     api = HfApi(endpoint=endpoint)
     for repo_id in (list(dict.fromkeys(repo_tags[tag] for tag in tags)) if tags else list(manifest['repos'])):
         entry = manifest['repos'][repo_id]
@@ -542,7 +540,7 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
         if 'checkpoints' in entry:  # OpenGVLab/InternImage: the detection / segmentation .pth the tags load
             absent = [name for name in entry['checkpoints'] if name not in siblings]
             if absent:
-                raise CliError(f'{repo_id}@{info.sha} lacks {absent}, which the manifest lists')
+                raise UsageError(f'{repo_id}@{info.sha} lacks {absent}, which the manifest lists')
             files = {name: describe(name) for name in entry['checkpoints']}
         elif SAFE_WEIGHTS_NAME in siblings:
             entry['file'] = SAFE_WEIGHTS_NAME
@@ -553,10 +551,10 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
             index_path = hf_hub_download(repo_id, SAFE_WEIGHTS_INDEX_NAME, revision=info.sha, endpoint=endpoint)
             for shard in shard_names(index_path):
                 if shard not in siblings:
-                    raise CliError(f'{repo_id}@{info.sha}: the index lists {shard}, which the repo lacks')
+                    raise UsageError(f'{repo_id}@{info.sha}: the index lists {shard}, which the repo lacks')
                 files[shard] = describe(shard)
         else:
-            raise CliError(f'{repo_id}@{info.sha} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}')
+            raise UsageError(f'{repo_id}@{info.sha} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}')
         entry['revision'] = info.sha
         entry['files'] = files
         entry['unverified'] = [f for f in entry['unverified'] if f not in ('revision', 'files', 'layout')]
@@ -592,7 +590,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportError, check_format, export_model
     model_kwargs = _json_arg(args.model_args, '--model-args')
     if args.out_indices and not args.features_only:
-        raise CliError('--out-indices selects the stages of --features-only; add --features-only')
+        raise UsageError('--out-indices selects the stages of --features-only; add --features-only')
     if args.features_only:
         model_kwargs['features_only'] = True
         if args.out_indices:
@@ -605,7 +603,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                               img_size=tuple(args.img_size) if args.img_size else None, dtype=args.dtype,
                               progress=_err)
     except ExportError as e:
-        raise CliError(str(e)) from None
+        raise UsageError(str(e)) from None
     _err(f'Wrote {", ".join(str(path) for path in result.files)} in {result.export_seconds:.1f} s.')
     _out(f'{result.format} {result.path}: max abs difference from eager PyTorch {result.max_abs_diff:.3g} '
          f'(tolerance {result.tolerance:.3g}) on input {result.checked_shape}')
@@ -733,7 +731,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .pretrained import PretrainedWeightsError
     try:
         return args.func(args)
-    except CliError as e:
+    except UsageError as e:
         _err(f'error: {e}')
         return 2
     except PretrainedWeightsError as e:
