@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dcnv3_torch import kernel_point_offsets
-
 __all__ = ['dcnv3_export', 'export_formulation', 'export_formulation_active']
 
 _state = threading.local()
@@ -45,6 +43,16 @@ def export_formulation() -> Iterator[None]:
 def export_formulation_active() -> bool:
     """Whether :func:`export_formulation` is entered (in this thread), or an ONNX export is under way."""
     return getattr(_state, 'active', False) or torch.onnx.is_in_onnx_export()
+
+
+def _kernel_points(kernel_h: int, kernel_w: int, dilation_h: int, dilation_w: int, remove_center: bool):
+    """Kernel point offsets (x, y) from the window centre as Python lists, x varying slowest."""
+    half_h = (dilation_h * (kernel_h - 1)) // 2
+    half_w = (dilation_w * (kernel_w - 1)) // 2
+    points = [(i * dilation_w - half_w, j * dilation_h - half_h) for i in range(kernel_w) for j in range(kernel_h)]
+    if remove_center:
+        del points[(kernel_h * kernel_w) // 2]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def dcnv3_export(
@@ -76,7 +84,7 @@ def dcnv3_export(
     device = input.device
 
     # Padded coordinates (+1): a sample counts if 0 < location < size + 1; corners then lie in [0, size + 1].
-    point_x, point_y = kernel_point_offsets(kernel_h, kernel_w, dilation_h, dilation_w, remove_center)
+    point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center)
     point_x = torch.tensor(point_x, device=device, dtype=loc_dtype)
     point_y = torch.tensor(point_y, device=device, dtype=loc_dtype)
     half_h = (dilation_h * (kernel_h - 1)) // 2

@@ -10,14 +10,13 @@ plain ATen ops (any device; traces, scripts, exports and compiles); when gradien
 are needed outside tracing and export, a hand-written backward (``_DCNv3Sampling``)
 replaces autograd through the location and weight arithmetic.
 """
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['dcnv3_torch', 'dcnv3_torch_differentiable', 'dcnv3_output_size', 'differentiable_grads',
-           'kernel_point_offsets']
+__all__ = ['dcnv3_torch', 'dcnv3_torch_differentiable', 'dcnv3_output_size', 'differentiable_grads']
 
 # Elements of the buffer of gathered corner rows in _corner_dots (4 MiB of float32).
 _CHUNK_ELEMENTS = 2 ** 20
@@ -41,20 +40,27 @@ def dcnv3_output_size(
     return height_out, width_out
 
 
-def kernel_point_offsets(
-        kernel_h: int, kernel_w: int, dilation_h: int, dilation_w: int, remove_center: bool,
-) -> Tuple[List[int], List[int]]:
-    """Kernel point offsets (x, y) from the window centre as Python ints, x varying slowest: constants of every
-    traced or exported graph (no tensor op builds them)."""
+def _kernel_points(
+        kernel_h: int,
+        kernel_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        remove_center: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor]:
+    """Kernel point offsets (x, y) from the window centre, x varying slowest."""
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
-    point_x: List[int] = []
-    point_y: List[int] = []
-    for i in range(kernel_w):  # loops rather than comprehensions: TorchScript compiles this too
-        for j in range(kernel_h):
-            if not (remove_center and i * kernel_h + j == (kernel_h * kernel_w) // 2):
-                point_x.append(i * dilation_w - half_w)
-                point_y.append(j * dilation_h - half_h)
+    kx = torch.arange(kernel_w, device=device, dtype=dtype) * dilation_w - half_w
+    ky = torch.arange(kernel_h, device=device, dtype=dtype) * dilation_h - half_h
+    point_x = kx.repeat_interleave(kernel_h)
+    point_y = ky.repeat(kernel_w)
+    if remove_center:
+        center = (kernel_h * kernel_w) // 2
+        keep = torch.cat([torch.arange(center, device=device), torch.arange(center + 1, kernel_h * kernel_w, device=device)])
+        point_x = point_x[keep]
+        point_y = point_y[keep]
     return point_x, point_y
 
 
@@ -104,9 +110,7 @@ def _sampling_plan(
     padded_w = width + 3
 
     # Sampling grid without offsets, in padded coordinates: (H_out, W_out, 1, P, 2) (x, y) pairs.
-    offsets_x, offsets_y = kernel_point_offsets(kernel_h, kernel_w, dilation_h, dilation_w, remove_center)
-    point_x = torch.tensor(offsets_x, device=device, dtype=loc_dtype)
-    point_y = torch.tensor(offsets_y, device=device, dtype=loc_dtype)
+    point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, device, loc_dtype)
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
     center_x = torch.arange(width_out, device=device, dtype=loc_dtype) * stride_w + (half_w - pad_w + 1)
