@@ -55,12 +55,11 @@ inline int64_t out_size(int64_t in, int64_t pad, int64_t dil, int64_t k, int64_t
   return (in + 2 * pad - (dil * (k - 1) + 1)) / stride + 1;
 }
 
-// Validates the arguments of one op call and returns its geometry.
-inline Geometry make_geometry(
+// Validates the arguments shared by both ops (input, kernel, group) and
+// returns the geometry, without the offset/weight addressing.
+inline Geometry make_base_geometry(
     const char* name,
     const Tensor& input,
-    const Tensor& offset,
-    const Tensor& mask,
     int64_t kernel_h,
     int64_t kernel_w,
     int64_t stride_h,
@@ -75,17 +74,6 @@ inline Geometry make_geometry(
     bool remove_center,
     bool mask_logits) {
   STD_TORCH_CHECK(input.dim() == 4, name, ": input must be (N, H, W, group*group_channels)");
-  STD_TORCH_CHECK(offset.dim() == 4, name, ": offset must be (N, Ho, Wo, group*P*2)");
-  STD_TORCH_CHECK(mask.dim() == 4, name, ": mask must be (N, Ho, Wo, group*P)");
-  STD_TORCH_CHECK(
-      input.scalar_type() == offset.scalar_type() && input.scalar_type() == mask.scalar_type(),
-      name,
-      ": input, offset and mask must have the same dtype");
-  STD_TORCH_CHECK(
-      input.get_device() == offset.get_device() && input.get_device() == mask.get_device() &&
-          input.is_cuda() == offset.is_cuda() && input.is_cuda() == mask.is_cuda(),
-      name,
-      ": input, offset and mask must be on the same device");
   STD_TORCH_CHECK(kernel_h > 0 && kernel_w > 0, name, ": kernel size must be positive");
   STD_TORCH_CHECK(stride_h > 0 && stride_w > 0, name, ": stride must be positive");
   STD_TORCH_CHECK(pad_h >= 0 && pad_w >= 0, name, ": padding must be non-negative");
@@ -136,6 +124,61 @@ inline Geometry make_geometry(
       group * group_channels);
   STD_TORCH_CHECK(g.Ho > 0 && g.Wo > 0, name, ": output size would be empty");
   STD_TORCH_CHECK(
+      !mask_logits || g.P <= kMaxSoftmaxPoints,
+      name,
+      ": the fused softmax supports at most ",
+      kMaxSoftmaxPoints,
+      " kernel points");
+  set_separate_layout(g);
+  return g;
+}
+
+inline void check_same_dtype_device(const char* name, const Tensor& input, const Tensor& other, const char* what) {
+  STD_TORCH_CHECK(other.dim() == 4, name, ": ", what, " must be (N, Ho, Wo, channels)");
+  STD_TORCH_CHECK(input.scalar_type() == other.scalar_type(), name, ": input and ", what, " must have the same dtype");
+  STD_TORCH_CHECK(
+      input.get_device() == other.get_device() && input.is_cuda() == other.is_cuda(),
+      name,
+      ": input and ",
+      what,
+      " must be on the same device");
+}
+
+// Validates the arguments of one DCNv3 call (separate offset and mask) and returns its geometry.
+inline Geometry make_geometry(
+    const char* name,
+    const Tensor& input,
+    const Tensor& offset,
+    const Tensor& mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool mask_logits) {
+  STD_TORCH_CHECK(input.dim() == 4, name, ": input must be (N, H, W, group*group_channels)");
+  STD_TORCH_CHECK(offset.dim() == 4, name, ": offset must be (N, Ho, Wo, group*P*2)");
+  STD_TORCH_CHECK(mask.dim() == 4, name, ": mask must be (N, Ho, Wo, group*P)");
+  STD_TORCH_CHECK(
+      input.scalar_type() == offset.scalar_type() && input.scalar_type() == mask.scalar_type(),
+      name,
+      ": input, offset and mask must have the same dtype");
+  STD_TORCH_CHECK(
+      input.get_device() == offset.get_device() && input.get_device() == mask.get_device() &&
+          input.is_cuda() == offset.is_cuda() && input.is_cuda() == mask.is_cuda(),
+      name,
+      ": input, offset and mask must be on the same device");
+  const Geometry g = make_base_geometry(
+      name, input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+      group_channels, offset_scale, remove_center, mask_logits);
+  STD_TORCH_CHECK(
       offset.size(0) == g.N && offset.size(1) == g.Ho && offset.size(2) == g.Wo &&
           offset.size(3) == group * g.P * 2,
       name,
@@ -147,12 +190,47 @@ inline Geometry make_geometry(
       name,
       ": mask must have shape (",
       g.N, ", ", g.Ho, ", ", g.Wo, ", ", group * g.P, ")");
+  return g;
+}
+
+// Channels of DCNv4's packed offset_mask in the official module: 3*G*P rounded up to a multiple of 8.
+inline int64_t padded_offset_mask_channels(int64_t group, int64_t points) {
+  return (3 * group * points + 7) / 8 * 8;
+}
+
+// Validates the arguments of one DCNv4 call (one packed offset_mask, with or
+// without the official padding channels) and returns its geometry.
+inline Geometry make_packed_geometry(
+    const char* name,
+    const Tensor& input,
+    const Tensor& offset_mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool softmax) {
+  STD_TORCH_CHECK(input.dim() == 4, name, ": input must be (N, H, W, group*group_channels)");
+  check_same_dtype_device(name, input, offset_mask, "offset_mask");
+  Geometry g = make_base_geometry(
+      name, input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+      group_channels, offset_scale, remove_center, softmax);
+  const int64_t used = 3 * group * g.P;
+  const int64_t padded = padded_offset_mask_channels(group, g.P);
   STD_TORCH_CHECK(
-      !mask_logits || g.P <= kMaxSoftmaxPoints,
+      offset_mask.size(0) == g.N && offset_mask.size(1) == g.Ho && offset_mask.size(2) == g.Wo &&
+          offset_mask.size(3) >= used && offset_mask.size(3) <= padded,
       name,
-      ": the fused softmax supports at most ",
-      kMaxSoftmaxPoints,
-      " kernel points");
+      ": offset_mask must have shape (",
+      g.N, ", ", g.Ho, ", ", g.Wo, ", M) with ", used, " <= M <= ", padded);
+  set_packed_layout(g, offset_mask.size(3));
   return g;
 }
 
@@ -284,6 +362,95 @@ std::tuple<Tensor, Tensor, Tensor> backward_entry(
         torch::stable::new_zeros(mask, {g.N, g.Ho, g.Wo, g.G * g.P}));
   }
   return kImpl(name, g, grad_output, input, offset, mask);
+}
+
+// DCNv4's entry points: the same device check, validation and empty calls
+// for (input, offset_mask) and a runtime softmax flag. An implementation
+// gets the weights' base as a second view of offset_mask (the kernels
+// address both through the geometry) and returns (grad_input,
+// grad_offset_mask), the padding channels zero.
+using PackedForwardImpl = Tensor (*)(const char* name, const Geometry&, const Tensor&, const Tensor&);
+using PackedBackwardImpl = std::tuple<Tensor, Tensor> (*)(
+    const char* name, const Geometry&, const Tensor&, const Tensor&, const Tensor&);
+
+template <PackedForwardImpl kImpl, Device kDevice>
+Tensor packed_forward_entry(
+    Tensor input,
+    Tensor offset_mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool softmax) {
+  const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv4_forward (CUDA)"
+                                             : "timm_internimage::dcnv4_forward (CPU)";
+  STD_TORCH_CHECK(
+      on_device(input, kDevice) && on_device(offset_mask, kDevice), name, ": expected ", device_name(kDevice),
+      " tensors");
+  const Geometry g = make_packed_geometry(
+      name, input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, softmax);
+  if (g.positions() * g.G * g.C == 0) {
+    return torch::stable::new_empty(input, output_shape(g));
+  }
+  return kImpl(name, g, input, offset_mask);
+}
+
+template <PackedBackwardImpl kImpl, Device kDevice>
+std::tuple<Tensor, Tensor> packed_backward_entry(
+    Tensor grad_output,
+    Tensor input,
+    Tensor offset_mask,
+    int64_t kernel_h,
+    int64_t kernel_w,
+    int64_t stride_h,
+    int64_t stride_w,
+    int64_t pad_h,
+    int64_t pad_w,
+    int64_t dilation_h,
+    int64_t dilation_w,
+    int64_t group,
+    int64_t group_channels,
+    double offset_scale,
+    bool remove_center,
+    bool softmax) {
+  const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv4_backward (CUDA)"
+                                             : "timm_internimage::dcnv4_backward (CPU)";
+  STD_TORCH_CHECK(
+      on_device(grad_output, kDevice) && on_device(input, kDevice) && on_device(offset_mask, kDevice),
+      name,
+      ": expected ",
+      device_name(kDevice),
+      " tensors");
+  const Geometry g = make_packed_geometry(
+      name, input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      group, group_channels, offset_scale, remove_center, softmax);
+  check_grad_output(name, grad_output, input, g);
+  if (g.positions() * g.G == 0 || input.numel() == 0) {
+    return std::make_tuple(
+        torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C}),
+        torch::stable::new_zeros(offset_mask, {g.N, g.Ho, g.Wo, offset_mask.size(3)}));
+  }
+  return kImpl(name, g, grad_output, input, offset_mask);
+}
+
+// The gradients' tensors for one DCNv4 backward call: grad_input as in
+// new_gradients, grad_offset_mask zeroed (the kernels write every used
+// channel; the padding channels stay zero).
+inline std::tuple<Tensor, Tensor> new_packed_gradients(const Geometry& g, const Tensor& input, const Tensor& offset_mask) {
+  const std::vector<int64_t> input_shape = {g.N, g.H, g.W, g.G * g.C};
+  return std::make_tuple(
+      accumulates_in_place(input.scalar_type()) ? torch::stable::new_zeros(input, input_shape)
+                                                : torch::stable::new_empty(input, input_shape),
+      torch::stable::new_zeros(offset_mask, {g.N, g.Ho, g.Wo, g.off_pixel}));
 }
 
 }  // namespace dcnv3

@@ -70,9 +70,37 @@ struct Geometry {
   int64_t center;          // flat index of the centre point, or -1
   double offset_scale;
   bool mask_logits;  // mask holds logits: softmax over P inside the op
+  // Addressing of the offsets and point weights (and of their gradients):
+  // the offset pair of point p of group gi of output pixel pos is at
+  // pos * off_pixel + gi * off_group + 2p (+1 for y), its weight at
+  // pos * mask_pixel + gi * mask_group + p of the weights' base pointer.
+  // DCNv3 (separate offset and mask): G*2P, 2P, G*P, P. DCNv4 (one packed
+  // offset_mask of M channels, per group 2P offsets then P weights): M, 3P,
+  // M, 3P, with the weights' base pointer 2P elements into offset_mask.
+  int64_t off_pixel, off_group, mask_pixel, mask_group;
 
   DCNV3_HD int64_t positions() const { return N * Ho * Wo; }
+  // Whether the points of consecutive groups follow each other in both
+  // tensors (DCNv3's layout), so that the points of several groups form one run.
+  DCNV3_HD bool groups_packed() const { return off_group == 2 * P && mask_group == P; }
 };
+
+// The addressing of DCNv3's separate offset and mask tensors.
+DCNV3_HD void set_separate_layout(Geometry& g) {
+  g.off_pixel = g.G * g.P * 2;
+  g.off_group = g.P * 2;
+  g.mask_pixel = g.G * g.P;
+  g.mask_group = g.P;
+}
+
+// The addressing of DCNv4's packed offset_mask with `channels` channels per
+// pixel (3*G*P, or padded up to a multiple of 8 as the official module does).
+DCNV3_HD void set_packed_layout(Geometry& g, int64_t channels) {
+  g.off_pixel = channels;
+  g.off_group = g.P * 3;
+  g.mask_pixel = channels;
+  g.mask_group = g.P * 3;
+}
 
 // Maps the point index p (0..P-1) to its kernel column i (over kw, slowest)
 // and row j (over kh), skipping the centre when remove_center is set.

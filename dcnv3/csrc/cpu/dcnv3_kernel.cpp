@@ -189,8 +189,9 @@ struct PointArrays {
   int64_t n;
 };
 
-// Stencils of the `count` points of output pixel (ho, wo) whose offsets start
-// at offp, in one loop vectorised across points. kBackward: raw weights plus
+// Stencils of the `count` points first..first+count-1 of output pixel (ho, wo)
+// (indices into kx, ky and pts), whose offset pairs follow each other from
+// offp on, in one loop vectorised across points. kBackward: raw weights plus
 // derivatives and flags; otherwise weights times the sample weight.
 template <typename scalar_t, bool kBackward>
 DCNV3_INLINE void compute_stencils(
@@ -200,29 +201,32 @@ DCNV3_INLINE void compute_stencils(
     const opmath_t<scalar_t>* DCNV3_RESTRICT kx,
     const opmath_t<scalar_t>* DCNV3_RESTRICT ky,
     const scalar_t* DCNV3_RESTRICT offp,
+    int64_t first,
     int64_t count,
     PointArrays<opmath_t<scalar_t>>& pts) {
   using acc_t = opmath_t<scalar_t>;
   const int32_t H = static_cast<int32_t>(g.H);
   const int32_t W = static_cast<int32_t>(g.W);
-  const acc_t* DCNV3_RESTRICT prob = pts.prob();
-  acc_t* DCNV3_RESTRICT w0 = pts.weight(0);
-  acc_t* DCNV3_RESTRICT w1 = pts.weight(1);
-  acc_t* DCNV3_RESTRICT w2 = pts.weight(2);
-  acc_t* DCNV3_RESTRICT w3 = pts.weight(3);
-  acc_t* DCNV3_RESTRICT wx0 = pts.weight_dx(0);
-  acc_t* DCNV3_RESTRICT wx1 = pts.weight_dx(1);
-  acc_t* DCNV3_RESTRICT wx2 = pts.weight_dx(2);
-  acc_t* DCNV3_RESTRICT wx3 = pts.weight_dx(3);
-  acc_t* DCNV3_RESTRICT wy0 = pts.weight_dy(0);
-  acc_t* DCNV3_RESTRICT wy1 = pts.weight_dy(1);
-  acc_t* DCNV3_RESTRICT wy2 = pts.weight_dy(2);
-  acc_t* DCNV3_RESTRICT wy3 = pts.weight_dy(3);
-  int32_t* DCNV3_RESTRICT cx0 = pts.coord(0);
-  int32_t* DCNV3_RESTRICT cx1 = pts.coord(1);
-  int32_t* DCNV3_RESTRICT cy0 = pts.coord(2);
-  int32_t* DCNV3_RESTRICT cy1 = pts.coord(3);
-  int32_t* DCNV3_RESTRICT flags = pts.flags();
+  kx += first;
+  ky += first;
+  const acc_t* DCNV3_RESTRICT prob = pts.prob() + first;
+  acc_t* DCNV3_RESTRICT w0 = pts.weight(0) + first;
+  acc_t* DCNV3_RESTRICT w1 = pts.weight(1) + first;
+  acc_t* DCNV3_RESTRICT w2 = pts.weight(2) + first;
+  acc_t* DCNV3_RESTRICT w3 = pts.weight(3) + first;
+  acc_t* DCNV3_RESTRICT wx0 = pts.weight_dx(0) + first;
+  acc_t* DCNV3_RESTRICT wx1 = pts.weight_dx(1) + first;
+  acc_t* DCNV3_RESTRICT wx2 = pts.weight_dx(2) + first;
+  acc_t* DCNV3_RESTRICT wx3 = pts.weight_dx(3) + first;
+  acc_t* DCNV3_RESTRICT wy0 = pts.weight_dy(0) + first;
+  acc_t* DCNV3_RESTRICT wy1 = pts.weight_dy(1) + first;
+  acc_t* DCNV3_RESTRICT wy2 = pts.weight_dy(2) + first;
+  acc_t* DCNV3_RESTRICT wy3 = pts.weight_dy(3) + first;
+  int32_t* DCNV3_RESTRICT cx0 = pts.coord(0) + first;
+  int32_t* DCNV3_RESTRICT cx1 = pts.coord(1) + first;
+  int32_t* DCNV3_RESTRICT cy0 = pts.coord(2) + first;
+  int32_t* DCNV3_RESTRICT cy1 = pts.coord(3) + first;
+  int32_t* DCNV3_RESTRICT flags = pts.flags() + first;
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) {
     acc_t px, py;
@@ -249,6 +253,39 @@ DCNV3_INLINE void compute_stencils(
       wy3[j] = st.wy[3];
       flags[j] = (st.interior ? kInterior : 0) | (st.counts ? kCounts : 0);
     }
+  }
+}
+
+// Point weights and stencils of the points of groups g_begin..g_begin+groups-1
+// of output pixel pos = (n, ho, wo), read through the geometry's addressing:
+// DCNv3's layout (groups packed back to back) as one run of groups*P points,
+// DCNv4's packed offset_mask as one run of P points per group. Point j of pts
+// is point j % P of group g_begin + j / P.
+template <typename scalar_t, bool kBackward>
+DCNV3_INLINE void prepare_points(
+    const Geometry& g,
+    int64_t pos,
+    int64_t ho,
+    int64_t wo,
+    int64_t g_begin,
+    int64_t groups,
+    const opmath_t<scalar_t>* kx,
+    const opmath_t<scalar_t>* ky,
+    const scalar_t* off,
+    const scalar_t* mask,
+    PointArrays<opmath_t<scalar_t>>& pts) {
+  using acc_t = opmath_t<scalar_t>;
+  const scalar_t* offp = off + pos * g.off_pixel + g_begin * g.off_group;
+  const scalar_t* mp = mask + pos * g.mask_pixel + g_begin * g.mask_group;
+  if (g.groups_packed()) {
+    point_weights<scalar_t, acc_t>(mp, groups, g.P, g.mask_logits, pts.prob(), pts.shifted());
+    compute_stencils<scalar_t, kBackward>(g, ho, wo, kx, ky, offp, 0, groups * g.P, pts);
+    return;
+  }
+  for (int64_t lg = 0; lg < groups; ++lg) {
+    point_weights<scalar_t, acc_t>(
+        mp + lg * g.mask_group, 1, g.P, g.mask_logits, pts.prob() + lg * g.P, pts.shifted() + lg * g.P);
+    compute_stencils<scalar_t, kBackward>(g, ho, wo, kx, ky, offp + lg * g.off_group, lg * g.P, g.P, pts);
   }
 }
 
@@ -337,8 +374,7 @@ DCNV3_INLINE void forward_range(const ForwardArgs<scalar_t>& a, int64_t begin, i
     const int64_t wo = pos % g.Wo;
     const int64_t ho = (pos / g.Wo) % g.Ho;
     const int64_t n = pos / (g.Wo * g.Ho);
-    point_weights<scalar_t, acc_t>(a.mask + pos * GP, g.G, g.P, g.mask_logits, pts.prob(), pts.shifted());
-    compute_stencils<scalar_t, false>(g, ho, wo, a.kx, a.ky, a.off + pos * GP * 2, GP, pts);
+    prepare_points<scalar_t, false>(g, pos, ho, wo, 0, g.G, a.kx, a.ky, a.off, a.mask, pts);
     const scalar_t* xn = a.x + n * g.H * row;
     for (int64_t gi = 0; gi < g.G; ++gi) {
       const scalar_t* xg = xn + gi * C;
@@ -540,12 +576,10 @@ DCNV3_INLINE void backward_range(
     const int64_t pos = n * g.Ho * g.Wo + hw;
     const int64_t wo = hw % g.Wo;
     const int64_t ho = hw / g.Wo;
-    const int64_t first = (pos * g.G + g_begin) * P;  // this pixel's first point of group g_begin
-    point_weights<scalar_t, acc_t>(a.mask + first, g_count, P, g.mask_logits, pts.prob(), pts.shifted());
-    compute_stencils<scalar_t, true>(g, ho, wo, a.kx, a.ky, a.off + first * 2, count, pts);
-    scalar_t* grad_off = a.grad_off + first * 2;
+    prepare_points<scalar_t, true>(g, pos, ho, wo, g_begin, g_count, a.kx, a.ky, a.off, a.mask, pts);
     for (int64_t lg = 0; lg < g_count; ++lg) {
       const int64_t gi = g_begin + lg;
+      scalar_t* grad_off = a.grad_off + pos * g.off_pixel + gi * g.off_group;  // this group's offset pairs
       const scalar_t* go = a.grad_out + pos * GC + gi * C;
       const scalar_t* xg = xn + gi * C;
       acc_t* ging = gin + gi * C;
@@ -583,17 +617,17 @@ DCNV3_INLINE void backward_range(
         stencil_value_grad<acc_t>(s, d, s_v, s_x, s_y);
         acc_t gox, goy;
         offset_grad<acc_t>(g, m * s_x, m * s_y, gox, goy);
-        grad_off[2 * j] = static_cast<scalar_t>(gox);
-        grad_off[2 * j + 1] = static_cast<scalar_t>(goy);
+        grad_off[2 * (j - lg * P)] = static_cast<scalar_t>(gox);
+        grad_off[2 * (j - lg * P) + 1] = static_cast<scalar_t>(goy);
         gm[j] = s_v;
       }
       if (g.mask_logits) {
         softmax_backward_inplace(prob + lg * P, gm.data() + lg * P, P);
       }
-    }
-    scalar_t* grad_mask = a.grad_mask + first;
-    for (int64_t j = 0; j < count; ++j) {
-      grad_mask[j] = static_cast<scalar_t>(gm[j]);
+      scalar_t* grad_mask = a.grad_mask + pos * g.mask_pixel + gi * g.mask_group;
+      for (int64_t p = 0; p < P; ++p) {
+        grad_mask[p] = static_cast<scalar_t>(gm[lg * P + p]);
+      }
     }
   }
 }
@@ -697,19 +731,65 @@ void backward_kernel(
   });
 }
 
+// Forward into a new output: the offsets are read from `offset`, the point
+// weights from `mask` from element mask_shift on, both through g's addressing.
+Tensor run_forward(const char* name, const Geometry& g, const Tensor& input, const Tensor& offset, const Tensor& mask,
+                   int64_t mask_shift) {
+  Tensor out = torch::stable::new_empty(input, output_shape(g));
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    forward_kernel<scalar_t>(
+        g, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
+        mask.const_data_ptr<scalar_t>() + mask_shift, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// Backward into grad_input (zeroed for float/double) and the offset and
+// weight gradients, addressed like the offsets and weights.
+void run_backward(
+    const char* name,
+    const Geometry& g,
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& offset,
+    const Tensor& mask,
+    int64_t mask_shift,
+    Tensor& grad_input,
+    Tensor& grad_offset,
+    Tensor& grad_mask) {
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = opmath_t<scalar_t>;
+    acc_t* gin = nullptr;
+    std::vector<acc_t> gin_acc;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      gin = grad_input.mutable_data_ptr<scalar_t>();
+    } else {
+      gin_acc.assign(grad_input.numel(), acc_t(0));
+      gin = gin_acc.data();
+    }
+    backward_kernel<scalar_t>(
+        g, grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+        offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>() + mask_shift, gin,
+        grad_offset.mutable_data_ptr<scalar_t>(), grad_mask.mutable_data_ptr<scalar_t>() + mask_shift);
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      scalar_t* dst = grad_input.mutable_data_ptr<scalar_t>();
+      torch::stable::parallel_for(0, grad_input.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          dst[i] = static_cast<scalar_t>(gin[i]);
+        }
+      });
+    }
+  });
+}
+
 Tensor forward_impl(
     const char* name, const Geometry& g, const Tensor& input_, const Tensor& offset_, const Tensor& mask_) {
   const Tensor input = torch::stable::contiguous(input_);
   const Tensor offset = torch::stable::contiguous(offset_);
   const Tensor mask = torch::stable::contiguous(mask_);
-  Tensor out = torch::stable::new_empty(input, output_shape(g));
-  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    forward_kernel<scalar_t>(
-        g, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>());
-  });
-  return out;
+  return run_forward(name, g, input, offset, mask, 0);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_impl(
@@ -724,31 +804,27 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   const Tensor offset = torch::stable::contiguous(offset_);
   const Tensor mask = torch::stable::contiguous(mask_);
   auto [grad_input, grad_offset, grad_mask] = new_gradients(g, input, offset, mask);
-  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc_t = opmath_t<scalar_t>;
-    acc_t* gin = nullptr;
-    std::vector<acc_t> gin_acc;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      gin = grad_input.mutable_data_ptr<scalar_t>();
-    } else {
-      gin_acc.assign(grad_input.numel(), acc_t(0));
-      gin = gin_acc.data();
-    }
-    backward_kernel<scalar_t>(
-        g, grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-        offset.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), gin,
-        grad_offset.mutable_data_ptr<scalar_t>(), grad_mask.mutable_data_ptr<scalar_t>());
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      scalar_t* dst = grad_input.mutable_data_ptr<scalar_t>();
-      torch::stable::parallel_for(0, grad_input.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          dst[i] = static_cast<scalar_t>(gin[i]);
-        }
-      });
-    }
-  });
+  run_backward(name, g, grad_output, input, offset, mask, 0, grad_input, grad_offset, grad_mask);
   return std::make_tuple(grad_input, grad_offset, grad_mask);
+}
+
+// DCNv4: the same kernels, reading offsets and weights from the one packed
+// offset_mask (the weights of a group 2P elements after its offsets).
+Tensor packed_forward_impl(const char* name, const Geometry& g, const Tensor& input_, const Tensor& offset_mask_) {
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset_mask = torch::stable::contiguous(offset_mask_);
+  return run_forward(name, g, input, offset_mask, offset_mask, 2 * g.P);
+}
+
+std::tuple<Tensor, Tensor> packed_backward_impl(
+    const char* name, const Geometry& g, const Tensor& grad_output_, const Tensor& input_, const Tensor& offset_mask_) {
+  const Tensor grad_output = torch::stable::contiguous(grad_output_);
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset_mask = torch::stable::contiguous(offset_mask_);
+  auto [grad_input, grad_offset_mask] = new_packed_gradients(g, input, offset_mask);
+  run_backward(
+      name, g, grad_output, input, offset_mask, offset_mask, 2 * g.P, grad_input, grad_offset_mask, grad_offset_mask);
+  return std::make_tuple(grad_input, grad_offset_mask);
 }
 
 }  // namespace
@@ -760,4 +836,6 @@ STABLE_TORCH_LIBRARY_IMPL(timm_internimage, CPU, m) {
   m.impl("dcnv3_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CPU, false>)));
   m.impl("dcnv3_softmax_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, Device::CPU, true>)));
   m.impl("dcnv3_softmax_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CPU, true>)));
+  m.impl("dcnv4_forward", TORCH_BOX((&dcnv3::packed_forward_entry<&dcnv3::packed_forward_impl, Device::CPU>)));
+  m.impl("dcnv4_backward", TORCH_BOX((&dcnv3::packed_backward_entry<&dcnv3::packed_backward_impl, Device::CPU>)));
 }
