@@ -1,4 +1,5 @@
-// Launchers of the DCNv3 CUDA kernels (dcnv3_kernels.cuh), on the torch stable ABI.
+// Launchers of the DCNv3 and DCNv4 CUDA kernels (dcnv3_kernels.cuh,
+// dcnv4_kernels.cuh), on the torch stable ABI.
 #include <cuda_runtime.h>
 
 #include <torch/csrc/stable/accelerator.h>
@@ -8,6 +9,7 @@
 
 #include "../dcnv3_common.h"
 #include "dcnv3_kernels.cuh"
+#include "dcnv4_kernels.cuh"
 
 #ifndef DCNV3_CUDA_ARCHS
 #define DCNV3_CUDA_ARCHS "unknown"
@@ -123,6 +125,82 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   return std::make_tuple(grad_input, grad_offset, grad_mask);
 }
 
+Tensor packed_forward_impl(const char* name, const Geometry& g, const Tensor& input_, const Tensor& offset_mask_) {
+  const int32_t device = input_.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset_mask = torch::stable::contiguous(offset_mask_);
+  Tensor out = torch::stable::new_empty(input, output_shape(g));
+  const cudaStream_t stream = current_stream(device);
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    constexpr int kVec = vector_channels<scalar_t>();
+    const int64_t total = g.positions() * g.G * ((g.C + kVec - 1) / kVec);
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* om = offset_mask.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    auto launch = [&](auto kernel) {
+      check_kernel_image(reinterpret_cast<const void*>(kernel), device);
+      kernel<<<blocks_for(total), kThreads, 0, stream>>>(g, x, om, om + 2 * g.P, o, total);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (channels_vectorizable<scalar_t>(g, x, o)) {
+      launch(packed_forward_kernel<scalar_t, true>);
+    } else {
+      launch(packed_forward_kernel<scalar_t, false>);
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> packed_backward_impl(
+    const char* name, const Geometry& g, const Tensor& grad_output_, const Tensor& input_, const Tensor& offset_mask_) {
+  const int32_t device = input_.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  const Tensor grad_output = torch::stable::contiguous(grad_output_);
+  const Tensor input = torch::stable::contiguous(input_);
+  const Tensor offset_mask = torch::stable::contiguous(offset_mask_);
+  auto [grad_input, grad_offset_mask] = new_packed_gradients(g, input, offset_mask);
+  const int64_t total = g.positions() * g.G;
+  const cudaStream_t stream = current_stream(device);
+  dispatch_floating(input.scalar_type(), name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = opmath_t<scalar_t>;
+    constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+    Tensor gin_buf = kSame ? grad_input
+                           : torch::stable::new_zeros(input, {g.N, g.H, g.W, g.G * g.C}, ScalarType::Float);
+    acc_t* gin = gin_buf.mutable_data_ptr<acc_t>();
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* om = offset_mask.const_data_ptr<scalar_t>();
+    scalar_t* gom = grad_offset_mask.mutable_data_ptr<scalar_t>();
+    auto launch = [&](auto kernel) {
+      check_kernel_image(reinterpret_cast<const void*>(kernel), device);
+      kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+          g, go, x, om, om + 2 * g.P, gin, gom, gom + 2 * g.P, total);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    const bool aligned = channels_vectorizable<scalar_t>(g, go, x);
+    if (aligned && g.mask_logits) {
+      launch(packed_backward_kernel<scalar_t, true, true>);
+    } else if (aligned) {
+      launch(packed_backward_kernel<scalar_t, true, false>);
+    } else if (g.mask_logits) {
+      launch(packed_backward_kernel<scalar_t, false, true>);
+    } else {
+      launch(packed_backward_kernel<scalar_t, false, false>);
+    }
+    if constexpr (!kSame) {
+      const int64_t n_in = grad_input.numel();
+      auto kernel = cast_kernel<scalar_t, acc_t>;
+      check_kernel_image(reinterpret_cast<const void*>(kernel), device);
+      kernel<<<blocks_for(n_in), kThreads, 0, stream>>>(gin, grad_input.mutable_data_ptr<scalar_t>(), n_in);
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return std::make_tuple(grad_input, grad_offset_mask);
+}
+
 }  // namespace
 }  // namespace dcnv3
 
@@ -132,4 +210,6 @@ STABLE_TORCH_LIBRARY_IMPL(timm_internimage, CUDA, m) {
   m.impl("dcnv3_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CUDA, false>)));
   m.impl("dcnv3_softmax_forward", TORCH_BOX((&dcnv3::forward_entry<&dcnv3::forward_impl, Device::CUDA, true>)));
   m.impl("dcnv3_softmax_backward", TORCH_BOX((&dcnv3::backward_entry<&dcnv3::backward_impl, Device::CUDA, true>)));
+  m.impl("dcnv4_forward", TORCH_BOX((&dcnv3::packed_forward_entry<&dcnv3::packed_forward_impl, Device::CUDA>)));
+  m.impl("dcnv4_backward", TORCH_BOX((&dcnv3::packed_backward_entry<&dcnv3::packed_backward_impl, Device::CUDA>)));
 }
