@@ -1,9 +1,10 @@
-"""Runs the DCNv3 CUDA kernel bodies on the host (see emulate.cpp and cuda_shim.h).
+"""Runs the DCNv3 and DCNv4 CUDA kernel bodies on the host (see emulate.cpp and cuda_shim.h).
 
-``build()`` compiles ``emulate.cpp`` (which ``#include``s ``csrc/cuda/dcnv3_kernels.cuh``) with g++ into a
-cache directory, once per source hash, in two flavours: ``'opt'`` (-O2) and ``'sanitized'`` (ASan + UBSan,
-every error fatal). ``Emulator(binary)(input, offset, mask, grad_output, *op_args)`` runs forward and backward
-of one case through the binary and returns the four result tensors.
+``build()`` compiles ``emulate.cpp`` (which ``#include``s ``csrc/cuda/dcnv3_kernels.cuh`` and
+``dcnv4_kernels.cuh``) with g++ into a cache directory, once per source hash, in two flavours: ``'opt'`` (-O2)
+and ``'sanitized'`` (ASan + UBSan, every error fatal). ``Emulator(binary)(input, offset, mask, grad_output,
+*op_args)`` runs forward and backward of one DCNv3 case through the binary and returns the four result tensors;
+``Emulator(binary).packed(input, offset_mask, grad_output, *op_args)`` does the same for DCNv4.
 
 No torch library is linked: only the header-only c10::Half / c10::BFloat16 from torch's include directory are
 used. The cache directory is ``$DCNV3_CUDA_EMULATION_CACHE`` or ``dcnv3/build/cuda_emulation``.
@@ -23,7 +24,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / 'csrc'
-SOURCES = (HERE / 'emulate.cpp', HERE / 'cuda_shim.h', CSRC / 'cuda' / 'dcnv3_kernels.cuh', CSRC / 'dcnv3_sampling.h')
+SOURCES = (HERE / 'emulate.cpp', HERE / 'cuda_shim.h', CSRC / 'cuda' / 'dcnv3_kernels.cuh',
+           CSRC / 'cuda' / 'dcnv4_kernels.cuh', CSRC / 'dcnv3_sampling.h')
 FLAGS = {
     'opt': ['-O2'],
     # float-cast-overflow is not part of -fsanitize=undefined in GCC; it catches a NaN or huge sampling
@@ -33,7 +35,7 @@ FLAGS = {
 }
 COMMON_FLAGS = ['-std=c++17', '-Wall', '-Wextra']
 DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-MAGIC = b'DCNV3EM1'
+MAGIC = b'DCNV3EM2'
 GEOMETRY_FIELDS = ('N', 'H', 'W', 'Ho', 'Wo', 'G', 'C', 'P', 'kh', 'kw', 'sh', 'sw', 'ph', 'pw', 'dh', 'dw',
                    'half_h', 'half_w', 'center', 'mask_logits')
 SANITIZER_MARKERS = ('ERROR: AddressSanitizer', 'runtime error:', 'ERROR: LeakSanitizer', 'SUMMARY: ')
@@ -48,6 +50,14 @@ class Result(NamedTuple):
     grad_input: torch.Tensor
     grad_offset: torch.Tensor
     grad_mask: torch.Tensor
+
+
+class PackedResult(NamedTuple):
+    """DCNv4's results; ``vectorized``: whether the kernels with 16-byte channel accesses ran."""
+    output: torch.Tensor
+    grad_input: torch.Tensor
+    grad_offset_mask: torch.Tensor
+    vectorized: bool
 
 
 def compiler() -> Optional[str]:
@@ -166,18 +176,53 @@ class Emulator:
                                ('grad_output', grad_output, shapes['output'])):
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f'{name} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}')
+        return Result(**self._run(dtype, g, blocks, threads, seed, 0, 0, False, (input, offset, mask, grad_output),
+                                  shapes))
+
+    def packed(self, input: torch.Tensor, offset_mask: torch.Tensor, grad_output: torch.Tensor, kernel_h: int,
+               kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,
+               dilation_w: int, group: int, group_channels: int, offset_scale: float, remove_center: bool,
+               softmax: bool = False, *, blocks: int = 0, threads: int = 0, seed: int = 0,
+               scalar_loads: bool = False) -> PackedResult:
+        """Forward and backward of one DCNv4 case (``offset_mask`` packed, padded or not), as the launchers run
+        them; ``scalar_loads`` forces the kernels without vector channel accesses."""
+        dtype = input.dtype
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f'unsupported dtype {dtype}')
+        g = make_geometry(input.shape, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                          group, group_channels, offset_scale, remove_center, softmax)
+        pixels = (g['N'], g['Ho'], g['Wo'])
+        channels = offset_mask.shape[-1]
+        used = 3 * g['G'] * g['P']
+        if not used <= channels <= (used + 7) // 8 * 8:
+            raise ValueError(f'offset_mask needs {used} channels, padded to at most a multiple of 8, got {channels}')
+        shapes = dict(output=(*pixels, g['G'] * g['C']), grad_input=tuple(input.shape),
+                      grad_offset_mask=(*pixels, channels))
+        for name, t, shape in (('offset_mask', offset_mask, shapes['grad_offset_mask']),
+                               ('grad_output', grad_output, shapes['output'])):
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f'{name} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}')
+        out = self._run(dtype, g, blocks, threads, seed, 1, channels, scalar_loads,
+                        (input, offset_mask, grad_output), shapes, trailer=8)
+        return PackedResult(**out)
+
+    def _run(self, dtype: torch.dtype, g: dict, blocks: int, threads: int, seed: int, op: int, channels: int,
+             scalar_loads: bool, arrays: Sequence[torch.Tensor], shapes: Dict[str, tuple], trailer: int = 0) -> dict:
+        """Runs one case file through the binary; the result tensors by name (and ``vectorized`` when the
+        result ends with the DCNv4 flag, ``trailer`` bytes)."""
         header = MAGIC + struct.pack(
-            '=24qd', DTYPE_CODES[dtype], *(g[k] for k in GEOMETRY_FIELDS), blocks, threads, seed, g['offset_scale'])
+            '=27qd', DTYPE_CODES[dtype], *(g[k] for k in GEOMETRY_FIELDS), blocks, threads, seed, op, channels,
+            int(scalar_loads), g['offset_scale'])
         with tempfile.TemporaryDirectory(prefix='dcnv3_emulation_') as tmp:
             case_file, result_file = Path(tmp) / 'case.bin', Path(tmp) / 'result.bin'
-            case_file.write_bytes(header + b''.join(_to_bytes(t) for t in (input, offset, mask, grad_output)))
+            case_file.write_bytes(header + b''.join(_to_bytes(t) for t in arrays))
             proc = subprocess.run([str(self.binary), str(case_file), str(result_file)], capture_output=True,
                                   text=True, env=self.env, timeout=self.timeout)
             if proc.returncode != 0 or any(m in proc.stderr for m in SANITIZER_MARKERS):
                 raise EmulationError(f'{self.binary.name} exited with {proc.returncode}:\n{proc.stderr}')
             data = bytearray(result_file.read_bytes())
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        expected = sum(itemsize * torch.Size(s).numel() for s in shapes.values())
+        expected = sum(itemsize * torch.Size(s).numel() for s in shapes.values()) + trailer
         if len(data) != expected:
             raise EmulationError(f'result has {len(data)} bytes, expected {expected}')
         out, pos = {}, 0
@@ -186,4 +231,6 @@ class Emulator:
             flat = torch.frombuffer(data[pos:pos + n], dtype=dtype) if n else torch.empty(0, dtype=dtype)
             out[name] = flat.reshape(shape)
             pos += n
-        return Result(**out)
+        if trailer:
+            out['vectorized'] = struct.unpack('=q', bytes(data[pos:pos + 8]))[0] == 1
+        return out
