@@ -20,7 +20,7 @@ Examples::
 no DCNv3 backend). ``--compile`` takes ``eager`` (no compile), ``default`` (inductor) and ``freezing`` (inductor
 with ``torch._inductor.config.freezing``, inference only).
 
-Peak memory is that of the timed iterations (after warmup), as ``timm_internimage.benchmarking.PeakMemory``
+Peak memory is that of the timed iterations (after warmup), as ``timm_internimage.tools.benchmarking.PeakMemory``
 measures it: allocated CUDA memory, or the CPU process's peak resident set size, above the level before them.
 Where the kernel does not allow resetting the CPU high-water mark, the number is an upper bound, flagged
 ``peak_mem_exact: false``. ``--clock cpu`` times with the process CPU time instead of the wall clock: with
@@ -47,7 +47,7 @@ import torch
 if importlib.util.find_spec('timm_internimage') is None:  # a source checkout that is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm_internimage  # noqa: E402  registers the models
-from timm_internimage import benchmarking as measure  # noqa: E402
+from timm_internimage.tools import benchmarking as measure  # noqa: E402
 
 BACKEND_ENV = 'TIMM_INTERNIMAGE_DCNV3_BACKEND'
 BACKEND_CHOICES = ('auto', 'torch', 'reference', 'compiled')

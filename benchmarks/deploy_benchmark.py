@@ -24,7 +24,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from timm_internimage.benchmarking import cpu_name
+from timm_internimage.tools.benchmarking import cpu_name
 
 
 def _time(run: Callable[[], object], iters: int) -> float:
@@ -93,7 +93,7 @@ def main() -> int:
     import openvino
     import timm
     import timm_internimage  # noqa: F401  (registers the models)
-    from timm_internimage.export import export_model
+    from timm_internimage.tools.export import export_model
     from timm_internimage.ops import compiled_backend_available
 
     batches = [int(b) for b in args.batch_size.split(',')]

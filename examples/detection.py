@@ -223,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               max_size=args.max_size, **json.loads(args.model_args))
     losses = train(detector, dataset, args.steps, args.lr)
     print(f'trained {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}')
-    from timm_internimage.cli import sample_image_path
+    from timm_internimage.tools.images import sample_image_path
     image = args.image or sample_image_path()
     names = {0: 'background', **dataset.categories}
     for label, score, box in detect(detector, image):

@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = FPNSegmenter(args.model, pretrained=not args.no_pretrained, **json.loads(args.model_args))
     losses = train(model, args.steps, args.lr)
     print(f'trained {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}')
-    from timm_internimage.cli import sample_image_path
+    from timm_internimage.tools.images import sample_image_path
     classes = segment(model, args.image or sample_image_path())
     shares = torch.bincount(classes.flatten(), minlength=len(CLASSES)).float() / classes.numel()
     print('class shares: ' + ', '.join(f'{name} {share:.1%}' for name, share in zip(CLASSES, shares.tolist())))

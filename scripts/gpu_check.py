@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from timm_internimage import benchmarking as measure
+from timm_internimage.tools import benchmarking as measure
 
 REPO = Path(__file__).resolve().parents[1]
 SEMANTICS_DIR = REPO / 'tests' / 'data' / 'golden' / 'cuda_semantics'

@@ -148,7 +148,7 @@ def test_each_measurement_reads_the_clock_it_is_given():
     import time
 
     import torch
-    from timm_internimage import benchmarking as measure
+    from timm_internimage.tools import benchmarking as measure
     cpu = torch.device('cpu')
     readings = iter([0.0, 0.25, 1.0, 1.5])
     assert measure.time_it(lambda: None, cpu, 0, 2, lambda: next(readings)) == [0.25, 0.5]

@@ -8,9 +8,11 @@ import pytest
 import torch
 import timm
 
-from timm_internimage.cli import _infer_model, convert, main, sample_image_path
+from timm_internimage.cli import main
+from timm_internimage.tools.convert import convert, infer_model
+from timm_internimage.tools.images import sample_image_path
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest
-from timm_internimage.internimage import pretrained_cfgs
+from timm_internimage.models.internimage import pretrained_cfgs
 
 from conftest import REPO_ROOT, TINY, assert_same_weights, official_model, tiny_model
 from hub_server import hf_format, safetensors_bytes, sharded_repo, single_file_repo, tiny_case
@@ -166,10 +168,10 @@ def test_convert_local_hf_folder(tmp_path):
 @pytest.mark.parametrize('name,classes', [('internimage_t', 1000), ('internimage_xl', 21841), ('internimage_g', 1000)])
 def test_convert_infers_released_variant(name, classes):
     state_dict = timm.create_model(name, device='meta', num_classes=classes).state_dict()
-    assert _infer_model(state_dict) == {'model': name, 'num_classes': classes}
+    assert infer_model(state_dict) == {'model': name, 'num_classes': classes}
     official_style = {'model.patch_embed.conv1.weight': state_dict['stem.conv1.weight'],
                       'model.head.weight': state_dict['head.fc.weight']}
-    assert _infer_model(official_style) == {'model': name, 'num_classes': classes}
+    assert infer_model(official_style) == {'model': name, 'num_classes': classes}
 
 
 def test_convert_rejects_wrong_architecture(tmp_path, capsys):
@@ -320,9 +322,9 @@ def test_predict_decodes_each_image_once_one_batch_at_a_time(tiny_checkpoint, tm
     results = json.loads(capsys.readouterr().out)['results']
     assert sorted(decodes) == sorted(Path(p).name for p in paths)
     assert [len(r['predictions']) for r in results] == [1000] * 5  # --top-k is capped at the class count
-    from timm_internimage.cli import _image_batches
+    from timm_internimage.tools.images import image_batches
     decodes.clear()
-    batches = _image_batches(paths, lambda image: torch.zeros(3, 4, 4), batch_size=2)
+    batches = image_batches(paths, lambda image: torch.zeros(3, 4, 4), batch_size=2)
     assert decodes == []
     assert next(batches)[0] == paths[:2] and len(decodes) == 2
     assert [chunk for chunk, _, _ in batches] == [paths[2:4], paths[4:]] and len(decodes) == 5
@@ -384,7 +386,8 @@ def test_predict_failures_are_one_error_line(tiny_checkpoint, tmp_path, capsys, 
 
 
 def test_predict_device_defaults_to_auto_cuda_then_mps_then_cpu(monkeypatch):
-    from timm_internimage.cli import build_parser, resolve_device
+    from timm_internimage.cli import build_parser
+    from timm_internimage.tools.loading import resolve_device
     assert build_parser().parse_args(['predict']).device == 'auto'
     for cuda, mps, want in ((True, True, 'cuda'), (False, True, 'mps'), (False, False, 'cpu')):
         monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)

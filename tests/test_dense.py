@@ -12,7 +12,7 @@ import torch
 import timm
 
 from timm_internimage import set_backend
-from timm_internimage.internimage import DENSE_REPO, DENSE_TAGS, dense_scores
+from timm_internimage.models.internimage import DENSE_REPO, DENSE_TAGS, dense_scores
 from timm_internimage.pretrained import PretrainedWeightsError
 
 from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT
@@ -236,7 +236,7 @@ def test_list_shows_dense_tags_with_task_and_score(capsys):
 def test_convert_an_mmcv_checkpoint(tmp_path):
     """``convert`` recognises an official detection file by name, applies its tag and writes the backbone, which
     loads back as the official backbone."""
-    from timm_internimage.cli import convert
+    from timm_internimage.tools.convert import convert
     case, path, tensors = _golden_file(tmp_path, 'tiny_mask_rcnn_t', filename=DENSE_TAGS[MASK_RCNN_T].filename)
     out = convert(str(path), str(tmp_path / 'converted'), model_kwargs=dict(case['overrides']))
     features = timm.create_model(f'local-dir:{out}', features_only=True, pretrained=True).eval()
@@ -310,7 +310,7 @@ def test_detection_example_trains_and_detects(backend, tmp_path, monkeypatch):
     (loss,) = detection.train(detector, dataset, steps=1, lr=1e-3, log_every=0)
     assert math.isfinite(loss)
     assert not torch.equal(detector.backbone.body.model.stem.conv1.weight, stem_before)  # the backbone trains
-    from timm_internimage.cli import sample_image_path
+    from timm_internimage.tools.images import sample_image_path
     detections = detection.detect(detector, sample_image_path(), score_threshold=0.0)
     for label, score, box in detections:
         assert 1 <= label <= len(detection.COLOURS) and 0 <= score <= 1 and len(box) == 4
@@ -326,7 +326,7 @@ def test_segmentation_example_trains_and_segments(backend, tmp_path, monkeypatch
                                       pretrained_cfg_overlay=dict(file=str(path)), **case['overrides'])
     (loss,) = segmentation.train(model, steps=1, size=(64, 64), log_every=0)
     assert math.isfinite(loss)
-    from timm_internimage.cli import sample_image_path
+    from timm_internimage.tools.images import sample_image_path
     classes = segmentation.segment(model, sample_image_path(), side=64)
     assert classes.shape == (64, 64) and 0 <= int(classes.min()) and int(classes.max()) < len(segmentation.CLASSES)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from timm_internimage.cli import main
-from timm_internimage.export import ExportCheckError, ExportError, export_model
+from timm_internimage.tools.export import ExportCheckError, ExportError, export_model
 from timm_internimage.ops.dcnv3_export import dcnv3_export, export_formulation, export_formulation_active
 from conftest import forward_backward, tiny_model
 from golden import (

@@ -224,7 +224,7 @@ def test_compiled_training_step_matches_eager(backend, monkeypatch):
 def image_folder(tmp_path):
     """``train/`` and ``val/`` with two classes of variants of the bundled photo."""
     from PIL import Image, ImageOps
-    from timm_internimage.cli import sample_image_path
+    from timm_internimage.tools.images import sample_image_path
     with Image.open(sample_image_path()) as image:
         base = image.convert('RGB')
     for split, count in (('train', 4), ('val', 1)):

@@ -488,7 +488,7 @@ def test_unsupported_official_arguments_raise_clear_errors(argument, message):
 def test_act_and_norm_layer_reach_the_official_layers(name):
     """As officially, norm_layer is the norm of the stem, the downsamples, DCNv3's offset/mask branch and the
     H/G head; the blocks keep LayerNorm (eps 1e-6) and the T-XL head its BatchNorm. act_layer is every activation."""
-    from timm_internimage.internimage import ChannelsLastBatchNorm
+    from timm_internimage.models.internimage import ChannelsLastBatchNorm
     model = tiny_model(name, act_layer='ReLU', norm_layer='BN', device='meta')
     expected = {'stem.norm1', 'stem.norm2', 'stages.1.downsample.norm', 'stages.2.downsample.norm',
                 'stages.3.downsample.norm'}
@@ -533,7 +533,7 @@ def test_norm_layer_partial_keeps_its_eps():
 def test_official_names_keep_the_fused_gelu_and_bn_is_batchnorm_over_channels():
     """'GELU' is torch's GELU (fused into fc1's oneDNN call on CPU); 'BN' is BatchNorm over the last dimension,
     with BatchNorm's state-dict keys, and trains in both heads."""
-    from timm_internimage.internimage import ChannelsLastBatchNorm
+    from timm_internimage.models.internimage import ChannelsLastBatchNorm
     assert tiny_model('internimage_t', act_layer='GELU').stages[0].blocks[0].mlp.gelu_approximate == 'none'
     channels_last, reference = ChannelsLastBatchNorm(8), torch.nn.BatchNorm2d(8)
     x = torch.randn(4, 5, 6, 8)
@@ -560,7 +560,7 @@ def test_drop_path_type_sets_the_official_block_rates(drop_path_type):
 def test_with_cp_is_gradient_checkpointing(monkeypatch):
     """with_cp=True is set_grad_checkpointing(): every block runs again in backward, and outputs and gradients
     equal the plain model's in float64, with stochastic depth active."""
-    from timm_internimage.internimage import InternImageBlock
+    from timm_internimage.models.internimage import InternImageBlock
     block_forward, block_calls = InternImageBlock.forward, []
 
     def counted_block_forward(block, x):

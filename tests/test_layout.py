@@ -76,3 +76,39 @@ def test_the_cycle_finder_finds_one():
 def test_library_modules_do_not_import_the_command_line():
     importers = {m for m, targets in _graph().items() if 'timm_internimage.cli' in targets}
     assert importers <= {'timm_internimage.__main__'}
+
+
+# The floors of the house, bottom up: a module imports only from its own floor or the floors below.
+FLOORS = (
+    ('timm_internimage.ops', 'timm_internimage._manifest'),
+    ('timm_internimage.pretrained',),
+    ('timm_internimage.models',),
+    ('timm_internimage',),  # the package root: registers the models, exports the settings
+    ('timm_internimage.tools',),
+    ('timm_internimage.cli',),
+    ('timm_internimage.__main__',),
+)
+
+
+def _floor(module):
+    """Index in FLOORS of the longest prefix naming ``module`` (or its package)."""
+    best = max((len(prefix), floor) for floor, prefixes in enumerate(FLOORS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + '.'))
+    return best[1]
+
+
+def _upward_imports(graph):
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if _floor(t) > _floor(m) and not m.startswith(t + '.'))
+
+
+def test_imports_only_run_down_the_floors():
+    graph = _graph()
+    assert {_floor(m) for m in graph} == set(range(len(FLOORS)))  # every floor is occupied
+    assert _upward_imports(graph) == []
+
+
+def test_the_floor_check_finds_an_upward_import():
+    graph = {'timm_internimage.ops.dcn_v3': {'timm_internimage.models.internimage'},
+             'timm_internimage.tools.predict': {'timm_internimage.models.internimage'}}
+    assert _upward_imports(graph) == [('timm_internimage.ops.dcn_v3', 'timm_internimage.models.internimage')]

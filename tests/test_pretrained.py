@@ -570,7 +570,7 @@ def test_malicious_pickle_does_not_run(tmp_path):
 def _load_through(path_kind, state_dict, tmp_path, kwargs):
     """Load ``state_dict`` into an internimage_s model through one loading path; returns the loaded state dict."""
     if path_kind == 'convert':
-        from timm_internimage.cli import convert
+        from timm_internimage.tools.convert import convert
         path = tmp_path / 'weights.safetensors'
         path.write_bytes(safetensors_bytes(state_dict))
         model_kwargs = {k: v for k, v in kwargs.items() if k != 'num_classes'}  # 1000, the default

@@ -7,8 +7,8 @@ import torch
 import timm
 
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest, manifest_path, weight_filename
-from timm_internimage.flash_internimage import _HUB_REPO as FLASH_REPO
-from timm_internimage.internimage import DENSE_REPO, DENSE_TAGS, _VARIANT_ARGS, pretrained_cfgs
+from timm_internimage.models.flash_internimage import _HUB_REPO as FLASH_REPO
+from timm_internimage.models.internimage import DENSE_REPO, DENSE_TAGS, _VARIANT_ARGS, pretrained_cfgs
 
 from conftest import REPO_ROOT, tiny_model
 

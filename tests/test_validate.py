@@ -16,9 +16,10 @@ import torch.nn.functional as F
 import timm
 from timm.data import ImageDataset, ImageNetInfo, RealLabelsImagenet, create_transform, resolve_data_config
 
-from timm_internimage import validate as validate_module
-from timm_internimage.cli import main, sample_image_path
-from timm_internimage.validate import GAP_POINTS, compare_published, label_space
+import timm_internimage.tools.validate as validate_module
+from timm_internimage.cli import main
+from timm_internimage.tools.images import sample_image_path
+from timm_internimage.tools.validate import GAP_POINTS, compare_published, label_space
 
 from conftest import REPO_ROOT, TINY, official_model, tiny_model
 from hub_server import single_file_repo, tiny_case
@@ -332,7 +333,7 @@ def test_label_space_maps_wnids_by_name():
 def test_real_defaults_to_timms_bundled_labels():
     """``--real`` without a file reads timm's ImageNet-ReaL labels; a 21841-class head gets them at its 1k places."""
     import pkgutil
-    from timm_internimage.validate import _real_label_sets
+    from timm_internimage.tools.validate import _real_label_sets
     bundled = json.loads(pkgutil.get_data('timm.data', '_info/imagenet_real_labels.json'))
     paths = ['val/ILSVRC2012_val_00000001.JPEG', 'ILSVRC2012_val_00050000.JPEG']
     assert _real_label_sets(paths, None, label_space([0], 1000)) == [bundled[0], bundled[49999]]

@@ -2,8 +2,7 @@
 ``flash_internimage_{t,s,b,l}`` with timm."""
 __version__ = '0.1.0'
 
-from .flash_internimage import FlashInternImage
-from .internimage import InternImage, checkpoint_filter_fn
+from .models import FlashInternImage, InternImage, checkpoint_filter_fn
 from .ops.settings import backend, fused_linear, fused_linear_enabled, get_backend, set_backend, set_fused_linear
 
 __all__ = [

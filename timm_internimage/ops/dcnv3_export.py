@@ -12,7 +12,7 @@ The input is padded by one zero pixel on every side and the 4 bilinear corners o
 side in one row, ``(N * (H + 1) * (W + 1) * G, 4 * C)``: a kernel point then reads one contiguous row (one
 gather index instead of four), and its 4 corner weights multiply the 4 blocks of that row.
 
-It is selected by :func:`export_formulation` (which :func:`timm_internimage.export.export_model` enters), or
+It is selected by :func:`export_formulation` (which :func:`timm_internimage.tools.export.export_model` enters), or
 by ONNX export through ``torch.onnx.export``.
 """
 import contextlib

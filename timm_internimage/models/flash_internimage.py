@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional, Sequence
 from timm.layers import LayerType
 from timm.models import generate_default_cfgs, register_model
 
-from ._manifest import repo_entry
+from .._manifest import repo_entry
 from .internimage import InternImage, build_with_pretrained, official_eval_cfg
-from .ops import DCNv4
+from ..ops import DCNv4
 
 __all__ = ['FlashInternImage']
 

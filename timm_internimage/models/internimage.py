@@ -35,9 +35,9 @@ from timm.models import (
     register_model, resolve_pretrained_cfg)
 from timm.models._features import feature_take_indices
 
-from ._manifest import hub_source, repo_entry
-from .ops import DCNv3, DCNv4
-from .ops.dcn_v3 import linear
+from .._manifest import hub_source, repo_entry
+from ..ops import DCNv3, DCNv4
+from ..ops.dcn_v3 import linear
 
 __all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys', 'backbone_state_dict', 'DENSE_TAGS']
 
@@ -768,7 +768,7 @@ class InternImage(nn.Module):
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's ``custom_load`` hook: load a sharded checkpoint (its index file, or a folder); see pretrained.py."""
-        from .pretrained import load_sharded_pretrained
+        from ..pretrained import load_sharded_pretrained
         load_sharded_pretrained(self, checkpoint_path, checkpoint_filter_fn)
 
 
@@ -833,7 +833,7 @@ def checkpoint_filter_fn(
         if len(state_dict) == len(backbone) else {}
     _check_backbone_keys(state_dict, model, strict, source, checkpoint_names)
     if head_required and not any(k.startswith('head.') for k in state_dict):
-        from .pretrained import PretrainedWeightsError
+        from ..pretrained import PretrainedWeightsError
         raise PretrainedWeightsError(
             f'{source or _checkpoint_source(model)} holds a backbone without a classifier head (a detection or '
             f'segmentation checkpoint): load it as a backbone (features_only=True), or pass num_classes to train '
@@ -893,7 +893,7 @@ def _check_backbone_keys(
 ) -> None:
     """Raise ``PretrainedWeightsError`` for missing backbone tensors (unless ``strict`` is False) or unknown keys
     that look like a backbone's (named as in the checkpoint: ``checkpoint_names`` maps them back)."""
-    from .pretrained import PretrainedWeightsError
+    from ..pretrained import PretrainedWeightsError
     own = model.state_dict()
     backbone = [k for k in own if k.startswith(('stem.', 'stages.'))]
     missing = [k for k in backbone if k not in state_dict] if strict else []
@@ -937,7 +937,7 @@ def remap_checkpoint_keys(state_dict: Dict[str, Any], model: InternImage) -> Dic
 
 def _match_float_dtypes(state_dict: Dict[str, Any], model: InternImage) -> Dict[str, Any]:
     """Cast floating checkpoint tensors to the dtype of the model tensors they load into; refuse non-float ones."""
-    from .pretrained import PretrainedWeightsError
+    from ..pretrained import PretrainedWeightsError
     model_tensors = model.state_dict()
     casts: Dict[Tuple[torch.dtype, torch.dtype], int] = {}
     matched = {}
@@ -973,7 +973,7 @@ def build_with_pretrained(
     with ``features_only`` returns channels-last taps. ``pretrained_strict=False`` allows a checkpoint without
     parts of the backbone (see :func:`checkpoint_filter_fn`); without it a missing backbone tensor is an error.
     """
-    from .pretrained import fetch_pretrained, official_checkpoint_globals
+    from ..pretrained import fetch_pretrained, official_checkpoint_globals
     pretrained_cfg = resolve_pretrained_cfg(
         variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
     dense = DENSE_TAGS.get(f'{variant}.{pretrained_cfg.tag}')

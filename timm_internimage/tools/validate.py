@@ -271,7 +271,7 @@ def _last_line(error: BaseException) -> str:
 def published_top1(model: torch.nn.Module) -> Optional[float]:
     """The published ImageNet-1k top-1 of the tag the model was built from, None if none applies (22k heads,
     other class counts, repos the manifest does not list)."""
-    from ._manifest import repo_entry
+    from .._manifest import repo_entry
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     repo = (cfg.get('hf_hub_id') or '').partition('@')[0]
     entry = repo_entry(repo) if repo else None

@@ -160,7 +160,7 @@ def op_inputs(
 def dcnv3_3x3(backend: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """``op(input, offset, mask, group)``: the 3x3, stride 1, padding 1 DCNv3 of InternImage's blocks, on
     ``backend``."""
-    from .ops import dcnv3
+    from ..ops import dcnv3
 
     def op(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
         return dcnv3(x, offset, mask, kernel_size=3, stride=1, padding=1, dilation=1, group=group,
