@@ -12,7 +12,7 @@ import torch
 
 from timm_internimage import set_backend
 
-from conftest import KERNEL_BACKENDS
+from conftest import KERNEL_BACKENDS, NEEDS_COMPILED
 from golden import GOLDEN_DIR
 from timm_internimage.ops import compiled_backend_available, dcnv3_core, dcnv4, dcnv4_core
 
@@ -167,11 +167,38 @@ def test_gradgradcheck(backend):
     assert torch.autograd.gradgradcheck(op, leaves, fast_mode=True)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize('backend', KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
     input, offset_mask = _random(dtype=torch.float32)
     expected = dcnv4(input, offset_mask, group=3, backend='torch')
-    compiled = torch.compile(lambda x, om: dcnv4(x, om, group=3, backend='torch'), fullgraph=True, backend='eager')
-    torch.testing.assert_close(compiled(input, offset_mask), expected)
+    compiled = torch.compile(lambda x, om: dcnv4(x, om, group=3, backend=backend), fullgraph=True, backend='eager')
+    torch.testing.assert_close(compiled(input, offset_mask), expected, rtol=0, atol=1e-5)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('softmax', [False, True])
+@NEEDS_COMPILED
+def test_compiled_backend_runs_the_dcnv4_kernels(softmax):
+    """``compiled`` (and ``auto`` with the wheel) run the wheel's DCNv4 kernels on the packed offset_mask, forward
+    and backward, not DCNv3's on an unpacked copy."""
+    input, offset_mask = _random(dtype=torch.float32)
+    for backend in ('compiled', 'auto'):
+        leaves = [t.clone().requires_grad_() for t in (input, offset_mask)]
+        with _RecordOps() as recorded:
+            dcnv4(*leaves, group=3, softmax=softmax, backend=backend).sum().backward()
+        assert {'timm_internimage::dcnv4_forward', 'timm_internimage::dcnv4_backward'} <= recorded.names
+        assert not any(name.startswith('timm_internimage::dcnv3') for name in recorded.names)
 
 
 def test_offset_mask_channels_is_the_official_padding():

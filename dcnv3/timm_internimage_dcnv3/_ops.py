@@ -1,7 +1,8 @@
 """Loading of the compiled DCNv3 library and its Python-side registrations.
 
 The C++ library defines the schemas (``timm_internimage::dcnv3_forward`` and
-friends) and the CPU/CUDA kernels on PyTorch's stable ABI. This module adds the
+friends, ``timm_internimage::dcnv4_forward/dcnv4_backward`` on DCNv4's packed
+``offset_mask``) and the CPU/CUDA kernels on PyTorch's stable ABI. This module adds the
 fake (meta) kernels and the autograd formulas, so the ops work under
 ``torch.compile(fullgraph=True)`` and ``torch.export``.
 """
@@ -169,20 +170,21 @@ def _fake_forward(
     return input.new_empty((n, ho, wo, group * group_channels))
 
 
-def _fake_backward(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor,
-    *args: Any,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+def _fake_packed_forward(input: torch.Tensor, offset_mask: torch.Tensor, *args: Any) -> torch.Tensor:
+    return _fake_forward(input, offset_mask, offset_mask, *args[:12])
 
 
-def _setup_context(ctx: Any, inputs: Sequence[Any], output: torch.Tensor) -> None:
-    input, offset, mask = inputs[:3]
-    ctx.save_for_backward(input, offset, mask)
-    ctx.args = tuple(inputs[3:])
+def _fake_backward(grad_output: torch.Tensor, *inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The gradients of the op's tensor inputs (3 for DCNv3, 2 for DCNv4), shaped like them."""
+    return tuple(torch.empty_like(t) for t in inputs if isinstance(t, torch.Tensor))
+
+
+def _make_setup_context(num_tensors: int) -> Callable[[Any, Sequence[Any], torch.Tensor], None]:
+    def _setup_context(ctx: Any, inputs: Sequence[Any], output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs[:num_tensors])
+        ctx.args = tuple(inputs[num_tensors:])
+
+    return _setup_context
 
 
 # How to differentiate the backward itself (create_graph=True); the kernels compute first-order gradients only.
@@ -202,9 +204,43 @@ def set_create_graph_backward(function: Callable[..., tuple[Any, ...]] | None) -
     _create_graph_backward = function
 
 
-def _make_backward(backward_op: Any, mask_is_logits: bool) -> Any:
+def _separate_create_graph_backward(
+    grad_output: torch.Tensor, tensors: Sequence[torch.Tensor], args: tuple, mask_is_logits: bool,
+    needs_input_grad: Sequence[bool],
+) -> tuple[Any, ...]:
+    input, offset, mask = tensors
+    return _create_graph_backward(grad_output, input, offset, mask, args, mask_is_logits, needs_input_grad)
+
+
+def _packed_create_graph_backward(
+    grad_output: torch.Tensor, tensors: Sequence[torch.Tensor], args: tuple, softmax: bool,
+    needs_input_grad: Sequence[bool],
+) -> tuple[Any, ...]:
+    """DCNv4's differentiable gradients through the registered DCNv3 function: offsets and weights are views of
+    offset_mask, and their gradients are packed back (the padding channels zero)."""
+    input, offset_mask = tensors
+    group, points = args[8], args[0] * args[1] - int(args[11])
+    packed = offset_mask[..., : 3 * group * points].unflatten(-1, (group, 3 * points))
+    offset, mask = packed[..., : 2 * points].flatten(-2), packed[..., 2 * points :].flatten(-2)
+    needs_input, needs_offset_mask = needs_input_grad
+    grad_input, grad_offset, grad_mask = _create_graph_backward(
+        grad_output, input, offset, mask, args, softmax, (needs_input, needs_offset_mask, needs_offset_mask)
+    )
+    grad_offset_mask = None
+    if needs_offset_mask:
+        grad_packed = torch.cat([grad_offset.unflatten(-1, (group, -1)), grad_mask.unflatten(-1, (group, -1))], -1)
+        padding = offset_mask.shape[-1] - 3 * group * points
+        grad_offset_mask = torch.nn.functional.pad(grad_packed.flatten(-2), (0, padding))
+    return grad_input, grad_offset_mask
+
+
+def _make_backward(backward_op: Any, num_tensors: int, mask_is_logits: bool | None) -> Any:
+    """The autograd formula of a forward op with ``num_tensors`` tensor inputs; ``mask_is_logits`` None: the op's
+    last argument (DCNv4's ``softmax``) says it."""
+    create_graph = _separate_create_graph_backward if num_tensors == 3 else _packed_create_graph_backward
+
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        input, offset, mask = ctx.saved_tensors
+        tensors = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
             if _create_graph_backward is None:
                 raise RuntimeError(
@@ -212,26 +248,27 @@ def _make_backward(backward_op: Any, mask_is_logits: bool) -> Any:
                     "(create_graph=True) use the op through timm_internimage (`import timm_internimage`), which "
                     "differentiates them in pure PyTorch."
                 )
-            grads = _create_graph_backward(
-                grad_output, input, offset, mask, ctx.args, mask_is_logits, ctx.needs_input_grad[:3]
-            )
+            logits = ctx.args[12] if mask_is_logits is None else mask_is_logits
+            grads = create_graph(grad_output, tensors, ctx.args[:12], logits, ctx.needs_input_grad[:num_tensors])
         else:
-            grads = backward_op(grad_output.contiguous(), input, offset, mask, *ctx.args)
+            grads = backward_op(grad_output.contiguous(), *tensors, *ctx.args)
         return tuple(grads) + (None,) * len(ctx.args)
 
     return _backward
 
 
-for _fwd, _bwd, _mask_is_logits in (
-    ("dcnv3_forward", "dcnv3_backward", False),
-    ("dcnv3_softmax_forward", "dcnv3_softmax_backward", True),
+# forward, backward, fake forward, tensor inputs, mask_is_logits (None: the op's softmax argument)
+for _fwd, _bwd, _fake, _num_tensors, _mask_is_logits in (
+    ("dcnv3_forward", "dcnv3_backward", _fake_forward, 3, False),
+    ("dcnv3_softmax_forward", "dcnv3_softmax_backward", _fake_forward, 3, True),
+    ("dcnv4_forward", "dcnv4_backward", _fake_packed_forward, 2, None),
 ):
-    torch.library.register_fake(f"{_NS}::{_fwd}")(_fake_forward)
+    torch.library.register_fake(f"{_NS}::{_fwd}")(_fake)
     torch.library.register_fake(f"{_NS}::{_bwd}")(_fake_backward)
     torch.library.register_autograd(
         f"{_NS}::{_fwd}",
-        _make_backward(getattr(torch.ops.timm_internimage, _bwd).default, _mask_is_logits),
-        setup_context=_setup_context,
+        _make_backward(getattr(torch.ops.timm_internimage, _bwd).default, _num_tensors, _mask_is_logits),
+        setup_context=_make_setup_context(_num_tensors),
     )
 
 
@@ -333,4 +370,48 @@ def dcnv3(
         int(group_channels),
         float(offset_scale),
         bool(remove_center),
+    )
+
+
+def dcnv4(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool | int,
+    softmax: bool = False,
+) -> torch.Tensor:
+    """DCNv4 sampling (autograd-enabled), NHWC in and out.
+
+    ``offset_mask`` is (N, Ho, Wo, M), DCNv4's packed layout: per group 2P
+    offsets ((x, y) pairs, x slowest over the kernel) then P point weights,
+    M = 3*group*P or padded up to a multiple of 8 (the padding is not read;
+    its gradient is 0). The weights are used as given, or, with
+    ``softmax=True``, normalised over the P points of each group in the kernel.
+    """
+    return torch.ops.timm_internimage.dcnv4_forward(
+        input,
+        offset_mask,
+        int(kernel_h),
+        int(kernel_w),
+        int(stride_h),
+        int(stride_w),
+        int(pad_h),
+        int(pad_w),
+        int(dilation_h),
+        int(dilation_w),
+        int(group),
+        int(group_channels),
+        float(offset_scale),
+        bool(remove_center),
+        bool(softmax),
     )

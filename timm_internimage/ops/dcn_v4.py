@@ -2,10 +2,11 @@
 
 DCNv4 samples exactly as DCNv3 does (same grid, ``-1 < loc < size`` rule, bilinear corners and gradients); it
 differs in its inputs: one packed ``offset_mask`` tensor instead of separate offsets and mask, and point weights
-used as given (no softmax, unless asked for). So the op unpacks ``offset_mask`` into DCNv3's layouts and runs
-:func:`~timm_internimage.ops.dcn_v3.dcnv3_core`: the same backends and backend setting, the same
-validation and errors, autograd, torch.compile and export. Gradients flow back into ``offset_mask`` (zero in its
-padding channels).
+used as given (no softmax, unless asked for). It shares DCNv3's backend setting, choice and validation (with its
+errors): the ``compiled`` backend runs the wheel's DCNv4 kernels, which read ``offset_mask`` directly; the other
+backends (and ``auto`` where the wheel cannot run the call) unpack ``offset_mask`` into DCNv3's layouts and run
+:func:`~timm_internimage.ops.dcn_v3.dcnv3_core`. Gradients flow back into ``offset_mask`` (zero in its padding
+channels).
 """
 import math
 from typing import Optional
@@ -17,7 +18,9 @@ from torch import Tensor
 from timm.layers import register_notrace_function
 
 from .dcn_v3 import (
-    IntOrPair, _check_arguments, _int_pair, blend_center_feature, check_module_geometry, dcnv3_core, linear)
+    _COMPILED_MAX_SOFTMAX_POINTS, IntOrPair, _check_arguments, _choose_backend, _int_pair, blend_center_feature,
+    check_module_geometry, dcnv3_core, linear)
+from .settings import requested_backend
 from .dcnv3_torch import dcnv3_output_size
 
 __all__ = ['dcnv4', 'dcnv4_core', 'DCNv4', 'offset_mask_channels']
@@ -60,6 +63,13 @@ def _check_offset_mask(
             f'optionally padded to {padded} (the official layout), got {offset_mask.shape[3]}')
 
 
+@torch.compiler.assume_constant_result
+def _compiled_has_dcnv4() -> bool:
+    """Whether the loaded compiled op has the DCNv4 kernels (a wheel built before them runs DCNv4 through its
+    DCNv3 kernels, on the unpacked offsets and weights)."""
+    return hasattr(torch.ops.timm_internimage, 'dcnv4_forward')
+
+
 @register_notrace_function
 def dcnv4_core(
         input: Tensor,
@@ -80,18 +90,31 @@ def dcnv4_core(
         backend: Optional[str] = None,
 ) -> Tensor:
     """DCNv4 with explicit per-axis arguments (the official op's signature, without ``im2col_step``)."""
+    num_points = kernel_h * kernel_w - int(remove_center)
     if not torch.jit.is_scripting():
         _check_offset_mask(
             input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
             group, remove_center)
-    num_points = kernel_h * kernel_w - int(remove_center)
     # Per group: 2 * P offsets ((x, y) per point), then P weights; the padding channels are not read.
     packed = offset_mask[..., :3 * group * num_points].unflatten(-1, (group, 3 * num_points))
-    offset = packed[..., :2 * num_points].flatten(-2).contiguous()
-    mask = packed[..., 2 * num_points:].flatten(-2).contiguous()
+    offset = packed[..., :2 * num_points].flatten(-2)
+    mask = packed[..., 2 * num_points:].flatten(-2)
+    if not torch.jit.is_scripting():
+        requested = requested_backend(backend)
+        # DCNv3's validation (on views: no copy), then its backend choice.
+        _check_arguments(
+            input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+            group, group_channels, remove_center)
+        chosen = _choose_backend(requested, input)
+        if (chosen == 'compiled' and (not softmax or num_points <= _COMPILED_MAX_SOFTMAX_POINTS)
+                and _compiled_has_dcnv4()):
+            return torch.ops.timm_internimage.dcnv4_forward(
+                input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                group, group_channels, float(offset_scale), bool(remove_center), bool(softmax))
     return dcnv3_core(
-        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-        group, group_channels, offset_scale, remove_center, mask_is_logits=softmax, backend=backend)
+        input, offset.contiguous(), mask.contiguous(), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+        dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_is_logits=softmax,
+        backend=backend)
 
 
 def dcnv4(
