@@ -95,22 +95,23 @@ def dcnv4_core(
         _check_offset_mask(
             input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
             group, remove_center)
-    # Per group: 2 * P offsets ((x, y) per point), then P weights; the padding channels are not read.
-    packed = offset_mask[..., :3 * group * num_points].unflatten(-1, (group, 3 * num_points))
-    offset = packed[..., :2 * num_points].flatten(-2)
-    mask = packed[..., 2 * num_points:].flatten(-2)
-    if not torch.jit.is_scripting():
         requested = requested_backend(backend)
-        # DCNv3's validation (on views: no copy), then its backend choice.
+        # DCNv3's validation, then its backend choice. The validation looks at shapes, dtypes and devices only:
+        # it gets views of offset_mask with the shapes of the offsets and the weights (no copy).
         _check_arguments(
-            input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-            group, group_channels, remove_center)
+            input, offset_mask[..., :2 * group * num_points], offset_mask[..., :group * num_points], kernel_h,
+            kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+            remove_center)
         chosen = _choose_backend(requested, input)
         if (chosen == 'compiled' and (not softmax or num_points <= _COMPILED_MAX_SOFTMAX_POINTS)
                 and _compiled_has_dcnv4()):
             return torch.ops.timm_internimage.dcnv4_forward(
                 input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
                 group, group_channels, float(offset_scale), bool(remove_center), bool(softmax))
+    # Per group: 2 * P offsets ((x, y) per point), then P weights; the padding channels are not read.
+    packed = offset_mask[..., :3 * group * num_points].unflatten(-1, (group, 3 * num_points))
+    offset = packed[..., :2 * num_points].flatten(-2)
+    mask = packed[..., 2 * num_points:].flatten(-2)
     return dcnv3_core(
         input, offset.contiguous(), mask.contiguous(), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
         dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_is_logits=softmax,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 __all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'PeakMemory', 'cpu_name', 'dcnv3_3x3', 'op_inputs', 'summary', 'synchronize', 'time_it',
-           'time_op_shape']
+           'time_op_shape', 'packed_op_inputs', 'time_dcnv4_against_dcnv3']
 
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter
 
@@ -220,3 +220,74 @@ def time_op_shape(
         'fwd_bwd_peak_mem_mib': train_peak,
     }
     return row, memory.exact
+
+
+def packed_op_inputs(
+        batch: int,
+        size: int,
+        channels: int,
+        group: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input, offset, mask_logits, offset_mask)``: a 3x3 DCNv3 call as InternImage makes it (mask logits, the
+    softmax fused into the op) and the DCNv4 call on the same input as FlashInternImage makes it (one packed,
+    padded ``offset_mask`` with the same offsets, the softmax of the logits as its weights)."""
+    from ..ops.dcn_v4 import offset_mask_channels
+    points = 9
+    x, offset, _ = op_inputs(batch, size, channels, group, dtype, device, generator)
+    logits = torch.randn(batch, size, size, group * points, generator=generator).to(device, dtype)
+    weights = logits.unflatten(-1, (group, points)).float().softmax(-1).to(dtype)
+    packed = torch.cat([offset.unflatten(-1, (group, 2 * points)), weights], -1).flatten(-2)
+    padding = offset_mask_channels(group, points) - packed.shape[-1]
+    offset_mask = torch.nn.functional.pad(packed, (0, padding))
+    return x, offset, logits, offset_mask
+
+
+def time_dcnv4_against_dcnv3(
+        batch: int,
+        shape: Tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        warmup: int,
+        iters: int,
+        clock: Clock,
+        backend: str = 'compiled',
+) -> Dict[str, Dict[str, float]]:
+    """Forward (under ``inference_mode``) and backward median milliseconds of the 3x3 DCNv4 op (FlashInternImage's
+    call) and the DCNv3 op (InternImage's call, mask logits) on one ``OP_SHAPES`` entry, the two interleaved
+    call by call (their order alternating), so that both see the same machine load: ``{'dcnv4': {'fwd_ms',
+    'bwd_ms'}, 'dcnv3': {...}}``."""
+    from ..ops import dcnv3_core, dcnv4_core
+    size, channels, group = shape
+    x, offset, logits, offset_mask = packed_op_inputs(
+        batch, size, channels, group, dtype, device, torch.Generator().manual_seed(0))
+    grid = (3, 3, 1, 1, 1, 1, 1, 1, group, channels // group, 1.0, False)
+    calls = {
+        'dcnv4': ((x, offset_mask), lambda a, om: dcnv4_core(a, om, *grid, backend=backend)),
+        'dcnv3': ((x, offset, logits),
+                  lambda a, off, m: dcnv3_core(a, off, m, *grid, mask_is_logits=True, backend=backend)),
+    }
+    grad_out = torch.randn_like(x)
+    times: Dict[str, Dict[str, List[float]]] = {name: {'fwd': [], 'bwd': []} for name in calls}
+    for i in range(warmup + iters):
+        for name in (list(calls) if i % 2 else list(calls)[::-1]):
+            tensors, op = calls[name]
+            with torch.inference_mode():
+                synchronize(device)
+                start = clock()
+                op(*tensors)
+                synchronize(device)
+                fwd = clock() - start
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            out = op(*leaves)
+            synchronize(device)
+            start = clock()
+            out.backward(grad_out)
+            synchronize(device)
+            if i >= warmup:
+                times[name]['fwd'].append(fwd)
+                times[name]['bwd'].append(clock() - start)
+    return {name: {'fwd_ms': 1e3 * statistics.median(t['fwd']), 'bwd_ms': 1e3 * statistics.median(t['bwd'])}
+            for name, t in times.items()}
