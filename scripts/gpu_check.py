@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Acceptance checks of timm-internimage and its compiled DCNv3 op on a GPU.
+"""Acceptance checks of timm-internimage and its compiled DCNv3 and DCNv4 ops on a GPU.
 
 Run it through ``scripts/gpu_check.sh``, which first installs the op wheel and the package where they are
 missing. ``--device cpu`` runs the same checks as a small CPU smoke test: the CUDA-only ones (streams,
@@ -9,6 +9,7 @@ markdown table (check | result | notes) is printed at the end; the exit status i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -29,6 +30,7 @@ from timm_internimage.tools import benchmarking as measure
 
 REPO = Path(__file__).resolve().parents[1]
 SEMANTICS_DIR = REPO / 'tests' / 'data' / 'golden' / 'cuda_semantics'
+DCNV4_DIR = REPO / 'tests' / 'data' / 'golden' / 'dcnv4'
 PASS, FAIL, SKIP = 'PASS', 'FAIL', 'SKIP'
 OUTPUT_NAMES = ('output', 'grad_input', 'grad_offset', 'grad_mask')
 
@@ -390,6 +392,105 @@ def check_op_timings(ctx: Context) -> List[Row]:
     return rows
 
 
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def dcnv4_fwd_bwd(x, offset_mask, grad_output, backend, record=None, **kwargs):
+    """Output and the two gradients of ``dcnv4`` on ``backend`` (fresh leaves cloned from the inputs)."""
+    from timm_internimage.ops import dcnv4
+    leaves = [t.detach().clone().requires_grad_() for t in (x, offset_mask)]
+    with record or contextlib.nullcontext():
+        out = dcnv4(*leaves, backend=backend, **kwargs)
+        out.backward(grad_output)
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+# Largest max|compiled - torch in float64| of the DCNv4 results, relative to max(1, max|torch|): the kernels
+# compute in the dtype (float accumulation for the half types) and round once.
+DCNV4_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+# (group, group_channels, softmax): a vector-access width, a width only float32/float64 vectorise (12), an odd
+# width (scalar accesses everywhere), and the softmax variant.
+DCNV4_CASES = ((4, 16, False), (3, 12, False), (3, 5, False), (4, 16, True))
+
+
+def check_dcnv4(ctx: Context) -> List[Row]:
+    """The compiled DCNv4 kernels: the golden cases (float64, 1e-10) and random cases in every dtype against the
+    torch backend in float64, output and both gradients; the kernels must run (not DCNv3's on a copy)."""
+    from safetensors.torch import load_file
+    rows = []
+    cases = {k: v for k, v in json.loads((DCNV4_DIR / 'cases.json').read_text()).items() if k.startswith('op_')}
+    worst, failed, ran = 0.0, [], set()
+    for name, case in cases.items():
+        data = {k: v.to(ctx.device) for k, v in load_file(str(DCNV4_DIR / f'{name}.safetensors')).items()}
+        kwargs = dict(kernel_size=(case['kernel_h'], case['kernel_w']), stride=(case['stride_h'], case['stride_w']),
+                      padding=(case['pad_h'], case['pad_w']), dilation=(case['dilation_h'], case['dilation_w']),
+                      group=case['group'], offset_scale=case['offset_scale'], remove_center=bool(case['remove_center']))
+        record = _RecordOps()
+        got = dcnv4_fwd_bwd(data['input'], data['offset_mask'], data['grad_output'], 'compiled', record, **kwargs)
+        ran |= record.names
+        errors = [max_abs_error(g, data[k]) for g, k in zip(got, ('output', 'grad_input', 'grad_offset_mask'))]
+        worst = max(worst, *errors)
+        if max(errors) > 1e-10:
+            failed.append(f'{name} ({max(errors):.1e})')
+    kernels = 'timm_internimage::dcnv4_backward' in ran
+    notes = (f'{len(cases)} cases on {ctx.device.type}, output + 2 gradients, max abs error {worst:.1e} (limit 1e-10)'
+             f', DCNv4 kernels ran: {kernels}')
+    ok = cases and not failed and kernels
+    rows.append(Row('dcnv4 golden cases (compiled, float64)', PASS if ok else FAIL,
+                    notes + ('; failed: ' + '; '.join(failed) if failed else '')))
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        gen = torch.Generator().manual_seed(0)
+        errors, kernels, padding_zero = [], True, True
+        for group, group_channels, softmax in DCNV4_CASES:
+            x = torch.randn(2, 9, 11, group * group_channels, generator=gen)
+            offset_mask = torch.randn(2, 9, 11, 3 * group * 9 + 4, generator=gen)  # 4 padding channels
+            offset_mask[..., :3 * group * 9].unflatten(-1, (group, 27))[..., :18].mul_(2)
+            grad_output = torch.randn(2, 9, 11, group * group_channels, generator=gen)
+            inputs = [t.to(ctx.device, dtype) for t in (x, offset_mask, grad_output)]
+            record = _RecordOps()
+            got = dcnv4_fwd_bwd(*inputs[:2], inputs[2], 'compiled', record, group=group, softmax=softmax)
+            kernels = kernels and 'timm_internimage::dcnv4_backward' in record.names
+            padding_zero = padding_zero and bool((got[2][..., -4:] == 0).all())
+            expected = dcnv4_fwd_bwd(*(t.double() for t in inputs[:2]), inputs[2].double(), 'torch', group=group,
+                                     softmax=softmax)
+            errors.append(max(max_abs_error(g, e) / max(1.0, e.abs().max().item()) for g, e in zip(got, expected)))
+        ok = max(errors) <= DCNV4_TOLERANCE[dtype] and kernels and padding_zero
+        rows.append(Row(f'dcnv4 compiled vs torch {str(dtype).replace("torch.", "")}', PASS if ok else FAIL,
+                        f'{len(DCNV4_CASES)} cases (group widths 16, 12, 5, softmax) on {ctx.device.type}, output + 2 '
+                        f'gradients vs torch in float64: max rel. error {max(errors):.1e} (limit '
+                        f'{DCNV4_TOLERANCE[dtype]:.0e}), DCNv4 kernels ran: {kernels}, padding gradient 0: '
+                        f'{padding_zero}'))
+    return rows
+
+
+def check_dcnv4_timings(ctx: Context) -> List[Row]:
+    """The DCNv4 op (FlashInternImage's call) against the DCNv3 op (InternImage's call, mask logits), both
+    compiled, forward and backward, at InternImage-T's stage shapes, interleaved call by call."""
+    batch = 64 if ctx.cuda else 1
+    warmup, iters = (1, 1) if not ctx.cuda else ((2, 5) if ctx.quick else (5, 20))
+    rows = []
+    for dtype in ((torch.float32, torch.float16) if ctx.cuda else (torch.float32,)):
+        for size, channels, group in measure.OP_SHAPES:
+            t = measure.time_dcnv4_against_dcnv3(
+                batch, (size, channels, group), dtype, ctx.device, warmup, iters, time.perf_counter)
+            v4, v3 = t['dcnv4'], t['dcnv3']
+            notes = (f"fwd {v4['fwd_ms']:.3f} vs {v3['fwd_ms']:.3f} ms ({v3['fwd_ms'] / v4['fwd_ms']:.2f}x), "
+                     f"bwd {v4['bwd_ms']:.3f} vs {v3['bwd_ms']:.3f} ms ({v3['bwd_ms'] / v4['bwd_ms']:.2f}x) "
+                     f"dcnv4 vs dcnv3, compiled, {str(dtype).replace('torch.', '')}")
+            rows.append(Row(f'dcnv4 vs dcnv3 N={batch} {size}x{size} C={channels} G={group} '
+                            f'{str(dtype).replace("torch.", "")}', PASS, notes))
+    return rows
+
+
 def _peak(memory, device: torch.device) -> str:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -473,6 +574,8 @@ CHECKS = {
     'compile': ('torch.compile reduce-overhead', check_compile),
     'cuda1': ('cuda:1', check_cuda1),
     'op': ('op timings', check_op_timings),
+    'dcnv4': ('dcnv4 compiled kernels', check_dcnv4),
+    'dcnv4_op': ('dcnv4 op timings', check_dcnv4_timings),
     'model': ('model throughput', check_models),
     # last: an illegal memory access here would poison the CUDA context for the checks after it
     'huge': ('bf16 input > 2^31 elements', check_huge),

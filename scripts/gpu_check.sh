@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU acceptance check of timm-internimage and its compiled DCNv3 op (scripts/gpu_check.py): CUDA tests,
-# op semantics, streams / CUDA graphs / torch.compile, a >2^31-element input, cuda:1, op and model
+# GPU acceptance check of timm-internimage and its compiled DCNv3/DCNv4 ops (scripts/gpu_check.py): CUDA tests,
+# op semantics, streams / CUDA graphs / torch.compile, a >2^31-element input, cuda:1, the DCNv4 kernels
+# (golden cases, every dtype against the torch backend), op timings (DCNv4 against DCNv3 too) and model
 # timings. Prints one markdown table at the end; exits non-zero if any check failed.
 #
 #   bash scripts/gpu_check.sh [--device cuda|cpu] [--quick] [--only CHECKS] [--json PATH]   (PATH from the repo root)

@@ -50,6 +50,15 @@ def test_cpu_smoke_run(tmp_path):
         'op N=1 14x14 C=256 G=16': {'PASS'},
         'op N=1 7x7 C=512 G=32': {'PASS'},
         'op N=32': {'SKIP'},
+        'dcnv4 golden cases (compiled, float64)': {'PASS'},
+        'dcnv4 compiled vs torch float64': {'PASS'},
+        'dcnv4 compiled vs torch float32': {'PASS'},
+        'dcnv4 compiled vs torch float16': {'PASS'},
+        'dcnv4 compiled vs torch bfloat16': {'PASS'},
+        'dcnv4 vs dcnv3 N=1 56x56 C=64 G=4 float32': {'PASS'},
+        'dcnv4 vs dcnv3 N=1 28x28 C=128 G=8 float32': {'PASS'},
+        'dcnv4 vs dcnv3 N=1 14x14 C=256 G=16 float32': {'PASS'},
+        'dcnv4 vs dcnv3 N=1 7x7 C=512 G=32 float32': {'PASS'},
         'internimage_t fp32': {'PASS'},
         'internimage_t fp16 autocast': {'PASS'},
         'internimage_t bf16 autocast': {'PASS'},
@@ -61,6 +70,7 @@ def test_cpu_smoke_run(tmp_path):
         assert result in expected[name], f'{name}: {result} {notes}'
     assert 'needs CUDA' in rows['non-default stream'][1]
     assert 'rel. error output' in rows['bf16 input > 2^31 elements'][1]  # the crop comparison ran at small size
+    assert 'DCNv4 kernels ran: True' in rows['dcnv4 compiled vs torch float16'][1]
     doc = json.loads(report.read_text())
     assert doc['exit_code'] == 0 and doc['device'] == 'cpu'
     assert [r['check'] for r in doc['rows']] == list(rows)
