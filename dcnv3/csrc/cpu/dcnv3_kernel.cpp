@@ -189,9 +189,8 @@ struct PointArrays {
   int64_t n;
 };
 
-// Stencils of the `count` points first..first+count-1 of output pixel (ho, wo)
-// (indices into kx, ky and pts), whose offset pairs follow each other from
-// offp on, in one loop vectorised across points. kBackward: raw weights plus
+// Stencils of the `count` points of output pixel (ho, wo) whose offsets start
+// at offp, in one loop vectorised across points. kBackward: raw weights plus
 // derivatives and flags; otherwise weights times the sample weight.
 template <typename scalar_t, bool kBackward>
 DCNV3_INLINE void compute_stencils(
@@ -201,32 +200,29 @@ DCNV3_INLINE void compute_stencils(
     const opmath_t<scalar_t>* DCNV3_RESTRICT kx,
     const opmath_t<scalar_t>* DCNV3_RESTRICT ky,
     const scalar_t* DCNV3_RESTRICT offp,
-    int64_t first,
     int64_t count,
     PointArrays<opmath_t<scalar_t>>& pts) {
   using acc_t = opmath_t<scalar_t>;
   const int32_t H = static_cast<int32_t>(g.H);
   const int32_t W = static_cast<int32_t>(g.W);
-  kx += first;
-  ky += first;
-  const acc_t* DCNV3_RESTRICT prob = pts.prob() + first;
-  acc_t* DCNV3_RESTRICT w0 = pts.weight(0) + first;
-  acc_t* DCNV3_RESTRICT w1 = pts.weight(1) + first;
-  acc_t* DCNV3_RESTRICT w2 = pts.weight(2) + first;
-  acc_t* DCNV3_RESTRICT w3 = pts.weight(3) + first;
-  acc_t* DCNV3_RESTRICT wx0 = pts.weight_dx(0) + first;
-  acc_t* DCNV3_RESTRICT wx1 = pts.weight_dx(1) + first;
-  acc_t* DCNV3_RESTRICT wx2 = pts.weight_dx(2) + first;
-  acc_t* DCNV3_RESTRICT wx3 = pts.weight_dx(3) + first;
-  acc_t* DCNV3_RESTRICT wy0 = pts.weight_dy(0) + first;
-  acc_t* DCNV3_RESTRICT wy1 = pts.weight_dy(1) + first;
-  acc_t* DCNV3_RESTRICT wy2 = pts.weight_dy(2) + first;
-  acc_t* DCNV3_RESTRICT wy3 = pts.weight_dy(3) + first;
-  int32_t* DCNV3_RESTRICT cx0 = pts.coord(0) + first;
-  int32_t* DCNV3_RESTRICT cx1 = pts.coord(1) + first;
-  int32_t* DCNV3_RESTRICT cy0 = pts.coord(2) + first;
-  int32_t* DCNV3_RESTRICT cy1 = pts.coord(3) + first;
-  int32_t* DCNV3_RESTRICT flags = pts.flags() + first;
+  const acc_t* DCNV3_RESTRICT prob = pts.prob();
+  acc_t* DCNV3_RESTRICT w0 = pts.weight(0);
+  acc_t* DCNV3_RESTRICT w1 = pts.weight(1);
+  acc_t* DCNV3_RESTRICT w2 = pts.weight(2);
+  acc_t* DCNV3_RESTRICT w3 = pts.weight(3);
+  acc_t* DCNV3_RESTRICT wx0 = pts.weight_dx(0);
+  acc_t* DCNV3_RESTRICT wx1 = pts.weight_dx(1);
+  acc_t* DCNV3_RESTRICT wx2 = pts.weight_dx(2);
+  acc_t* DCNV3_RESTRICT wx3 = pts.weight_dx(3);
+  acc_t* DCNV3_RESTRICT wy0 = pts.weight_dy(0);
+  acc_t* DCNV3_RESTRICT wy1 = pts.weight_dy(1);
+  acc_t* DCNV3_RESTRICT wy2 = pts.weight_dy(2);
+  acc_t* DCNV3_RESTRICT wy3 = pts.weight_dy(3);
+  int32_t* DCNV3_RESTRICT cx0 = pts.coord(0);
+  int32_t* DCNV3_RESTRICT cx1 = pts.coord(1);
+  int32_t* DCNV3_RESTRICT cy0 = pts.coord(2);
+  int32_t* DCNV3_RESTRICT cy1 = pts.coord(3);
+  int32_t* DCNV3_RESTRICT flags = pts.flags();
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) {
     acc_t px, py;
@@ -256,11 +252,20 @@ DCNV3_INLINE void compute_stencils(
   }
 }
 
+// Scratch for prepare_points: the offsets and weights of one pixel's groups
+// gathered into DCNv3's layout, for layouts where the groups do not follow
+// each other (DCNv4's packed offset_mask); empty otherwise.
+template <typename scalar_t>
+std::vector<scalar_t> gather_scratch(const Geometry& g, int64_t groups) {
+  return std::vector<scalar_t>(g.groups_packed() ? 0 : 3 * groups * g.P);
+}
+
 // Point weights and stencils of the points of groups g_begin..g_begin+groups-1
-// of output pixel pos = (n, ho, wo), read through the geometry's addressing:
-// DCNv3's layout (groups packed back to back) as one run of groups*P points,
-// DCNv4's packed offset_mask as one run of P points per group. Point j of pts
-// is point j % P of group g_begin + j / P.
+// of output pixel pos = (n, ho, wo), read through the geometry's addressing,
+// in one run of groups*P points vectorised across points: DCNv3's layout is
+// read in place, any other (DCNv4's packed offset_mask) is first gathered
+// into `scratch` in DCNv3's layout. Point j of pts is point j % P of group
+// g_begin + j / P.
 template <typename scalar_t, bool kBackward>
 DCNV3_INLINE void prepare_points(
     const Geometry& g,
@@ -273,20 +278,24 @@ DCNV3_INLINE void prepare_points(
     const opmath_t<scalar_t>* ky,
     const scalar_t* off,
     const scalar_t* mask,
+    scalar_t* scratch,
     PointArrays<opmath_t<scalar_t>>& pts) {
   using acc_t = opmath_t<scalar_t>;
   const scalar_t* offp = off + pos * g.off_pixel + g_begin * g.off_group;
   const scalar_t* mp = mask + pos * g.mask_pixel + g_begin * g.mask_group;
-  if (g.groups_packed()) {
-    point_weights<scalar_t, acc_t>(mp, groups, g.P, g.mask_logits, pts.prob(), pts.shifted());
-    compute_stencils<scalar_t, kBackward>(g, ho, wo, kx, ky, offp, 0, groups * g.P, pts);
-    return;
+  const int64_t P = g.P;
+  if (!g.groups_packed()) {
+    scalar_t* gathered_off = scratch;
+    scalar_t* gathered_mask = scratch + 2 * groups * P;
+    for (int64_t lg = 0; lg < groups; ++lg) {
+      std::memcpy(gathered_off + 2 * lg * P, offp + lg * g.off_group, 2 * P * sizeof(scalar_t));
+      std::memcpy(gathered_mask + lg * P, mp + lg * g.mask_group, P * sizeof(scalar_t));
+    }
+    offp = gathered_off;
+    mp = gathered_mask;
   }
-  for (int64_t lg = 0; lg < groups; ++lg) {
-    point_weights<scalar_t, acc_t>(
-        mp + lg * g.mask_group, 1, g.P, g.mask_logits, pts.prob() + lg * g.P, pts.shifted() + lg * g.P);
-    compute_stencils<scalar_t, kBackward>(g, ho, wo, kx, ky, offp + lg * g.off_group, lg * g.P, g.P, pts);
-  }
+  point_weights<scalar_t, acc_t>(mp, groups, P, g.mask_logits, pts.prob(), pts.shifted());
+  compute_stencils<scalar_t, kBackward>(g, ho, wo, kx, ky, offp, groups * P, pts);
 }
 
 // Point j of pts as a Stencil (for the shared gradient math).
@@ -361,6 +370,7 @@ DCNV3_INLINE void forward_range(const ForwardArgs<scalar_t>& a, int64_t begin, i
   const int64_t row = g.W * GC;
   const int64_t GP = g.G * g.P;
   PointArrays<acc_t> pts(GP);
+  std::vector<scalar_t> scratch = gather_scratch<scalar_t>(g, g.G);
   std::vector<acc_t> acc_buf(kC > 0 ? 0 : C);
   const acc_t* w0 = pts.weight(0);
   const acc_t* w1 = pts.weight(1);
@@ -374,7 +384,7 @@ DCNV3_INLINE void forward_range(const ForwardArgs<scalar_t>& a, int64_t begin, i
     const int64_t wo = pos % g.Wo;
     const int64_t ho = (pos / g.Wo) % g.Ho;
     const int64_t n = pos / (g.Wo * g.Ho);
-    prepare_points<scalar_t, false>(g, pos, ho, wo, 0, g.G, a.kx, a.ky, a.off, a.mask, pts);
+    prepare_points<scalar_t, false>(g, pos, ho, wo, 0, g.G, a.kx, a.ky, a.off, a.mask, scratch.data(), pts);
     const scalar_t* xn = a.x + n * g.H * row;
     for (int64_t gi = 0; gi < g.G; ++gi) {
       const scalar_t* xg = xn + gi * C;
@@ -570,13 +580,14 @@ DCNV3_INLINE void backward_range(
   const int64_t count = g_count * P;
   const scalar_t* xn = a.x + n * g.H * row;
   PointArrays<acc_t> pts(count);
+  std::vector<scalar_t> scratch = gather_scratch<scalar_t>(g, g_count);
   std::vector<acc_t> gm(count);
   const acc_t* prob = pts.prob();
   for (int64_t hw = hw_begin; hw < hw_end; ++hw) {
     const int64_t pos = n * g.Ho * g.Wo + hw;
     const int64_t wo = hw % g.Wo;
     const int64_t ho = hw / g.Wo;
-    prepare_points<scalar_t, true>(g, pos, ho, wo, g_begin, g_count, a.kx, a.ky, a.off, a.mask, pts);
+    prepare_points<scalar_t, true>(g, pos, ho, wo, g_begin, g_count, a.kx, a.ky, a.off, a.mask, scratch.data(), pts);
     for (int64_t lg = 0; lg < g_count; ++lg) {
       const int64_t gi = g_begin + lg;
       scalar_t* grad_off = a.grad_off + pos * g.off_pixel + gi * g.off_group;  // this group's offset pairs
