@@ -276,3 +276,19 @@ def test_module_without_pointwise_is_the_op_on_its_input():
     x = torch.randn(2, 5, 6, 15, dtype=torch.float64)
     expected = dcnv4(x, module.offset_mask(x), group=3)
     torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+
+
+@NEEDS_COMPILED
+def test_compiled_kernels_check_the_packed_layout():
+    """The C++ entry points validate offset_mask themselves (for callers of torch.ops without the Python op)."""
+    import timm_internimage_dcnv3  # noqa: F401  (loads the library)
+    input, _ = _random(dtype=torch.float32)  # group 3 of 5 channels, 9 points: 81 channels, padded 88
+    args = (3, 3, 1, 1, 1, 1, 1, 1, 3, 5, 1.0, False, False)
+    for channels in (80, 89):
+        offset_mask = torch.randn(2, 5, 6, channels)
+        with pytest.raises(RuntimeError, match=r'offset_mask must have shape \(2, 5, 6, M\) with 81 <= M <= 88'):
+            torch.ops.timm_internimage.dcnv4_forward(input, offset_mask, *args)
+        with pytest.raises(RuntimeError, match=r'offset_mask must have shape'):
+            torch.ops.timm_internimage.dcnv4_backward(torch.randn_like(input), input, offset_mask, *args)
+    with pytest.raises(RuntimeError, match='input and offset_mask must have the same dtype'):
+        torch.ops.timm_internimage.dcnv4_forward(input, torch.randn(2, 5, 6, 88, dtype=torch.float64), *args)
