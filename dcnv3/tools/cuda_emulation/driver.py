@@ -149,6 +149,7 @@ class Emulator:
     ``blocks``/``threads`` (0: the launchers' ``blocks_for(total)`` and ``kThreads``) set the grid of every
     launch; a tiny grid makes the grid-stride loops iterate. ``seed`` seeds the shuffled order in which the
     (block, thread) pairs of each launch run. Any nonzero exit code or sanitizer report raises EmulationError.
+    :meth:`packed` runs DCNv4 cases the same way.
     """
 
     def __init__(self, binary: os.PathLike, timeout: float = 120.0):
