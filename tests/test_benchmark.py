@@ -82,6 +82,13 @@ def test_configurations_for_peers_compile_modes_and_the_fused_linear_switch():
     assert configs[0]['backend'] == 'reference' and configs[0]['model'] == 'internimage_t'
 
 
+def test_flash_internimage_gets_the_op_settings():
+    """FlashInternImage runs DCNv4 on the package's backends: it gets the backend and fused-linear settings."""
+    bench = _load_benchmark()
+    args = bench.build_parser().parse_args(['--model', 'flash_internimage_t', '--backend', 'torch,compiled'])
+    assert [c['backend'] for c in bench._configs(args)] == ['torch', 'compiled']
+
+
 def test_settings_reach_the_package_through_its_environment():
     bench = _load_benchmark()
     env = {'TIMM_INTERNIMAGE_DCNV3_BACKEND': 'torch', 'TIMM_INTERNIMAGE_FUSED_LINEAR': '0'}
@@ -114,7 +121,7 @@ def _expected_configs(options, op=False, peers=False, in_process=False):
                 for be in split('--backend', 'auto') for c in split('--compile', 'eager') for s in groups]
     models = split('--model', 'internimage_t') + (['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50']
                                                   if peers else [])
-    ours = lambda model: model.startswith('internimage')  # noqa: E731
+    ours = lambda model: model.startswith(('internimage', 'flash_internimage'))  # noqa: E731
     return [{**common, 'dtype': d, 'batch_size': int(b), 'img_size': int(r), 'mode': mode, 'model': m,
              'backend': be, 'fused_linear': f, 'compile': compiled(c), 'in_chans': 3, 'channels_last': False,
              'amp': False, 'model_kwargs': {'channels': 16} if ours(m) else {}}
