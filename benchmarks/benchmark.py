@@ -453,11 +453,32 @@ def build_parser() -> argparse.ArgumentParser:
                         'rounds plus each configuration\'s speedup over the first (median of per-round ratios)')
     p.add_argument('--op', action='store_true',
                    help='time the DCNv3 op (forward, backward) on InternImage-T stage shapes instead of a model')
+    p.add_argument('--macs', action='store_true',
+                   help='print each model\'s parameters and multiply-adds per image (GMACs, the unit of the '
+                        'published InternImage FLOPs) at each --img-size instead of timing')
     p.add_argument('--json', action='store_true', help='print one JSON document instead of the table')
     p.add_argument('--in-process', action='store_true',
                    help='run the configurations in this process instead of one fresh subprocess each (faster '
                         'start; peak memory and backend selection are then less isolated)')
     return p
+
+
+def _print_macs(args: argparse.Namespace) -> int:
+    rows = []
+    for name, size in itertools.product(args.model.split(','), _positive_ints(args.img_size, '--img-size')):
+        model = timm.create_model(name.strip(), in_chans=args.in_chans, **_parse_kwargs(args.model_kwargs)).eval()
+        macs = measure.model_macs(model, torch.zeros(1, args.in_chans, size, size))
+        params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append({'model': name.strip(), 'img_size': size, 'params_m': params_m,
+                     **{f'{k}_gmacs': v / 1e9 for k, v in macs.items()}})
+    if args.json:
+        print(json.dumps({'results': rows}, indent=2))
+        return 0
+    print(f'{"model":<24} {"img":>4} {"params (M)":>10} {"GMACs":>7} {"dense":>7} {"sampling":>8}')
+    for r in rows:
+        print(f'{r["model"]:<24} {r["img_size"]:>4} {r["params_m"]:>10.2f} {r["total_gmacs"]:>7.3f} '
+              f'{r["dense_gmacs"]:>7.3f} {r["sampling_gmacs"]:>8.3f}')
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -470,6 +491,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit('--iters and --rounds must be >= 1, --warmup >= 0')
     if args.op and args.rounds > 1:
         raise SystemExit('--rounds applies to model benchmarks, not --op')
+    if args.macs:
+        return _print_macs(args)
     configs = _configs(args)
     rounds = [[_run_in_process(cfg) if args.in_process else _run_in_subprocess(cfg) for cfg in configs]
               for _ in range(args.rounds)]
