@@ -56,6 +56,7 @@ COMPILE_CHOICES = ('eager', 'default', 'freezing')
 PEERS = ('convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50')
 DTYPE_CHOICES = ('float32', 'bfloat16', 'float16', 'float64')
 _WORKER_FLAG = '--_worker'
+OUR_MODELS = frozenset(timm.list_models(module='internimage') + timm.list_models(module='flash_internimage'))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,8 +286,8 @@ def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
                             'compile': False if compile_mode == 'eager' else compile_mode, 'shapes': shapes})
         return configs
     for dtype, batch_size, img_size, mode, model in itertools.product(dtypes, batch_sizes, img_sizes, modes, models):
-        # timm's own models have no DCNv3 and no fused linear layers: one configuration each
-        ours = model.startswith('internimage')
+        # timm's own models have no DCNv3 / DCNv4 and no fused linear layers: one configuration each
+        ours = model in OUR_MODELS
         for backend, linear, compile_mode in itertools.product(
                 backends if ours else ['none'], fused_linear if ours else ['on'], compiles):
             if compile_mode == 'freezing' and mode == 'train':

@@ -85,6 +85,17 @@ def test_configurations_for_peers_compile_modes_and_the_fused_linear_switch():
     assert configs[0]['backend'] == 'reference' and configs[0]['model'] == 'internimage_t'
 
 
+def test_flash_internimage_gets_the_op_settings_like_internimage():
+    bench = _load_benchmark()
+    args = bench.build_parser().parse_args([
+        '--model', 'internimage_t,flash_internimage_t,convnext_tiny', '--backend', 'torch,compiled'])
+    settings = {}
+    for config in bench._configs(args):
+        settings.setdefault(config['model'], []).append(config['backend'])
+    assert settings == {'internimage_t': ['torch', 'compiled'], 'flash_internimage_t': ['torch', 'compiled'],
+                        'convnext_tiny': ['none']}
+
+
 def test_settings_reach_the_package_through_its_environment():
     bench = _load_benchmark()
     env = {'TIMM_INTERNIMAGE_DCNV3_BACKEND': 'torch', 'TIMM_INTERNIMAGE_FUSED_LINEAR': '0'}
