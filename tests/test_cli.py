@@ -12,7 +12,7 @@ from timm_internimage.cli import main
 from timm_internimage.tools.convert import convert, infer_model
 from timm_internimage.tools.images import sample_image_path
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest
-from timm_internimage.models.internimage import pretrained_cfgs
+from timm_internimage.models import pretrained_cfgs
 
 from conftest import REPO_ROOT, TINY, assert_same_weights, official_model, tiny_model
 from hub_server import hf_format, safetensors_bytes, sharded_repo, single_file_repo, tiny_case

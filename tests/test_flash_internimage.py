@@ -226,7 +226,7 @@ def test_parameter_counts_match_the_published_ones():
 
 def test_torchscript_fx_and_compile_match_eager():
     """Scripted, FX-traced and compiled (aot_eager, fullgraph) models compute the eager function."""
-    from timm.models._features_fx import create_feature_extractor
+    from timm.models import create_feature_extractor
     torch.manual_seed(0)
     model = tiny_flash(post_norm=True, layer_scale=1e-5, dw_kernel_size=3).eval()
     for dcn in (m for m in model.modules() if isinstance(m, DCNv4)):

@@ -136,7 +136,7 @@ def test_features_only_returns_nchw_stage_outputs(name):
 @pytest.mark.parametrize('name', ['internimage_t', 'internimage_h'])
 def test_fx_feature_extraction_returns_nchw_stage_outputs(name):
     """``feature_cls='fx'`` and timm's ``create_feature_extractor`` on the stages give the NCHW intermediates."""
-    from timm.models._features_fx import create_feature_extractor
+    from timm.models import create_feature_extractor
     torch.manual_seed(0)
     model = tiny_model(name).eval()
     x = torch.randn(1, 3, 64, 96)
@@ -300,7 +300,7 @@ def test_torchscript_and_fx_and_compile_match_eager():
     """Scripted, FX-traced and compiled (aot_eager) models compute the eager function. Measured (AVX2 EPYC, logits
     of about 1.7): scripted 1.3e-6 (TorchScript runs the layers unfused), FX and compiled bit-identical; the
     tolerance is 5e-6 for both."""
-    from timm.models._features_fx import create_feature_extractor
+    from timm.models import create_feature_extractor
     torch.manual_seed(0)
     model = tiny_model('internimage_h').eval()
     x = torch.randn(1, 3, 64, 64)
