@@ -1,7 +1,7 @@
 """Pretrained weights: Hub files fetched and checked before timm reads them, official ``.pth``, sharded checkpoints.
 
-``_create_internimage`` resolves the pretrained cfg once, passes it through :func:`fetch_pretrained` and builds
-with the result; timm's own ``load_pretrained`` then loads the weights:
+``build_with_pretrained`` (models/internimage.py) resolves the pretrained cfg once, passes it through
+:func:`fetch_pretrained` and builds with the result; timm's own ``load_pretrained`` then loads the weights:
 
 - one safetensors file, on the Hub (``hf_hub_id``, with ``@revision`` once pinned, and ``hf_hub_filename``) or
   local (``file``), through timm's loader with ``pretrained_filter_fn=checkpoint_filter_fn``;

@@ -1030,7 +1030,7 @@ def official_eval_cfg(img_size: int, stride: int = 32) -> Dict[str, Any]:
     )
 
 
-_PAPER_REPO_URL = 'https://github.com/OpenGVLab/InternImage'
+_REPO_URL = 'https://github.com/OpenGVLab/InternImage'
 _PAPER = dict(
     paper_ids='arXiv:2211.05778',
     paper_name='InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
@@ -1048,7 +1048,7 @@ def _cfg(repo_id: str, img_size: int = 224, num_classes: int = 1000, pool_stride
         num_classes=num_classes,
         description=f'ImageNet-1k top-1 {top1}% (published)' if top1 else f'{num_classes}-class ImageNet-22k head',
         **_PAPER,
-        origin_url=_PAPER_REPO_URL,
+        origin_url=_REPO_URL,
     )
 
 
@@ -1220,7 +1220,7 @@ def dense_cfg(tag: DenseTag, repo_id: str, **paper: str) -> Dict[str, Any]:
 
 # The first tag of a model is its default: the classification tags come first.
 default_cfgs = generate_default_cfgs({**_CLASSIFICATION_CFGS, **{
-    name: dense_cfg(tag, DENSE_REPO, **_PAPER, origin_url=f'{_PAPER_REPO_URL}/blob/master/{tag.config}')
+    name: dense_cfg(tag, DENSE_REPO, **_PAPER, origin_url=f'{_REPO_URL}/blob/master/{tag.config}')
     for name, tag in DENSE_TAGS.items()}})
 
 
