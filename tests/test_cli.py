@@ -565,7 +565,7 @@ def test_convert_writes_temporaries_and_cleans_up_on_failure(tmp_path, tiny_pth,
     """Each output is written under a temporary name in OUT_DIR, then renamed; a failed write removes everything
     convert created, folders included."""
     import safetensors.torch
-    import timm.models._hub
+    import timm.models._hub  # private: convert imports save_config_for_hf from here (see tools/convert.py)
     written = []
 
     def failing_writer(original):

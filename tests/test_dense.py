@@ -15,7 +15,7 @@ from timm_internimage import set_backend
 from timm_internimage.models.internimage import DENSE_REPO, DENSE_TAGS, dense_scores
 from timm_internimage.pretrained import PretrainedWeightsError
 
-from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT
+from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT, tiny_model
 from golden import DENSE_CASES, dense_model_kwargs, load_dense_case
 from hub_server import tiny_case
 
@@ -600,3 +600,18 @@ def test_dense_doc_lists_every_flash_tag_with_its_published_scores():
         height, width = timm.models.get_pretrained_cfg(name).input_size[1:]
         assert size == (f'{height}x{width}' if height != width else str(height)), name
         assert taps == ','.join(map(str, out_indices)), name
+
+
+def test_tag_arguments_apply_over_the_variant_and_under_explicit_ones():
+    """A dense tag's model arguments override its variant's (entrypoint ``model_args``); explicit keyword
+    arguments override both."""
+    def layer_scale(name, **kwargs):
+        gamma = tiny_model(name, **kwargs).state_dict().get('stages.0.blocks.0.ls1.gamma')
+        return None if gamma is None else gamma[0].item()
+    assert layer_scale('flash_internimage_t') is None
+    assert layer_scale('flash_internimage_t.coco_mask_rcnn_1x') == 1.0
+    assert layer_scale('flash_internimage_t.coco_mask_rcnn_1x', layer_scale=0.5) == 0.5
+    assert timm.create_model('internimage_h', device='meta').neck is not None
+    assert timm.create_model('internimage_h.ade20k_upernet_896', device='meta').neck is None
+    assert timm.create_model('internimage_h.ade20k_upernet_896', device='meta', use_clip_projector=True).neck \
+        is not None

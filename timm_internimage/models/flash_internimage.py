@@ -92,8 +92,9 @@ def _create_flash_internimage(
     return build_with_pretrained(FlashInternImage, variant, pretrained, model_args, DENSE_TAGS, **kwargs)
 
 
-# Every FlashInternImage checkpoint (classification, detection, segmentation) is an official .pth in this Hub repo.
-DENSE_REPO = _HUB_REPO = 'OpenGVLab/DCNv4'
+# Every FlashInternImage checkpoint (classification, detection, segmentation) is an official .pth in this Hub repo
+# (named DENSE_REPO as InternImage's repo of detection / segmentation checkpoints is).
+DENSE_REPO = 'OpenGVLab/DCNv4'
 _REPO_URL = 'https://github.com/OpenGVLab/DCNv4'
 _PAPER = dict(
     paper_ids='arXiv:2401.06197',
@@ -104,9 +105,9 @@ _PAPER = dict(
 def _cfg(filename: str, img_size: int = 224) -> Dict[str, Any]:
     """Pretrained cfg of an official classifier in the Hub repo OpenGVLab/DCNv4 (a ``.pth``, read with
     ``weights_only``), with the official evaluation preprocessing and the published top-1 (from the manifest)."""
-    top1 = published_results(_HUB_REPO, filename)['top1']
+    top1 = published_results(DENSE_REPO, filename)['top1']
     return dict(
-        hf_hub_id=_HUB_REPO,
+        hf_hub_id=DENSE_REPO,
         hf_hub_filename=filename,
         num_classes=1000,
         **official_eval_cfg(img_size),
