@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .ops.dcnv3_export import export_formulation
+from .ops.dcn_v3_export import export_formulation
 
 __all__ = [
     'FORMATS', 'ExportError', 'ExportCheckError', 'ExportResult', 'artifact_paths', 'check_format', 'export_model']

@@ -37,7 +37,7 @@ from timm.models._features import feature_take_indices
 
 from ._manifest import hub_source, repo_entry
 from .ops import DCNv3, DCNv4
-from .ops.dcn_v3 import linear
+from .ops.linear import linear
 
 __all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys', 'backbone_state_dict', 'DENSE_TAGS']
 
