@@ -49,13 +49,12 @@ def export_formulation_active() -> bool:
 
 def _kernel_points(geometry: Geometry) -> Tuple[List[int], List[int]]:
     """Kernel point offsets (x, y) from the window centre as Python lists, x varying slowest."""
-    kernel_h, kernel_w = geometry.kernel_h, geometry.kernel_w
-    dilation_h, dilation_w = geometry.dilation_h, geometry.dilation_w
-    half_h = (dilation_h * (kernel_h - 1)) // 2
-    half_w = (dilation_w * (kernel_w - 1)) // 2
-    points = [(i * dilation_w - half_w, j * dilation_h - half_h) for i in range(kernel_w) for j in range(kernel_h)]
-    if geometry.remove_center:
-        del points[(kernel_h * kernel_w) // 2]
+    g = geometry
+    half_h, half_w = (g.dilation_h * (g.kernel_h - 1)) // 2, (g.dilation_w * (g.kernel_w - 1)) // 2
+    points = [(i * g.dilation_w - half_w, j * g.dilation_h - half_h)
+              for i in range(g.kernel_w) for j in range(g.kernel_h)]
+    if g.remove_center:
+        del points[(g.kernel_h * g.kernel_w) // 2]
     return [p[0] for p in points], [p[1] for p in points]
 
 

@@ -96,19 +96,13 @@ def dcnv4(
             ``g * 3P .. (g + 1) * 3P`` hold 2P offsets in pixels ((x, y) per point, points ordered with x
             varying slowest) then P point weights; ``P = kh * kw - remove_center``. ``M`` is ``3 * group * P``,
             or up to the official padded size ``ceil(3 * group * P / 8) * 8`` (the padding is ignored).
-        kernel_size, stride, padding, dilation: ints or (h, w) pairs.
         group: number of groups sharing offsets and weights.
-        offset_scale: scale of both the base kernel grid and the offsets.
-        remove_center: drop the kernel's centre point (needs an odd number of kernel points).
         softmax: normalise the weights with a per-group softmax over the points (FlashInternImage: off).
-        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default: the setting
-            (:func:`timm_internimage.set_backend`; the backends of :func:`~timm_internimage.ops.dcnv3`).
+        kernel_size, stride, padding, dilation, offset_scale, remove_center, backend: as for
+            :func:`~timm_internimage.ops.dcnv3` (the same backends and setting).
 
-    Returns:
-        ``(N, H_out, W_out, C)`` in the input's dtype.
-
-    Raises:
-        ValueError: for arguments no backend can compute (the message names the argument and the fix).
+    Returns ``(N, H_out, W_out, C)`` in the input's dtype; raises a ValueError naming the argument and the fix for
+    arguments no backend can compute.
     """
     channels = input.shape[-1] if input.dim() > 0 else 0
     geometry = make_geometry(channels, kernel_size, stride, padding, dilation, group, offset_scale, remove_center)
