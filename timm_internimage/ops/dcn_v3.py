@@ -22,6 +22,7 @@ from .dcn_v3_torch import dcnv3_torch, softmax_over_points
 from .geometry import Geometry, IntOrPair, check_arguments, make_geometry, num_points
 from .linear import linear
 
+# compiled_backend_available lives in .backend; named here too, where it was first imported from.
 __all__ = ['DCNv3', 'compiled_backend_available', 'dcnv3', 'dcnv3_core']
 
 
