@@ -379,3 +379,14 @@ def test_a_wheel_of_another_version_is_a_clear_error(monkeypatch):
         monkeypatch.undo()
         backend._extension.cache_clear()
     assert backend._extension() is timm_internimage_dcnv3
+
+
+@NEEDS_COMPILED
+def test_geometry_is_the_compiled_schemas_scalar_arguments_in_order():
+    """The compiled backend flattens a Geometry into the ops' scalar arguments, and its create-graph backward builds
+    one back from them, by position: the fields must be the schemas' arguments in order."""
+    assert compiled_backend_available()  # the wheel is loaded: its ops are registered
+    ops = torch.ops.timm_internimage
+    for op in (ops.dcnv3_forward, ops.dcnv3_softmax_forward, ops.dcnv3_backward, ops.dcnv3_softmax_backward):
+        names = tuple(argument.name for argument in op.default._schema.arguments)
+        assert names[-len(Geometry._fields):] == Geometry._fields

@@ -8,7 +8,7 @@ validation and errors, autograd, torch.compile and export. Gradients flow back i
 padding channels).
 """
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,6 +51,14 @@ def _check_arguments(input: Tensor, offset_mask: Tensor, geometry: Geometry) -> 
             f'optionally padded to {padded} (the official layout), got {offset_mask.shape[3]}')
 
 
+def _unpack(offset_mask: Tensor, geometry: Geometry) -> Tuple[Tensor, Tensor]:
+    """DCNv3's offset and mask of the packed ``offset_mask``: per group, 2 * P offsets ((x, y) per point), then P
+    weights; the padding channels are not read."""
+    points = num_points(geometry)
+    packed = offset_mask[..., :3 * geometry.group * points].unflatten(-1, (geometry.group, 3 * points))
+    return packed[..., :2 * points].flatten(-2).contiguous(), packed[..., 2 * points:].flatten(-2).contiguous()
+
+
 @register_notrace_function
 def dcnv4_core(
         input: Tensor,
@@ -61,17 +69,12 @@ def dcnv4_core(
 ) -> Tensor:
     """DCNv4 for a :class:`.Geometry` (the official op's scalar arguments as one value, without ``im2col_step``),
     validated once, then run as DCNv3."""
-    requested = ''
-    if not torch.jit.is_scripting():
-        requested = requested_backend(backend)
-        _check_arguments(input, offset_mask, geometry)
-    points = num_points(geometry)
-    # Per group: 2 * P offsets ((x, y) per point), then P weights; the padding channels are not read.
-    packed = offset_mask[..., :3 * geometry.group * points].unflatten(-1, (geometry.group, 3 * points))
-    offset = packed[..., :2 * points].flatten(-2).contiguous()
-    mask = packed[..., 2 * points:].flatten(-2).contiguous()
-    if torch.jit.is_scripting():
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch: DCNv3's pure-PyTorch op
+        offset, mask = _unpack(offset_mask, geometry)
         return dcnv3_core(input, offset, mask, geometry, mask_is_logits=softmax)
+    requested = requested_backend(backend)
+    _check_arguments(input, offset_mask, geometry)
+    offset, mask = _unpack(offset_mask, geometry)
     return run_checked(input, offset, mask, geometry, softmax, requested)
 
 
