@@ -366,7 +366,7 @@ def _print_table(results: List[Dict[str, Any]]) -> None:
     op_rows = [r for r in results if r['kind'] == 'op']
     if model_rows:
         # The fused-linear switch as set ('-' for timm's models): whether oneDNN runs also depends on the mode,
-        # dtype and backend (ops.dcn_v3.use_fused_linear), so the table does not claim it.
+        # dtype and backend (ops.linear.use_fused_linear), so the table does not claim it.
         header = ('model', 'mode', 'dtype', 'backend', 'fused linear', 'compile', 'batch', 'res', 'img/s',
                   'ms/iter', 'peak MiB')
         with_speedup = any('speedup' in r for r in model_rows)

@@ -375,7 +375,7 @@ def test_fused_linear_runs_on_onednn_and_computes_the_same_function(name, backen
 
 
 def test_fused_linear_applies_only_where_it_should(monkeypatch):
-    from timm_internimage.ops.dcn_v3 import use_fused_linear
+    from timm_internimage.ops.linear import use_fused_linear
     x, weight = torch.randn(2, 3), torch.randn(4, 3, requires_grad=True)
     set_backend('torch')
     with torch.no_grad():

@@ -38,7 +38,7 @@ from timm.models._features import feature_take_indices
 
 from .._manifest import hub_source, published_results, repo_entry
 from ..ops import DCNv3, DCNv4
-from ..ops.dcn_v3 import linear
+from ..ops.linear import linear
 
 __all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys', 'backbone_state_dict', 'DENSE_TAGS']
 
@@ -164,7 +164,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.act = act_layer()
-        # A GELU goes into fc1's oneDNN call on CPU (ops.dcn_v3.linear).
+        # A GELU goes into fc1's oneDNN call on CPU (ops.linear.linear).
         self.gelu_approximate: Optional[str] = self.act.approximate if isinstance(self.act, nn.GELU) else None
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim, bias=fc2_bias, **dd)
