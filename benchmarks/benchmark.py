@@ -56,6 +56,7 @@ COMPILE_CHOICES = ('eager', 'default', 'freezing')
 PEERS = ('convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50')
 DTYPE_CHOICES = ('float32', 'bfloat16', 'float16', 'float64')
 _WORKER_FLAG = '--_worker'
+OUR_MODELS = frozenset(timm.list_models(module='internimage') + timm.list_models(module='flash_internimage'))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,8 +286,8 @@ def _configs(args: argparse.Namespace) -> List[Dict[str, Any]]:
                             'compile': False if compile_mode == 'eager' else compile_mode, 'shapes': shapes})
         return configs
     for dtype, batch_size, img_size, mode, model in itertools.product(dtypes, batch_sizes, img_sizes, modes, models):
-        # timm's own models have no DCNv3/DCNv4 and no fused linear layers: one configuration each
-        ours = model.startswith(('internimage', 'flash_internimage'))
+        # timm's own models have no DCNv3 / DCNv4 and no fused linear layers: one configuration each
+        ours = model in OUR_MODELS
         for backend, linear, compile_mode in itertools.product(
                 backends if ours else ['none'], fused_linear if ours else ['on'], compiles):
             if compile_mode == 'freezing' and mode == 'train':
@@ -365,7 +366,7 @@ def _print_table(results: List[Dict[str, Any]]) -> None:
     op_rows = [r for r in results if r['kind'] == 'op']
     if model_rows:
         # The fused-linear switch as set ('-' for timm's models): whether oneDNN runs also depends on the mode,
-        # dtype and backend (ops.dcn_v3.use_fused_linear), so the table does not claim it.
+        # dtype and backend (ops.linear.use_fused_linear), so the table does not claim it.
         header = ('model', 'mode', 'dtype', 'backend', 'fused linear', 'compile', 'batch', 'res', 'img/s',
                   'ms/iter', 'peak MiB')
         with_speedup = any('speedup' in r for r in model_rows)
@@ -453,11 +454,32 @@ def build_parser() -> argparse.ArgumentParser:
                         'rounds plus each configuration\'s speedup over the first (median of per-round ratios)')
     p.add_argument('--op', action='store_true',
                    help='time the DCNv3 op (forward, backward) on InternImage-T stage shapes instead of a model')
+    p.add_argument('--macs', action='store_true',
+                   help='print each model\'s parameters and multiply-adds per image (GMACs, the unit of the '
+                        'published InternImage FLOPs) at each --img-size instead of timing')
     p.add_argument('--json', action='store_true', help='print one JSON document instead of the table')
     p.add_argument('--in-process', action='store_true',
                    help='run the configurations in this process instead of one fresh subprocess each (faster '
                         'start; peak memory and backend selection are then less isolated)')
     return p
+
+
+def _print_macs(args: argparse.Namespace) -> int:
+    rows = []
+    for name, size in itertools.product(args.model.split(','), _positive_ints(args.img_size, '--img-size')):
+        model = timm.create_model(name.strip(), in_chans=args.in_chans, **_parse_kwargs(args.model_kwargs)).eval()
+        macs = measure.model_macs(model, torch.zeros(1, args.in_chans, size, size))
+        params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append({'model': name.strip(), 'img_size': size, 'params_m': params_m,
+                     **{f'{k}_gmacs': v / 1e9 for k, v in macs.items()}})
+    if args.json:
+        print(json.dumps({'results': rows}, indent=2))
+        return 0
+    print(f'{"model":<24} {"img":>4} {"params (M)":>10} {"GMACs":>7} {"dense":>7} {"sampling":>8}')
+    for r in rows:
+        print(f'{r["model"]:<24} {r["img_size"]:>4} {r["params_m"]:>10.2f} {r["total_gmacs"]:>7.3f} '
+              f'{r["dense_gmacs"]:>7.3f} {r["sampling_gmacs"]:>8.3f}')
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -470,6 +492,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit('--iters and --rounds must be >= 1, --warmup >= 0')
     if args.op and args.rounds > 1:
         raise SystemExit('--rounds applies to model benchmarks, not --op')
+    if args.macs:
+        return _print_macs(args)
     configs = _configs(args)
     rounds = [[_run_in_process(cfg) if args.in_process else _run_in_subprocess(cfg) for cfg in configs]
               for _ in range(args.rounds)]

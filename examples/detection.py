@@ -28,7 +28,7 @@ from torch import Tensor
 
 import timm
 import timm_internimage  # noqa: F401  (registers the models)
-from timm.optim._param_groups import param_groups_layer_decay
+from timm.optim import param_groups_layer_decay
 
 COLOURS = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (40, 80, 230)}
 

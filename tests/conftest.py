@@ -44,14 +44,14 @@ def _restore_settings():
     set_fused_linear; each test ends with the settings it started with. (Skipped where timm_internimage is not
     installed: test_compiled_op.py alone.)"""
     try:
-        from timm_internimage.ops import settings
+        from timm_internimage.ops import fused_linear_enabled, get_backend, set_backend, set_fused_linear
     except ImportError:
         yield
         return
-    saved = settings.get_backend(), settings.fused_linear_enabled()
+    saved = get_backend(), fused_linear_enabled()
     yield
-    settings.set_backend(saved[0])
-    settings.set_fused_linear(saved[1])
+    set_backend(saved[0])
+    set_fused_linear(saved[1])
 
 
 # ---- small models -----------------------------------------------------------------------------------------------

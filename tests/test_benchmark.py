@@ -3,6 +3,9 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
 from conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / 'benchmarks' / 'benchmark.py'
@@ -82,11 +85,15 @@ def test_configurations_for_peers_compile_modes_and_the_fused_linear_switch():
     assert configs[0]['backend'] == 'reference' and configs[0]['model'] == 'internimage_t'
 
 
-def test_flash_internimage_gets_the_op_settings():
-    """FlashInternImage runs DCNv4 on the package's backends: it gets the backend and fused-linear settings."""
+def test_flash_internimage_gets_the_op_settings_like_internimage():
     bench = _load_benchmark()
-    args = bench.build_parser().parse_args(['--model', 'flash_internimage_t', '--backend', 'torch,compiled'])
-    assert [c['backend'] for c in bench._configs(args)] == ['torch', 'compiled']
+    args = bench.build_parser().parse_args([
+        '--model', 'internimage_t,flash_internimage_t,convnext_tiny', '--backend', 'torch,compiled'])
+    settings = {}
+    for config in bench._configs(args):
+        settings.setdefault(config['model'], []).append(config['backend'])
+    assert settings == {'internimage_t': ['torch', 'compiled'], 'flash_internimage_t': ['torch', 'compiled'],
+                        'convnext_tiny': ['none']}
 
 
 def test_settings_reach_the_package_through_its_environment():
@@ -121,7 +128,7 @@ def _expected_configs(options, op=False, peers=False, in_process=False):
                 for be in split('--backend', 'auto') for c in split('--compile', 'eager') for s in groups]
     models = split('--model', 'internimage_t') + (['convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50']
                                                   if peers else [])
-    ours = lambda model: model.startswith(('internimage', 'flash_internimage'))  # noqa: E731
+    ours = lambda model: model.startswith('internimage')  # noqa: E731
     return [{**common, 'dtype': d, 'batch_size': int(b), 'img_size': int(r), 'mode': mode, 'model': m,
              'backend': be, 'fused_linear': f, 'compile': compiled(c), 'in_chans': 3, 'channels_last': False,
              'amp': False, 'model_kwargs': {'channels': 16} if ours(m) else {}}
@@ -199,3 +206,35 @@ def test_in_process_configurations_leave_the_process_settings_as_they_were(monke
             assert inductor_config.freezing is before and torch.get_num_threads() == threads
             assert timm_internimage.get_backend() == 'reference' and timm_internimage.fused_linear_enabled()
     assert seen == [('torch', False)] * 4  # each configuration ran under its own settings
+
+
+def test_model_macs_counts_a_dcnv3_layer_by_hand():
+    """Every multiply-add of one DCNv3 layer, counted by hand: the four linear layers, the depthwise 3x3
+    convolution and 5 per output value and kernel point for the sampling (4 corners and the point weight)."""
+    from timm_internimage.ops import DCNv3
+    from timm_internimage.tools.benchmarking import model_macs
+    channels, group, points, pixels = 8, 2, 9, 5 * 6
+    layer = DCNv3(channels, kernel_size=3, group=group).eval()
+    macs = model_macs(layer, torch.randn(1, 5, 6, channels))
+    per_pixel = 2 * channels * channels + channels * group * points * 3 + 9 * channels
+    assert macs == {'dense': pixels * per_pixel, 'sampling': 5 * pixels * points * channels,
+                    'total': pixels * per_pixel + 5 * pixels * points * channels}
+
+
+def test_model_macs_of_internimage_t_match_the_published_5g():
+    import timm
+    from timm_internimage.tools.benchmarking import model_macs
+    macs = model_macs(timm.create_model('internimage_t').eval(), torch.zeros(1, 3, 224, 224))
+    assert round(macs['total'] / 1e9) == 5  # the published FLOPs (multiply-adds), rounded to 1G as published
+
+
+def test_benchmark_macs_json():
+    doc = _run('--macs', '--model', 'internimage_t,flash_internimage_t', '--img-size', '32,64',
+               '--model-kwargs', 'channels=16', 'depths=[1,1,1,1]')
+    rows = doc['results']
+    assert [(r['model'], r['img_size']) for r in rows] == [
+        ('internimage_t', 32), ('internimage_t', 64), ('flash_internimage_t', 32), ('flash_internimage_t', 64)]
+    for small, large in (rows[:2], rows[2:]):
+        assert small['params_m'] == large['params_m'] > 0
+        assert small['sampling_gmacs'] * 4 == pytest.approx(large['sampling_gmacs'])  # 4x the pixels
+        assert small['total_gmacs'] == pytest.approx(small['dense_gmacs'] + small['sampling_gmacs'])

@@ -8,11 +8,12 @@ import pytest
 import torch
 import timm
 
+from timm_internimage import FlashInternImage
 from timm_internimage.cli import main
 from timm_internimage.tools.convert import convert, infer_model
 from timm_internimage.tools.images import sample_image_path
 from timm_internimage._manifest import dump_manifest, hub_source, load_manifest
-from timm_internimage.models.internimage import pretrained_cfgs
+from timm_internimage.models import pretrained_cfgs
 
 from conftest import REPO_ROOT, TINY, assert_same_weights, official_model, tiny_model
 from hub_server import hf_format, safetensors_bytes, sharded_repo, single_file_repo, tiny_case
@@ -32,10 +33,14 @@ def _run(args, env, timeout=300):
 
 def _expected_top(kwargs, official, image_path, k):
     """What predict must print, computed independently with timm's data pipeline and ImageNet labels."""
+    return _expected_top_of(official_model('internimage_t', kwargs, official), T_TAG, image_path, k)
+
+
+def _expected_top_of(model, tag, image_path, k):
+    """The top ``k`` of ``model`` (eval mode) on an image, with timm's data pipeline for the cfg of ``tag``."""
     from PIL import Image
     from timm.data import ImageNetInfo, create_transform, resolve_data_config
-    model = official_model('internimage_t', kwargs, official)
-    model.pretrained_cfg = timm.models.get_pretrained_cfg(T_TAG).to_dict()
+    model.pretrained_cfg = timm.models.get_pretrained_cfg(tag).to_dict()
     transform = create_transform(**resolve_data_config(model=model))
     x = transform(Image.open(image_path).convert('RGB')).unsqueeze(0)
     with torch.no_grad():
@@ -165,12 +170,17 @@ def test_convert_local_hf_folder(tmp_path):
                        official_model('internimage_s', kwargs, official))
 
 
-@pytest.mark.parametrize('name,classes', [('internimage_t', 1000), ('internimage_xl', 21841), ('internimage_g', 1000)])
+@pytest.mark.parametrize('name,classes', [('internimage_t', 1000), ('internimage_xl', 21841), ('internimage_g', 1000),
+                                          ('flash_internimage_t', 1000), ('flash_internimage_l', 1000)])
 def test_convert_infers_released_variant(name, classes):
+    """The variant from the stem width, within the family that the core op's keys tell (T and FlashInternImage-T
+    are both 64 channels wide)."""
     state_dict = timm.create_model(name, device='meta', num_classes=classes).state_dict()
     assert infer_model(state_dict) == {'model': name, 'num_classes': classes}
     official_style = {'model.patch_embed.conv1.weight': state_dict['stem.conv1.weight'],
                       'model.head.weight': state_dict['head.fc.weight']}
+    dcn = 'offset_mask' if name.startswith('flash_') else 'offset'
+    official_style[f'model.levels.0.blocks.0.dcn.{dcn}.weight'] = state_dict[f'stages.0.blocks.0.dcn.{dcn}.weight']
     assert infer_model(official_style) == {'model': name, 'num_classes': classes}
 
 
@@ -555,7 +565,7 @@ def test_convert_writes_temporaries_and_cleans_up_on_failure(tmp_path, tiny_pth,
     """Each output is written under a temporary name in OUT_DIR, then renamed; a failed write removes everything
     convert created, folders included."""
     import safetensors.torch
-    import timm.models._hub
+    import timm.models._hub  # private: convert imports save_config_for_hf from here (see tools/convert.py)
     written = []
 
     def failing_writer(original):
@@ -576,3 +586,74 @@ def test_convert_writes_temporaries_and_cleans_up_on_failure(tmp_path, tiny_pth,
     assert 'No space left on device' in capsys.readouterr().err
     assert not (tmp_path / 'new').exists()
     assert written and all(p.parent == out and p.name not in ('model.safetensors', 'config.json') for p in written)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FlashInternImage: the official .pth format, by --checkpoint
+
+
+@pytest.fixture(scope='module')
+def flash_pth(tmp_path_factory):
+    """``(model args JSON, official .pth path, reference model, golden tensors)`` of the tiny official
+    FlashInternImage (``model_flash_tiny``), saved as the official training checkpoint (``{'model': ...}``)."""
+    from golden import flash_golden_model, official_weight
+    model, case, tensors = flash_golden_model('model_flash_tiny')
+    official = {key: official_weight(key, shape, case['weight_seed'], case['weight_rule'])
+                for key, shape in case['state_dict_keys'].items()}
+    path = tmp_path_factory.mktemp('flash') / 'flash_intern_image_t_1k_224.pth'
+    torch.save({'model': official, 'epoch': 299}, path)
+    return json.dumps(case['config']), path, model, tensors
+
+
+def _image(path, seed, size=(72, 88)):
+    from PIL import Image
+    torch.manual_seed(seed)
+    Image.fromarray((torch.rand(*size, 3) * 255).byte().numpy()).save(path)
+    return path
+
+
+def test_flash_predict_with_official_pth(flash_pth, tmp_path, capsys):
+    model_args, path, reference, _ = flash_pth
+    image = _image(tmp_path / 'noise.png', 0)
+    assert main(['predict', str(image), '--model', 'flash_internimage_t', '--checkpoint', str(path), '--json',
+                 '--top-k', '3', '--model-args', model_args, '--device', 'cpu']) == 0
+    predictions = json.loads(capsys.readouterr().out)['results'][0]['predictions']
+    want = _expected_top_of(reference, 'flash_internimage_t.in1k', image, 3)
+    assert [(p['index'], p['label']) for p in predictions] == [(i, label) for i, label, _ in want]
+
+
+def test_flash_validate_with_official_pth_against_its_published_top1(flash_pth, tmp_path, capsys):
+    """Two images in class folders (ImageNet-1k indices): one in the class the model predicts for it (by timm's
+    pipeline, computed here), one elsewhere, so top-1 is 50%; the published top-1 is the file's, 83.6."""
+    model_args, path, reference, _ = flash_pth
+    images = [_image(tmp_path / f'{i}.png', i) for i in range(2)]
+    predicted = [_expected_top_of(reference, 'flash_internimage_t.in1k', image, 1)[0][0] for image in images]
+    for image, label in zip(images, (predicted[0], (predicted[1] + 1) % 1000)):
+        folder = tmp_path / 'data' / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.rename(folder / image.name)
+    assert main(['validate', str(tmp_path / 'data'), '--model', 'flash_internimage_t', '--checkpoint', str(path),
+                 '--model-args', model_args, '--workers', '0', '--device', 'cpu', '--json']) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary['images'], summary['top1'], summary['published_top1']) == (2, 50.0, 83.6)
+
+
+def test_flash_export_with_official_pth(flash_pth, tmp_path, capsys):
+    model_args, path, _, _ = flash_pth
+    out = tmp_path / 'flash.pt2'
+    assert main(['export', '--model', 'flash_internimage_t', '--checkpoint', str(path), '--model-args', model_args,
+                 '--format', 'torch-export', '--img-size', '64', '64', str(out)]) == 0
+    assert f'torch-export {out}: max abs difference from eager PyTorch' in capsys.readouterr().out
+
+
+def test_flash_convert_official_pth_round_trip(flash_pth, tmp_path, capsys):
+    """An official FlashInternImage .pth converts to a timm folder that loads back with local-dir: equal logits; a
+    width no released FlashInternImage has asks for --model."""
+    model_args, path, _, tensors = flash_pth
+    out = convert(str(path), str(tmp_path / 'converted'), 'flash_internimage_t', json.loads(model_args))
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert isinstance(model, FlashInternImage) and model.pretrained_cfg['tag'] == 'in1k'
+    with torch.no_grad():
+        torch.testing.assert_close(model(tensors['input']), tensors['logits'], rtol=0, atol=1e-4)
+    assert main(['convert', str(path), str(tmp_path / 'inferred')]) == 2
+    assert 'no released FlashInternImage has 32 channels; pass --model' in capsys.readouterr().err

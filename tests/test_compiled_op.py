@@ -192,9 +192,14 @@ def _assert_same_function_in_float64(other, x, off, mask, args):
 
 
 def test_matches_pure_pytorch_op():
-    torch_ops = pytest.importorskip("timm_internimage.ops.dcnv3_torch", reason="pure-PyTorch op not available")
+    torch_ops = pytest.importorskip("timm_internimage.ops.dcn_v3_torch", reason="pure-PyTorch op not available")
+    from timm_internimage.ops import Geometry
+
+    def dcnv3_torch(x, off, mask, *schema_args):
+        return torch_ops.dcnv3_torch(x, off, mask, Geometry(*schema_args))
+
     for seed, cfg in enumerate(RANDOM_CASES):
-        _assert_same_function_in_float64(torch_ops.dcnv3_torch, *random_case(**cfg, seed=10 + seed))
+        _assert_same_function_in_float64(dcnv3_torch, *random_case(**cfg, seed=10 + seed))
 
 
 # --------------------------------------------------------------------------- batch sizes / paths

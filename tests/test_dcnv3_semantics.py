@@ -1,5 +1,6 @@
 """One DCNv3: the torch and compiled backends follow the official CUDA kernel, every backend validates its
 arguments alike, and the backend setting is read in one place."""
+import importlib
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 
 from timm_internimage import set_backend
 
-from timm_internimage.ops import DCNv3, compiled_backend_available, dcnv3, dcnv3_core
+from timm_internimage.ops import DCNv3, Geometry, compiled_backend_available, dcnv3, dcnv3_core
 from conftest import (
     ALL_BACKENDS, KERNEL_BACKENDS, NEEDS_COMPILED, REPO_ROOT, dcnv3_module, forward_backward, output_size, random_case, tiny_model)
 from golden import cuda_semantics_args, cuda_semantics_cases, cuda_semantics_kwargs, load_cuda_semantics_case
@@ -54,7 +55,7 @@ def test_official_cuda_semantics_with_mask_logits(case, backend):
     data = load_cuda_semantics_case(case)
     group = case['group']
     leaves = [data[k].clone().requires_grad_() for k in ('input', 'offset')] + [data['mask'].log().requires_grad_()]
-    output = dcnv3_core(*leaves, *cuda_semantics_args(case, data['input'].shape[-1]), mask_is_logits=True,
+    output = dcnv3_core(*leaves, Geometry(*cuda_semantics_args(case, data['input'].shape[-1])), mask_is_logits=True,
                         backend=backend)
     output.backward(data['grad_output'])
     prob = data['mask'].unflatten(-1, (group, -1))
@@ -302,10 +303,10 @@ def test_a_single_bag_trains_on_any_number_of_threads(backend, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = forward_backward(dcnv3_core, (input, offset, mask), grad_output, *args, backend=backend)
+        got = forward_backward(dcnv3_core, (input, offset, mask), grad_output, Geometry(*args), backend=backend)
     finally:
         torch.set_num_threads(previous)
-    expected = forward_backward(dcnv3_core, (input, offset, mask), grad_output, *args, backend='reference')
+    expected = forward_backward(dcnv3_core, (input, offset, mask), grad_output, Geometry(*args), backend='reference')
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, rtol=0, atol=1e-12)
 
@@ -319,8 +320,8 @@ def test_strided_views_are_accepted_on_every_backend(backend):
     sliced_input = input.repeat_interleave(2, dim=2)[:, :, 1::2]
     assert not (wide.is_contiguous() or transposed.is_contiguous() or sliced_input.is_contiguous())
     grad_output = torch.randn(2, 6, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    got = forward_backward(dcnv3_core, (sliced_input, wide, transposed), grad_output, *args, backend=backend)
-    expected = forward_backward(dcnv3_core, (input, offset, mask), grad_output, *args, backend=backend)
+    got = forward_backward(dcnv3_core, (sliced_input, wide, transposed), grad_output, Geometry(*args), backend=backend)
+    expected = forward_backward(dcnv3_core, (input, offset, mask), grad_output, Geometry(*args), backend=backend)
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, rtol=0, atol=1e-12)
 
@@ -329,7 +330,7 @@ def test_settings_api():
     """set_backend / backend() and set_fused_linear / fused_linear(): validated, process-wide, and the context
     managers restore the previous setting even when the block raises."""
     import timm_internimage as ti
-    from timm_internimage.ops.dcn_v3 import use_fused_linear
+    from timm_internimage.ops.linear import use_fused_linear
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         ti.set_backend('cuda')
     ti.set_backend('TORCH')
@@ -347,15 +348,15 @@ def test_settings_api():
     # a backend= argument wins over the setting
     input, offset, mask, args = random_case(batch=1, height=4, width=4)
     ti.set_backend('reference')
-    torch.testing.assert_close(dcnv3_core(input, offset, mask, *args, backend='torch'),
-                               dcnv3_core(input, offset, mask, *args), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dcnv3_core(input, offset, mask, Geometry(*args), backend='torch'),
+                               dcnv3_core(input, offset, mask, Geometry(*args)), rtol=0, atol=1e-12)
 
 
 def test_settings_threads_see_one_setting():
     """The setting is process-wide: a thread started after set_backend runs that backend."""
     import threading
     import timm_internimage as ti
-    from timm_internimage.ops.settings import requested_backend
+    from timm_internimage.ops.backend import requested_backend
     seen = []
     ti.set_backend('reference')
     thread = threading.Thread(target=lambda: seen.append(requested_backend()))
@@ -368,13 +369,24 @@ def test_settings_threads_see_one_setting():
 def test_a_wheel_of_another_version_is_a_clear_error(monkeypatch):
     """The op checks the wheel against the installed package's metadata (it never imports the package root)."""
     import timm_internimage_dcnv3
-    from timm_internimage.ops import dcn_v3
+    backend = importlib.import_module('timm_internimage.ops.backend')  # the module: ops.backend is the context manager
     monkeypatch.setattr(timm_internimage_dcnv3, '__version__', '0.0.0')
-    dcn_v3._extension.cache_clear()
+    backend._extension.cache_clear()
     try:
         with pytest.raises(ImportError, match=r'timm_internimage_dcnv3 0\.0\.0 does not match timm-internimage'):
-            dcn_v3._extension()
+            backend._extension()
     finally:
         monkeypatch.undo()
-        dcn_v3._extension.cache_clear()
-    assert dcn_v3._extension() is timm_internimage_dcnv3
+        backend._extension.cache_clear()
+    assert backend._extension() is timm_internimage_dcnv3
+
+
+@NEEDS_COMPILED
+def test_geometry_is_the_compiled_schemas_scalar_arguments_in_order():
+    """The compiled backend flattens a Geometry into the ops' scalar arguments, and its create-graph backward builds
+    one back from them, by position: the fields must be the schemas' arguments in order."""
+    assert compiled_backend_available()  # the wheel is loaded: its ops are registered
+    ops = torch.ops.timm_internimage
+    for op in (ops.dcnv3_forward, ops.dcnv3_softmax_forward, ops.dcnv3_backward, ops.dcnv3_softmax_backward):
+        names = tuple(argument.name for argument in op.default._schema.arguments)
+        assert names[-len(Geometry._fields):] == Geometry._fields

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from timm_internimage.ops import Geometry
 from conftest import forward_backward, leaves, random_case
 
-dcnv3_torch_module = importlib.import_module('timm_internimage.ops.dcnv3_torch')
+dcnv3_torch_module = importlib.import_module('timm_internimage.ops.dcn_v3_torch')
 
 CASES = {
     'basic': dict(),
@@ -53,9 +54,9 @@ def test_custom_backward_matches_autograd_of_the_plain_formulation(name, dots_pa
         offset = _with_non_finite_offsets(offset)
     grad_output = torch.randn(input.shape[:1] + offset.shape[1:3] + input.shape[3:], dtype=torch.float64,
                               generator=torch.Generator().manual_seed(1))
-    got = forward_backward(dcnv3_torch_module.dcnv3_torch, (input, offset, mask), grad_output, *args)
+    got = forward_backward(dcnv3_torch_module.dcnv3_torch, (input, offset, mask), grad_output, Geometry(*args))
     _plain(monkeypatch)
-    expected = forward_backward(dcnv3_torch_module.dcnv3_torch, (input, offset, mask), grad_output, *args)
+    expected = forward_backward(dcnv3_torch_module.dcnv3_torch, (input, offset, mask), grad_output, Geometry(*args))
     for value, reference, what in zip(got, expected, ('output', 'grad_input', 'grad_offset', 'grad_mask')):
         assert torch.isfinite(value).all(), what
         torch.testing.assert_close(value, reference, rtol=0, atol=1e-12, msg=what)
@@ -70,7 +71,7 @@ def test_only_the_gradients_asked_for(needs, dots_path, monkeypatch):
         if plain:
             _plain(monkeypatch)
         tensors = [t.detach().clone().requires_grad_(need) for t, need in zip((input, offset, mask), needs)]
-        output = dcnv3_torch_module.dcnv3_torch(*tensors, *args)
+        output = dcnv3_torch_module.dcnv3_torch(*tensors, Geometry(*args))
         output.backward(torch.ones_like(output))
         grads.append([t.grad for t in tensors])
     for got, expected, need in zip(*grads, needs):
@@ -83,9 +84,9 @@ def test_float32_close_to_float64(dots_path):
     """float32 gradients of the custom backward within float32 rounding of the float64 ones (outputs about 1)."""
     input, offset, mask, args = random_case(batch=3, height=11, width=6, group=4, group_channels=16)
     grad_output = torch.randn(3, 11, 6, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    expected = forward_backward(dcnv3_torch_module.dcnv3_torch, (input, offset, mask), grad_output, *args)
+    expected = forward_backward(dcnv3_torch_module.dcnv3_torch, (input, offset, mask), grad_output, Geometry(*args))
     got = forward_backward(dcnv3_torch_module.dcnv3_torch, [t.float() for t in (input, offset, mask)],
-                           grad_output.float(), *args)
+                           grad_output.float(), Geometry(*args))
     for value, reference in zip(got, expected):
         assert value.dtype == torch.float32
         scale = max(1.0, reference.abs().max().item())
@@ -95,7 +96,7 @@ def test_float32_close_to_float64(dots_path):
 def test_empty_output_and_empty_batch(dots_path):
     input, offset, mask, args = random_case(batch=1, height=4, width=5, kernel=5, pad=0, group=2)
     inputs = leaves(input[:0], offset[:0], mask[:0])
-    output = dcnv3_torch_module.dcnv3_torch(*inputs, *args)
+    output = dcnv3_torch_module.dcnv3_torch(*inputs, Geometry(*args))
     output.sum().backward()
     assert output.shape[0] == 0 and all(t.grad is not None and t.grad.numel() == 0 for t in inputs)
     assert not math.isnan(sum(t.grad.sum().item() for t in inputs))

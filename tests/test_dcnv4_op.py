@@ -14,7 +14,7 @@ from timm_internimage import set_backend
 
 from conftest import KERNEL_BACKENDS, NEEDS_COMPILED
 from golden import GOLDEN_DIR
-from timm_internimage.ops import compiled_backend_available, dcnv3_core, dcnv4, dcnv4_core
+from timm_internimage.ops import Geometry, compiled_backend_available, dcnv3_core, dcnv4, dcnv4_core
 
 DCNV4_DIR = GOLDEN_DIR / 'dcnv4'
 CASES = {name: case for name, case in json.loads((DCNV4_DIR / 'cases.json').read_text()).items()
@@ -92,7 +92,7 @@ def test_is_dcnv3_on_the_unpacked_layout(softmax):
     """Any group width (5 channels here); ``softmax`` normalises the weights per group as DCNv3's mask logits."""
     input, offset_mask = _random()
     offset, mask = _unpack(offset_mask, 3, 9)
-    expected = dcnv3_core(input, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 3, 5, 1.0, False, mask_is_logits=softmax)
+    expected = dcnv3_core(input, offset, mask, Geometry(3, 3, 1, 1, 1, 1, 1, 1, 3, 5, 1.0, False), mask_is_logits=softmax)
     got = dcnv4(input, offset_mask, group=3, softmax=softmax)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -102,8 +102,9 @@ def test_rectangular_kernel_and_per_axis_arguments():
     points = 3 * 5
     offset_mask = torch.randn(2, 4, 2, 3 * 3 * points, dtype=torch.float64)
     offset, mask = _unpack(offset_mask, 3, points)
-    expected = dcnv3_core(input, offset, mask, 3, 5, 2, 3, 1, 2, 1, 2, 3, 5, 0.5, False)
-    got = dcnv4_core(input, offset_mask, 3, 5, 2, 3, 1, 2, 1, 2, 3, 5, 0.5, False)
+    geometry = Geometry(3, 5, 2, 3, 1, 2, 1, 2, 3, 5, 0.5, False)
+    expected = dcnv3_core(input, offset, mask, geometry)
+    got = dcnv4_core(input, offset_mask, geometry)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(
         dcnv4(input, offset_mask, (3, 5), (2, 3), (1, 2), (1, 2), group=3, offset_scale=0.5), expected, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from timm_internimage import set_backend
 from timm_internimage.models.internimage import DENSE_REPO, DENSE_TAGS, dense_scores
 from timm_internimage.pretrained import PretrainedWeightsError
 
-from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT
+from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT, tiny_model
 from golden import DENSE_CASES, dense_model_kwargs, load_dense_case
 from hub_server import tiny_case
 
@@ -384,3 +384,234 @@ def test_manifest_refresh_records_the_dense_files_and_downloads_are_checked(hf_e
     del repo.tampered[filename]
     features = timm.create_model(MASK_RCNN_T, features_only=True, pretrained=True, **case['overrides']).eval()
     _assert_taps(features, case, tensors)
+
+
+# ---- FlashInternImage (OpenGVLab/DCNv4) ------------------------------------------------------------------------
+
+FLASH_REPO = 'OpenGVLab/DCNv4'
+# The backbone dicts of OpenGVLab/DCNv4's detection/configs/coco and segmentation/configs/ade20k (commit
+# 4b848f7dd7da), without the training-only drop_path_rate and with_cp: one per size in every config.
+_FLASH_T = dict(channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32), layer_scale=1.0, offset_scale=1.0,
+                post_norm=False)
+_FLASH_S = dict(channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1.0, offset_scale=1.0,
+                post_norm=True, dw_kernel_size=3)
+_FLASH_B = dict(channels=112, depths=(4, 4, 21, 4), groups=(7, 14, 28, 56), layer_scale=1.0, offset_scale=0.5,
+                post_norm=True, dw_kernel_size=3)
+_FLASH_L = dict(channels=160, depths=(5, 5, 22, 5), groups=(10, 20, 40, 80), layer_scale=1.0, offset_scale=2.0,
+                post_norm=True, dw_kernel_size=3, dcn_output_bias=True, mlp_fc2_bias=True)
+_ALL, _DINO = (0, 1, 2, 3), (1, 2, 3)
+# tag -> (checkpoint on OpenGVLab/DCNv4, official backbone, out_indices, published scores: the repo's README)
+FLASH_DENSE = {
+    'flash_internimage_t.coco_mask_rcnn_1x': ('mask_rcnn_flash_internimage_t_fpn_1x_coco.pth', _FLASH_T, _ALL,
+                                              {'box AP': 48.0, 'mask AP': 43.1}),
+    'flash_internimage_t.coco_mask_rcnn_3x': ('mask_rcnn_flash_internimage_t_fpn_3x_coco.pth', _FLASH_T, _ALL,
+                                              {'box AP': 49.5, 'mask AP': 44.0}),
+    'flash_internimage_s.coco_mask_rcnn_1x': ('mask_rcnn_flash_internimage_s_fpn_1x_coco.pth', _FLASH_S, _ALL,
+                                              {'box AP': 49.2, 'mask AP': 44.0}),
+    'flash_internimage_s.coco_mask_rcnn_3x': ('mask_rcnn_flash_internimage_s_fpn_3x_coco.pth', _FLASH_S, _ALL,
+                                              {'box AP': 50.5, 'mask AP': 44.9}),
+    'flash_internimage_b.coco_mask_rcnn_1x': ('mask_rcnn_flash_internimage_b_fpn_1x_coco.pth', _FLASH_B, _ALL,
+                                              {'box AP': 50.1, 'mask AP': 44.5}),
+    'flash_internimage_b.coco_mask_rcnn_3x': ('mask_rcnn_flash_internimage_b_fpn_3x_coco.pth', _FLASH_B, _ALL,
+                                              {'box AP': 50.6, 'mask AP': 45.4}),
+    'flash_internimage_l.coco_cascade_1x': ('cascade_flash_internimage_l_fpn_1x_coco.pth', _FLASH_L, _ALL,
+                                            {'box AP': 55.6, 'mask AP': 48.2}),
+    'flash_internimage_l.coco_cascade_3x': ('cascade_flash_internimage_l_fpn_3x_coco.pth', _FLASH_L, _ALL,
+                                            {'box AP': 56.7, 'mask AP': 48.9}),
+    'flash_internimage_t.coco_dino_1x': ('dino_4scale_flash_internimage_t_1x_coco.pth', _FLASH_T, _DINO,
+                                         {'box AP': 54.7}),
+    'flash_internimage_s.coco_dino_1x': ('dino_4scale_flash_internimage_s_1x_coco.pth', _FLASH_S, _DINO,
+                                         {'box AP': 55.3}),
+    'flash_internimage_b.coco_dino_1x': ('dino_4scale_flash_internimage_b_1x_coco.pth', _FLASH_B, _DINO,
+                                         {'box AP': 56.0}),
+    'flash_internimage_l.coco_dino_1x': ('dino_4scale_flash_internimage_l_1x_coco.pth', _FLASH_L, _DINO,
+                                         {'box AP': 58.8}),
+    'flash_internimage_t.ade20k_upernet_512': ('upernet_flash_internimage_t_512_160k_ade20k.pth', _FLASH_T, _ALL,
+                                               {'mIoU (ss)': 49.3, 'mIoU (ms)': 50.3}),
+    'flash_internimage_s.ade20k_upernet_512': ('upernet_flash_internimage_s_512_160k_ade20k.pth', _FLASH_S, _ALL,
+                                               {'mIoU (ss)': 50.6, 'mIoU (ms)': 51.6}),
+    'flash_internimage_b.ade20k_upernet_512': ('upernet_flash_internimage_b_512_160k_ade20k.pth', _FLASH_B, _ALL,
+                                               {'mIoU (ss)': 52.0, 'mIoU (ms)': 52.6}),
+    'flash_internimage_l.ade20k_upernet_640': ('upernet_flash_internimage_l_640_160k_ade20k.pth', _FLASH_L, _ALL,
+                                               {'mIoU (ss)': 55.6, 'mIoU (ms)': 56.0}),
+}
+FLASH_CASCADE_L = 'flash_internimage_l.coco_cascade_1x'
+
+
+def flash_backbone(name='model_flash_tiny_flags'):
+    """(case, official backbone weights keyed ``backbone.<official key>`` as in an mmdet / mmseg checkpoint, golden
+    tensors) of a tiny FlashInternImage case (``data/golden/dcnv4``): the classifier's official weights less its
+    head (a detector's backbone has none), so its golden ``stage<i>`` outputs are the backbone's taps. The
+    ``flags`` case has L's flags (layer scale, post norm, depthwise conv, both biases, offset scale 2)."""
+    from golden import DCNV4_DIR, dcnv4_cases, official_weight
+    from safetensors.torch import load_file
+    case = dcnv4_cases()[name]
+    backbone = {f'backbone.{key}': official_weight(key, shape, case['weight_seed'], case['weight_rule'])
+                for key, shape in case['state_dict_keys'].items() if not key.startswith(('head.', 'conv_head.'))}
+    return case, backbone, load_file(str(DCNV4_DIR / f'{name}.safetensors'))
+
+
+def _tiny_flash_args(case):
+    """The tiny case's size, as overrides of a full-size tag."""
+    return {key: tuple(case['config'][key]) if key != 'channels' else case['config'][key]
+            for key in ('channels', 'depths', 'groups')}
+
+
+def _assert_flash_taps(features, tensors, out_indices):
+    with torch.no_grad():
+        taps = features(tensors['input'])
+    assert len(taps) == len(out_indices)
+    for tap, index in zip(taps, out_indices):
+        torch.testing.assert_close(tap, tensors[f'stage{index}'], rtol=0, atol=1e-4, msg=f'stage{index}')
+
+
+def test_flash_dense_tags_are_the_official_checkpoints():
+    """Every FlashInternImage detection / segmentation checkpoint has its tag: the file on OpenGVLab/DCNv4, the
+    published scores, the config's out_indices; its model (meta device) is the config's official backbone."""
+    from timm_internimage import FlashInternImage
+    from timm_internimage.models import dense_tags
+    from timm_internimage.models.flash_internimage import DENSE_TAGS as FLASH_TAGS
+    from timm_internimage._manifest import repo_entry
+    assert {name: tag.filename for name, tag in FLASH_TAGS.items()} == {
+        name: filename for name, (filename, *_) in FLASH_DENSE.items()}
+    assert dense_tags() == {**DENSE_TAGS, **FLASH_TAGS}
+    checkpoints = repo_entry(FLASH_REPO)['checkpoints']
+    for name, (filename, backbone, out_indices, scores) in FLASH_DENSE.items():
+        assert checkpoints[filename] == {'scores': scores}, name
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert (cfg.hf_hub_id, cfg.hf_hub_filename, cfg.num_classes) == (FLASH_REPO, filename, 0), name
+        assert all(f'{metric} {value}' in cfg.description for metric, value in scores.items()), name
+        assert cfg.paper_ids == 'arXiv:2401.06197' and cfg.origin_url.endswith(FLASH_TAGS[name].config), name
+        model = timm.create_model(name, device='meta')
+        official = FlashInternImage(**backbone, num_classes=0, device='meta')
+        assert repr(model) == repr(official), name
+        features = timm.create_model(name, features_only=True, device='meta')
+        assert features.feature_info.out_indices == out_indices, name
+        default = timm.models.get_pretrained_cfg(name.split('.')[0])
+        assert default.num_classes == 1000  # the classification tag stays each model's default
+
+
+@pytest.mark.parametrize('name,framework', [(FLASH_CASCADE_L, 'mmdet'), ('flash_internimage_l.coco_dino_1x', 'mmdet'),
+                                            ('flash_internimage_l.ade20k_upernet_640', 'mmseg')])
+def test_flash_backbone_from_an_mmcv_checkpoint(name, framework, tmp_path):
+    """The tiny official FlashInternImage (L's flags), saved as an mmdet / mmseg checkpoint, loads by file into the
+    tag's features_only backbone: its config's taps are the official stage outputs, as the plain model's are."""
+    from golden import flash_golden_model
+    case, backbone, tensors = flash_backbone()
+    path = save_mmcv_checkpoint(tmp_path / 'flash.pth', backbone, framework)
+    features = timm.create_model(name, features_only=True, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **_tiny_flash_args(case)).eval()
+    out_indices = FLASH_DENSE[name][2]
+    _assert_flash_taps(features, tensors, out_indices)
+    plain, _, _ = flash_golden_model('model_flash_tiny_flags')
+    with torch.no_grad():
+        expected = plain.forward_intermediates(tensors['input'], indices=list(out_indices), intermediates_only=True)
+        for tap, want in zip(features(tensors['input']), expected):
+            torch.testing.assert_close(tap, want, rtol=0, atol=1e-5)
+
+
+def test_flash_hub_tag_loads_the_official_pth_end_to_end(hf_env):
+    """``timm.create_model('<flash det tag>', features_only=True, pretrained=True)``: the mmdet ``.pth`` from
+    OpenGVLab/DCNv4 on the (fake) Hub, loaded weights_only, equal to the official backbone."""
+    import io
+    case, backbone, tensors = flash_backbone()
+    data = io.BytesIO()
+    save_mmcv_checkpoint(data, backbone)
+    filename = FLASH_DENSE[FLASH_CASCADE_L][0]
+    hf_env.hub.add_repo(FLASH_REPO, {filename: data.getvalue(), 'README.md': b'DCNv4'})
+    features = timm.create_model(FLASH_CASCADE_L, features_only=True, pretrained=True,
+                                 **_tiny_flash_args(case)).eval()
+    _assert_flash_taps(features, tensors, _ALL)
+    assert any(path.endswith(f'/{FLASH_REPO}/resolve/main/{filename}') for _, path in hf_env.hub.requests)
+
+
+@pytest.mark.parametrize('problem', ['missing_tensor', 'no_layer_scale'])
+def test_flash_checkpoint_without_the_backbone_is_an_error(problem, tmp_path):
+    """A missing backbone tensor is an error naming it; so is a checkpoint without the layer scales that every
+    FlashInternImage det/seg config has (here: the T classifier's, loaded by a T detection tag)."""
+    if problem == 'missing_tensor':
+        name, (case, backbone, _) = FLASH_CASCADE_L, flash_backbone()
+        del backbone['backbone.levels.2.blocks.1.dcn.offset_mask.weight']
+        expected = r'Missing key\(s\) in the backbone \(1 of \d+\): "stages\.2\.blocks\.1\.dcn\.offset_mask\.weight"'
+    else:
+        name, (case, backbone, _) = 'flash_internimage_t.coco_mask_rcnn_1x', flash_backbone('model_flash_tiny')
+        expected = r'Missing key\(s\) in the backbone .*"stages\.0\.blocks\.0\.ls1\.gamma"'
+    path = save_mmcv_checkpoint(tmp_path / f'{problem}.pth', backbone)
+    with pytest.raises(PretrainedWeightsError, match=rf'^{path} does not hold the backbone .*{expected}'):
+        timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          **_tiny_flash_args(case))
+
+
+def test_convert_a_flash_mmcv_checkpoint(tmp_path):
+    """``convert`` recognises an official FlashInternImage detection file by name and writes the backbone, which
+    loads back as the official backbone; unnamed, the file's family and layer scales are read off its keys."""
+    from timm_internimage.tools.convert import convert, infer_model
+    case, backbone, tensors = flash_backbone()
+    path = save_mmcv_checkpoint(tmp_path / FLASH_DENSE[FLASH_CASCADE_L][0], backbone)
+    out = convert(str(path), str(tmp_path / 'converted'), model_kwargs=_tiny_flash_args(case))
+    features = timm.create_model(f'local-dir:{out}', features_only=True, pretrained=True).eval()
+    _assert_flash_taps(features, tensors, _ALL)
+    full_t = {f'backbone.{k}': v for k, v in timm.create_model('flash_internimage_t.coco_mask_rcnn_1x',
+                                                               device='meta').state_dict().items()}
+    assert infer_model(full_t) == {'model': 'flash_internimage_t', 'layer_scale': 1.0}
+
+
+def test_list_shows_flash_tags_with_task_and_score(capsys):
+    from timm_internimage.cli import main
+    assert main(['list', '--json']) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for name, (filename, _, _, scores) in FLASH_DENSE.items():
+        task = 'segmentation' if 'mIoU (ss)' in scores else 'detection'
+        assert (rows[name]['hf_hub_filename'], rows[name]['task'], rows[name]['scores']) == (filename, task, scores)
+    assert rows['flash_internimage_l.in22k_ft_in1k_384']['task'] == 'classification'
+    assert rows['flash_internimage_l.in22k_ft_in1k_384']['scores'] == {'top-1': 88.1}
+    assert main(['list']) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert 'segmentation' in lines['flash_internimage_t.ade20k_upernet_512']
+    assert 'mIoU (ss) 49.3' in lines['flash_internimage_t.ade20k_upernet_512']
+    assert 'top-1 83.6' in lines['flash_internimage_t.in1k']
+
+
+def test_manifest_refresh_records_the_flash_files(hf_env, tmp_path):
+    """``manifest-refresh`` of a FlashInternImage tag pins OpenGVLab/DCNv4 and records every listed .pth."""
+    from timm_internimage._manifest import dump_manifest, load_manifest, repo_entry
+    from timm_internimage.cli import main
+    files = {name: name.encode() for name in repo_entry(FLASH_REPO)['checkpoints']}
+    repo = hf_env.hub.add_repo(FLASH_REPO, files)
+    path = tmp_path / 'weights_manifest.json'
+    path.write_text(dump_manifest(load_manifest()))
+    assert main(['manifest-refresh', '--manifest', str(path), '--tags', 'flash_internimage_t.in1k']) == 0
+    entry = json.loads(path.read_text())['repos'][FLASH_REPO]
+    assert entry['revision'] == repo.commit and entry['unverified'] == []
+    assert entry['files'] == {name: {'size': len(data), 'sha256': repo.sha256(name)} for name, data in files.items()}
+    assert len(entry['files']) == 4 + len(FLASH_DENSE)
+
+
+def test_dense_doc_lists_every_flash_tag_with_its_published_scores():
+    rows = {}
+    for line in (REPO_ROOT / 'docs' / 'dense.md').read_text().splitlines():
+        if line.startswith('| `flash_internimage_'):
+            name, published, size, taps = [cell.strip() for cell in line.strip('|').split('|')]
+            rows[name.strip('`')] = (published, size, taps)
+    assert list(rows) == list(FLASH_DENSE)
+    for name, (published, size, taps) in rows.items():
+        _, _, out_indices, scores = FLASH_DENSE[name]
+        assert [float(n) for n in published.replace('/', ' ').split() if n[0].isdigit()] == list(scores.values())
+        height, width = timm.models.get_pretrained_cfg(name).input_size[1:]
+        assert size == (f'{height}x{width}' if height != width else str(height)), name
+        assert taps == ','.join(map(str, out_indices)), name
+
+
+def test_tag_arguments_apply_over_the_variant_and_under_explicit_ones():
+    """A dense tag's model arguments override its variant's (entrypoint ``model_args``); explicit keyword
+    arguments override both."""
+    def layer_scale(name, **kwargs):
+        gamma = tiny_model(name, **kwargs).state_dict().get('stages.0.blocks.0.ls1.gamma')
+        return None if gamma is None else gamma[0].item()
+    assert layer_scale('flash_internimage_t') is None
+    assert layer_scale('flash_internimage_t.coco_mask_rcnn_1x') == 1.0
+    assert layer_scale('flash_internimage_t.coco_mask_rcnn_1x', layer_scale=0.5) == 0.5
+    assert timm.create_model('internimage_h', device='meta').neck is not None
+    assert timm.create_model('internimage_h.ade20k_upernet_896', device='meta').neck is None
+    assert timm.create_model('internimage_h.ade20k_upernet_896', device='meta', use_clip_projector=True).neck \
+        is not None

@@ -10,7 +10,8 @@ import torch
 
 from timm_internimage.cli import main
 from timm_internimage.tools.export import ExportCheckError, ExportError, export_model
-from timm_internimage.ops.dcnv3_export import dcnv3_export, export_formulation, export_formulation_active
+from timm_internimage.ops import Geometry
+from timm_internimage.ops.dcn_v3_export import dcnv3_export, export_formulation, export_formulation_active
 from conftest import forward_backward, tiny_model
 from golden import (
     MODEL_OUTPUTS, cuda_semantics_args, cuda_semantics_cases, golden_model, load_cuda_semantics_case, load_op_case,
@@ -27,7 +28,7 @@ GOLDEN_ATOL = 1e-4
 def test_export_formulation_matches_op_goldens_float64(case):
     tensors = load_op_case(case)
     got = forward_backward(dcnv3_export, [tensors[k] for k in ('input', 'offset', 'mask')], tensors['grad_output'],
-                           *op_args(case))
+                           Geometry(*op_args(case)))
     for value, name in zip(got, ('output',) + GRADIENTS):
         torch.testing.assert_close(value, tensors[name], rtol=0, atol=1e-10, msg=name)
 
@@ -37,7 +38,7 @@ def test_export_formulation_follows_official_cuda_semantics_float64(case):
     """Integer positions, positions at -1 and at the size (not counted), NaN/inf offsets (no output)."""
     data = load_cuda_semantics_case(case)
     got = forward_backward(dcnv3_export, [data[k] for k in ('input', 'offset', 'mask')], data['grad_output'],
-                           *cuda_semantics_args(case, data['input'].shape[-1]))
+                           Geometry(*cuda_semantics_args(case, data['input'].shape[-1])))
     for value, name in zip(got, ('output',) + GRADIENTS):
         torch.testing.assert_close(value, data[name], rtol=0, atol=1e-12, msg=name)
 

@@ -9,7 +9,7 @@ from golden import DCNV4_MODEL_CASES, DCNV4_OUTPUTS, flash_golden_model
 from timm_internimage import FlashInternImage, checkpoint_filter_fn, set_backend
 from timm_internimage.ops import DCNv4
 
-VARIANTS = ('flash_internimage_t', 'flash_internimage_s', 'flash_internimage_b', 'flash_internimage_l')
+VARIANTS = ('flash_internimage_t', 'flash_internimage_s', 'flash_internimage_b', 'flash_internimage_l')  # expected
 # The reference README's float32 agreement (outputs are O(1)). Measured on the two cases (2-core AMD EPYC VM),
 # largest error of any logit or stage output: torch 5.5e-6, compiled 5.0e-6, reference 6.9e-6.
 GOLDEN_ATOL = 1e-4
@@ -81,7 +81,8 @@ def test_variant_structure():
 
 
 def test_registry_and_pretrained_cfgs():
-    assert set(VARIANTS) <= set(timm.list_models('flash_internimage*'))
+    assert timm.list_models(module='flash_internimage') == sorted(VARIANTS) == timm.list_models('flash_internimage*')
+    assert len(timm.list_models('flash_internimage*', pretrained=True)) == 4 + 16  # classification + det/seg
     expected = {'flash_internimage_t': ('flash_intern_image_t_1k_224.pth', 83.6, 224),
                 'flash_internimage_s': ('flash_intern_image_s_1k_224.pth', 84.4, 224),
                 'flash_internimage_b': ('flash_intern_image_b_1k_224.pth', 84.9, 224),
@@ -226,7 +227,7 @@ def test_parameter_counts_match_the_published_ones():
 
 def test_torchscript_fx_and_compile_match_eager():
     """Scripted, FX-traced and compiled (aot_eager, fullgraph) models compute the eager function."""
-    from timm.models._features_fx import create_feature_extractor
+    from timm.models import create_feature_extractor
     torch.manual_seed(0)
     model = tiny_flash(post_norm=True, layer_scale=1e-5, dw_kernel_size=3).eval()
     for dcn in (m for m in model.modules() if isinstance(m, DCNv4)):

@@ -9,7 +9,7 @@ from conftest import ALL_BACKENDS, KERNEL_BACKENDS, TINY, tiny_kwargs, tiny_mode
 from golden import MODEL_CASES, MODEL_OUTPUTS, golden_expected, golden_model, golden_outputs, load_model_case
 
 VARIANTS = ('internimage_t', 'internimage_s', 'internimage_b', 'internimage_l', 'internimage_xl', 'internimage_h',
-            'internimage_g')
+            'internimage_g')  # expected: test_registry_lists_all_variants_and_tags holds the registry to it
 
 # The reference README's float32 agreement with the official model (outputs are O(1)). Measured on the calm cases
 # (AVX2 EPYC), largest error of any logit or stage output: reference 3.8e-6, torch 5.5e-6, compiled 5.0e-6.
@@ -94,7 +94,7 @@ def test_checkpoint_filter_maps_stage2_post_norms_to_their_blocks():
 
 
 def test_registry_lists_all_variants_and_tags():
-    assert sorted(timm.list_models('internimage*')) == sorted(VARIANTS)
+    assert timm.list_models(module='internimage') == sorted(VARIANTS) == timm.list_models('internimage*')
     pretrained = timm.list_models('internimage*', pretrained=True)
     assert 'internimage_t.in1k' in pretrained and len(pretrained) == 11 + 26  # classification + detection/segmentation
 
@@ -136,7 +136,7 @@ def test_features_only_returns_nchw_stage_outputs(name):
 @pytest.mark.parametrize('name', ['internimage_t', 'internimage_h'])
 def test_fx_feature_extraction_returns_nchw_stage_outputs(name):
     """``feature_cls='fx'`` and timm's ``create_feature_extractor`` on the stages give the NCHW intermediates."""
-    from timm.models._features_fx import create_feature_extractor
+    from timm.models import create_feature_extractor
     torch.manual_seed(0)
     model = tiny_model(name).eval()
     x = torch.randn(1, 3, 64, 96)
@@ -300,7 +300,7 @@ def test_torchscript_and_fx_and_compile_match_eager():
     """Scripted, FX-traced and compiled (aot_eager) models compute the eager function. Measured (AVX2 EPYC, logits
     of about 1.7): scripted 1.3e-6 (TorchScript runs the layers unfused), FX and compiled bit-identical; the
     tolerance is 5e-6 for both."""
-    from timm.models._features_fx import create_feature_extractor
+    from timm.models import create_feature_extractor
     torch.manual_seed(0)
     model = tiny_model('internimage_h').eval()
     x = torch.randn(1, 3, 64, 64)
@@ -375,7 +375,7 @@ def test_fused_linear_runs_on_onednn_and_computes_the_same_function(name, backen
 
 
 def test_fused_linear_applies_only_where_it_should(monkeypatch):
-    from timm_internimage.ops.dcn_v3 import use_fused_linear
+    from timm_internimage.ops.linear import use_fused_linear
     x, weight = torch.randn(2, 3), torch.randn(4, 3, requires_grad=True)
     set_backend('torch')
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """The package's import graph: no module imports one that imports it back (directly or through others, function-level
-imports included), and library modules never import the command line."""
+imports included), library modules never import the command line, and the operators stand alone."""
 import ast
+import sys
 
 from conftest import REPO_ROOT
 
@@ -12,8 +13,9 @@ def _module_name(path):
     return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
 
 
-def _imports(path, name):
-    """The package modules that the module ``name`` (file ``path``) imports, anywhere in its code."""
+def _all_imports(path, name):
+    """Every module that the module ``name`` (file ``path``) imports, anywhere in its code, as absolute names (for
+    ``from m import x`` both ``m`` and ``m.x``, which may be a module)."""
     package = name if path.name == '__init__.py' else name.rpartition('.')[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
@@ -22,13 +24,15 @@ def _imports(path, name):
             for _ in range(node.level - 1):
                 base = base.rpartition('.')[0]
             module = f'{base}.{node.module}' if node.level and node.module else (node.module or base)
-            targets = [module] + [f'{module}.{alias.name}' for alias in node.names]
+            found.update([module] + [f'{module}.{alias.name}' for alias in node.names])
         elif isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        else:
-            continue
-        found.update(t for t in targets if t.startswith('timm_internimage'))
+            found.update(alias.name for alias in node.names)
     return found
+
+
+def _imports(path, name):
+    """The package modules that the module ``name`` (file ``path``) imports, anywhere in its code."""
+    return {t for t in _all_imports(path, name) if t.startswith('timm_internimage')}
 
 
 def _graph():
@@ -112,3 +116,27 @@ def test_the_floor_check_finds_an_upward_import():
     graph = {'timm_internimage.ops.dcn_v3': {'timm_internimage.models.internimage'},
              'timm_internimage.tools.predict': {'timm_internimage.models.internimage'}}
     assert _upward_imports(graph) == [('timm_internimage.ops.dcn_v3', 'timm_internimage.models.internimage')]
+
+
+def _allowed_in_ops(module):
+    """What an operator module may import: the operators, torch, timm's layers and the standard library (never the
+    package root, the models or the tools)."""
+    top = module.partition('.')[0]
+    return (module.startswith('timm_internimage.ops.') or module == 'timm_internimage.ops' or top == 'torch'
+            or module == 'timm.layers' or module.startswith('timm.layers.') or top in sys.stdlib_module_names)
+
+
+def test_the_operators_import_only_operators_torch_timm_layers_and_the_standard_library():
+    ops = PACKAGE / 'ops'
+    imports = {_module_name(path): _all_imports(path, _module_name(path)) for path in ops.rglob('*.py')}
+    assert 'timm_internimage.ops.dcn_v3' in imports
+    outside = {name: sorted(m for m in found if not _allowed_in_ops(m)) for name, found in imports.items()}
+    assert {name: found for name, found in outside.items() if found} == {}
+
+
+def test_the_operator_import_rule_rejects_the_package_root_and_the_models():
+    assert not _allowed_in_ops('timm_internimage')
+    assert not _allowed_in_ops('timm_internimage.internimage')
+    assert not _allowed_in_ops('timm_internimage.models.internimage')
+    assert not _allowed_in_ops('timm.models')
+    assert _allowed_in_ops('timm_internimage.ops.geometry') and _allowed_in_ops('torch.nn.functional')

@@ -4,7 +4,7 @@ import torch
 
 from timm_internimage import set_backend
 
-from timm_internimage.ops import dcnv3, dcnv3_reference, dcnv3_torch
+from timm_internimage.ops import Geometry, dcnv3, dcnv3_reference, dcnv3_torch
 from conftest import KERNEL_BACKENDS, dcnv3_module, forward_backward, random_case
 from golden import load_op_case, op_args, op_cases
 
@@ -16,7 +16,7 @@ PURE_BACKENDS = {'torch': dcnv3_torch, 'reference': dcnv3_reference}
 def test_golden_op_forward_and_gradients(backend, case):
     tensors = load_op_case(case)
     got = forward_backward(PURE_BACKENDS[backend], [tensors[k] for k in ('input', 'offset', 'mask')],
-                           tensors['grad_output'], *op_args(case))
+                           tensors['grad_output'], Geometry(*op_args(case)))
     for value, name in zip(got, ('output', 'grad_input', 'grad_offset', 'grad_mask')):
         torch.testing.assert_close(value, tensors[name], rtol=0, atol=1e-10, msg=name)
 
@@ -30,7 +30,7 @@ def test_golden_op_forward_and_gradients(backend, case):
 def test_gradcheck(case_kwargs):
     input, offset, mask, args = random_case(batch=1, height=4, width=5, group_channels=2, **case_kwargs)
     inputs = [t.requires_grad_() for t in (input, offset, mask)]
-    assert torch.autograd.gradcheck(lambda *t: dcnv3_torch(*t, *args), inputs)
+    assert torch.autograd.gradcheck(lambda *t: dcnv3_torch(*t, Geometry(*args)), inputs)
 
 
 # Largest |torch backend - float64 reference| of the case below (outputs up to 1.6), measured on an AVX2 EPYC:
@@ -38,15 +38,15 @@ def test_gradcheck(case_kwargs):
 @pytest.mark.parametrize('dtype,atol', [(torch.float32, 4e-6), (torch.float16, 2.5e-3), (torch.bfloat16, 2.5e-2)])
 def test_fast_matches_reference_in_low_precision(dtype, atol):
     input, offset, mask, args = random_case(batch=3, height=11, width=6, group=4, group_channels=8, dtype=dtype)
-    expected = dcnv3_reference(input.double(), offset.double(), mask.double(), *args)
-    output = dcnv3_torch(input, offset, mask, *args)
+    expected = dcnv3_reference(input.double(), offset.double(), mask.double(), Geometry(*args))
+    output = dcnv3_torch(input, offset, mask, Geometry(*args))
     assert output.dtype == dtype
     torch.testing.assert_close(output.double(), expected, rtol=0, atol=atol)
 
 
 def test_large_offsets_and_any_batch_size():
     input, offset, mask, args = random_case(batch=300, height=3, width=2, group=1, group_channels=2, spread=40.0)
-    torch.testing.assert_close(dcnv3_torch(input, offset, mask, *args), dcnv3_reference(input, offset, mask, *args))
+    torch.testing.assert_close(dcnv3_torch(input, offset, mask, Geometry(*args)), dcnv3_reference(input, offset, mask, Geometry(*args)))
 
 
 def test_functional_api_pairs_and_ints_agree():
@@ -54,7 +54,7 @@ def test_functional_api_pairs_and_ints_agree():
     by_int = dcnv3(input, offset, mask, kernel_size=3, stride=2, padding=1, group=2, backend='torch')
     by_pair = dcnv3(
         input, offset, mask, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), group=2, backend='torch')
-    direct = dcnv3_torch(input, offset, mask, 3, 3, 2, 2, 1, 1, 1, 1, 2, 4, 1.0, False)
+    direct = dcnv3_torch(input, offset, mask, Geometry(3, 3, 2, 2, 1, 1, 1, 1, 2, 4, 1.0, False))
     assert torch.equal(by_int, by_pair) and torch.equal(by_int, direct)
 
 
@@ -65,8 +65,8 @@ def test_rectangular_kernel_matches_reference():
     offset = 3 * torch.randn(2, 6, 5, 2 * 15 * 2, generator=generator, dtype=torch.float64)
     mask = torch.rand(2, 6, 5, 2 * 15, generator=generator, dtype=torch.float64)
     args = (3, 5, 1, 1, 1, 2, 1, 1, 2, 3, 1.5, False)
-    expected = dcnv3_reference(input, offset, mask, *args)
-    torch.testing.assert_close(dcnv3_torch(input, offset, mask, *args), expected, rtol=0, atol=1e-12)
+    expected = dcnv3_reference(input, offset, mask, Geometry(*args))
+    torch.testing.assert_close(dcnv3_torch(input, offset, mask, Geometry(*args)), expected, rtol=0, atol=1e-12)
     by_pairs = dcnv3(input, offset, mask, kernel_size=(3, 5), padding=(1, 2), group=2, offset_scale=1.5, backend='torch')
     torch.testing.assert_close(by_pairs, expected, rtol=0, atol=1e-12)
 
@@ -74,7 +74,7 @@ def test_rectangular_kernel_matches_reference():
 @pytest.mark.parametrize('backend', sorted(PURE_BACKENDS))
 def test_backend_selection_by_argument_and_environment(backend, monkeypatch):
     input, offset, mask, args = random_case(dtype=torch.float32, spread=5.0)
-    expected = PURE_BACKENDS[backend](input, offset, mask, *args)
+    expected = PURE_BACKENDS[backend](input, offset, mask, Geometry(*args))
     by_argument = dcnv3(input, offset, mask, group=2, backend=backend)
     set_backend(backend)
     by_environment = dcnv3(input, offset, mask, group=2)
@@ -85,7 +85,7 @@ def test_fast_and_reference_differ_only_by_rounding_in_float32():
     # Different float operation orders: equal to float32 precision, not bit for bit (measured 3.5e-6 on outputs up
     # to 2, AVX2 EPYC).
     input, offset, mask, args = random_case(dtype=torch.float32, batch=4, height=12, width=12, group=4, group_channels=16)
-    fast, reference = dcnv3_torch(input, offset, mask, *args), dcnv3_reference(input, offset, mask, *args)
+    fast, reference = dcnv3_torch(input, offset, mask, Geometry(*args)), dcnv3_reference(input, offset, mask, Geometry(*args))
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
 
 

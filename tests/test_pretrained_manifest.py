@@ -1,4 +1,5 @@
-"""The pretrained cfgs (internimage.py) and the file facts they read (weights_manifest.json) agree, as do the docs."""
+"""The pretrained cfgs of both families (models/) and the file facts they read (weights_manifest.json) agree, as do
+the docs."""
 import json
 import re
 
@@ -6,39 +7,47 @@ import pytest
 import torch
 import timm
 
-from timm_internimage._manifest import dump_manifest, hub_source, load_manifest, manifest_path, weight_filename
-from timm_internimage.models.flash_internimage import _HUB_REPO as FLASH_REPO
-from timm_internimage.models.internimage import DENSE_REPO, DENSE_TAGS, _VARIANT_ARGS, pretrained_cfgs
+from timm_internimage._manifest import (
+    dump_manifest, hub_source, load_manifest, manifest_path, published_results, weight_filename)
+from timm_internimage.models import dense_tags, pretrained_cfgs
+from timm_internimage.models.flash_internimage import DENSE_REPO as FLASH_REPO
+from timm_internimage.models.internimage import DENSE_REPO
+
+MODELS = timm.list_models(module=['internimage', 'flash_internimage'])
 
 from conftest import REPO_ROOT, tiny_model
 
 
 
 def _classification_cfgs():
-    return {name: cfg for name, cfg in pretrained_cfgs().items() if name not in DENSE_TAGS}
+    """InternImage's classification tags, each the weights of one Hub repo."""
+    return {name: cfg for name, cfg in pretrained_cfgs().items()
+            if name not in dense_tags() and cfg.hf_hub_id.partition('@')[0] != FLASH_REPO}
 
 
 def test_cfgs_read_the_manifest():
     cfgs = pretrained_cfgs()
-    assert set(timm.list_pretrained('internimage_*')) == set(cfgs)
+    assert set(timm.list_pretrained('internimage_*') + timm.list_pretrained('flash_internimage_*')) == set(cfgs)
+    assert {name.partition('.')[0] for name in cfgs} == set(MODELS)  # every registered model has tags
     repos = [cfg.hf_hub_id.partition('@')[0] for cfg in _classification_cfgs().values()]
     # each classification repo the manifest lists is one tag's weights; the detection / segmentation tags share one,
     # and the FlashInternImage tags another (official .pth files only)
     assert sorted(repos + [DENSE_REPO, FLASH_REPO]) == sorted(load_manifest()['repos'])
-    flash = {name: cfg for name, cfg in timm.models.get_arch_pretrained_cfgs('flash_internimage_t').items()}
-    for model in ('flash_internimage_s', 'flash_internimage_b', 'flash_internimage_l'):
-        flash.update(timm.models.get_arch_pretrained_cfgs(model))
+    flash = {name: cfg for name, cfg in cfgs.items() if name.startswith('flash_internimage_')}
     checkpoints = load_manifest()['repos'][FLASH_REPO]['checkpoints']
-    assert sorted(cfg.hf_hub_filename for cfg in flash.values()) == sorted(checkpoints)
+    assert sorted(cfg.hf_hub_filename for cfg in flash.values()) == sorted(checkpoints)  # one tag per file
     for name, cfg in flash.items():
-        assert cfg.hf_hub_id == FLASH_REPO
+        assert cfg.hf_hub_id == FLASH_REPO, name
+        if name in dense_tags():
+            continue  # test_dense.py checks their scores
         assert cfg.description == f'ImageNet-1k top-1 {checkpoints[cfg.hf_hub_filename]["top1"]}% (published)', name
     for (name, cfg), repo_id in zip(_classification_cfgs().items(), repos):
         source = dict(hf_hub_id=cfg.hf_hub_id, hf_hub_filename=cfg.hf_hub_filename, custom_load=cfg.custom_load)
         assert source == hub_source(repo_id), name
-    for name in DENSE_TAGS:
-        assert cfgs[name].hf_hub_id == hub_source(DENSE_REPO)['hf_hub_id'], name
-    for model in _VARIANT_ARGS:  # the first tag of each model is its default
+    for name in dense_tags():
+        repo_id = FLASH_REPO if name.startswith('flash_') else DENSE_REPO
+        assert cfgs[name].hf_hub_id == hub_source(repo_id)['hf_hub_id'], name
+    for model in MODELS:  # the first tag of each model is its default
         default = f'{model}.{timm.models.get_pretrained_cfg(model).tag}'
         assert default == next(name for name in cfgs if name.startswith(model + '.'))
 
@@ -52,10 +61,10 @@ def test_pinned_entries_pin_the_cfg(manifest_entry):
         hf_hub_id='OpenGVLab/internimage_t_1k_224', hf_hub_filename='model.safetensors', custom_load=False)
 
 
-@pytest.mark.parametrize('model', list(_VARIANT_ARGS))
+@pytest.mark.parametrize('model', MODELS)
 def test_pool_size_is_the_feature_map_size(model):
     for name, cfg in timm.models.get_arch_pretrained_cfgs(model).items():
-        tag_args = DENSE_TAGS[name].model_args if name in DENSE_TAGS else {}
+        tag_args = dense_tags()[name].model_args if name in dense_tags() else {}
         stride = 64 // tiny_model(model, **tag_args).forward_features(torch.randn(1, 3, 64, 64)).shape[-1]
         assert cfg.pool_size == (cfg.input_size[1] // stride, cfg.input_size[2] // stride), name
 
@@ -79,8 +88,10 @@ def test_manifest_entries_are_well_formed():
             assert re.fullmatch(r'[0-9a-f]{64}', meta['sha256']) and meta['size'] > 0, (repo_id, name)
         if entry['files']:
             assert weight_filename(entry) in entry['files']
-    for cfg in pretrained_cfgs().values():  # a published top-1 is an ImageNet-1k one
-        assert (load_manifest()['repos'][cfg.hf_hub_id.partition('@')[0]]['top1'] is None) == (cfg.num_classes != 1000)
+    for name, cfg in pretrained_cfgs().items():  # a published top-1 is an ImageNet-1k one
+        published = published_results(cfg.hf_hub_id.partition('@')[0], cfg.hf_hub_filename)
+        assert published and (published.get('top1') is None) == (cfg.num_classes != 1000), name
+        assert ('scores' in published) == (cfg.num_classes == 0), name
 
 
 def test_checked_in_file_is_canonical_and_shipped():

@@ -23,8 +23,8 @@ CASES = {
 
 
 def _op(backend, args):
-    from timm_internimage.ops import dcnv3_core
-    return lambda input, offset, mask: dcnv3_core(input, offset, mask, *args, backend=backend)
+    from timm_internimage.ops import Geometry, dcnv3_core
+    return lambda input, offset, mask: dcnv3_core(input, offset, mask, Geometry(*args), backend=backend)
 
 
 @pytest.mark.parametrize('backend', ALL_BACKENDS)
@@ -37,9 +37,9 @@ def test_gradgradcheck(backend, name):
 @pytest.mark.parametrize('backend', ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
 def test_mask_logits_gradgradcheck(backend):
     """The compiled op's fused softmax (mask given as logits) differentiates twice too."""
-    from timm_internimage.ops import dcnv3_core
+    from timm_internimage.ops import Geometry, dcnv3_core
     input, offset, logits, args = random_case(batch=1, height=3, width=4, group_channels=2)
-    op = lambda *tensors: dcnv3_core(*tensors, *args, mask_is_logits=True, backend=backend)  # noqa: E731
+    op = lambda *tensors: dcnv3_core(*tensors, Geometry(*args), mask_is_logits=True, backend=backend)  # noqa: E731
     assert torch.autograd.gradgradcheck(op, leaves(input, offset, logits.log()), fast_mode=True)
 
 

@@ -3,7 +3,7 @@
 __version__ = '0.1.0'
 
 from .models import FlashInternImage, InternImage, checkpoint_filter_fn
-from .ops.settings import backend, fused_linear, fused_linear_enabled, get_backend, set_backend, set_fused_linear
+from .ops import backend, fused_linear, fused_linear_enabled, get_backend, set_backend, set_fused_linear
 
 __all__ = [
     'FlashInternImage', 'InternImage', 'backend', 'checkpoint_filter_fn', 'fused_linear', 'fused_linear_enabled',

@@ -1,8 +1,9 @@
 """``weights_manifest.json``: the facts about the published weight files, keyed by Hugging Face Hub repo.
 
 For each repo: the revision the weights load from, their layout (one file or a shard index), the size and
-sha256 of every file, and the published top-1. The pretrained cfgs in ``internimage.py`` read these; the
-loader (``pretrained.py``) checks the files against them.
+sha256 of every file, and the published results (top-1; of the repos of official ``.pth`` files, per file: top-1 or
+detection / segmentation scores). The pretrained cfgs of both families (``models/``) read these; the loader
+(``pretrained.py``) checks the files against them.
 """
 import functools
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 __all__ = ['SAFE_WEIGHTS_NAME', 'SAFE_WEIGHTS_INDEX_NAME', 'load_manifest', 'manifest_path', 'dump_manifest',
-           'repo_entry', 'weight_filename', 'hub_source']
+           'repo_entry', 'weight_filename', 'hub_source', 'published_results']
 
 MANIFEST_NAME = 'weights_manifest.json'
 SAFE_WEIGHTS_NAME = 'model.safetensors'
@@ -55,3 +56,16 @@ def hub_source(repo_id: str) -> Dict[str, Any]:
         hf_hub_filename=weight_filename(entry),
         custom_load='hf' if 'index_file' in entry else False,
     )
+
+
+def published_results(repo_id: str, filename: Optional[str]) -> Dict[str, Any]:
+    """The published results of a weights file: ``{'top1': ...}`` of a classifier (None for a 22k head),
+    ``{'scores': {...}}`` of a detection / segmentation backbone. A repo of one model's weights has one ``top1``; a
+    repo of official ``.pth`` files (``checkpoints``) has them per file. ``{}`` for a repo or file the manifest does
+    not list."""
+    entry = repo_entry(repo_id)
+    if entry is None:
+        return {}
+    if 'checkpoints' in entry:
+        return entry['checkpoints'].get(filename, {})
+    return {'top1': entry['top1']}

@@ -1,7 +1,7 @@
 """Pretrained weights: Hub files fetched and checked before timm reads them, official ``.pth``, sharded checkpoints.
 
-``_create_internimage`` resolves the pretrained cfg once, passes it through :func:`fetch_pretrained` and builds
-with the result; timm's own ``load_pretrained`` then loads the weights:
+``build_with_pretrained`` (models/internimage.py) resolves the pretrained cfg once, passes it through
+:func:`fetch_pretrained` and builds with the result; timm's own ``load_pretrained`` then loads the weights:
 
 - one safetensors file, on the Hub (``hf_hub_id``, with ``@revision`` once pinned, and ``hf_hub_filename``) or
   local (``file``), through timm's loader with ``pretrained_filter_fn=checkpoint_filter_fn``;
@@ -29,7 +29,9 @@ from typing import Any, Callable, ContextManager, Dict, List, NoReturn, Optional
 
 import torch
 from timm.models import PretrainedCfg, load_pretrained, load_state_dict
-from timm.models._builder import _resolve_pretrained_source  # the source timm's load_pretrained will read
+# Private function: no public timm API says which source (file, Hub, url, state_dict) load_pretrained will read for
+# a cfg, and fetch_pretrained must fetch and check that very one.
+from timm.models._builder import _resolve_pretrained_source
 
 from ._manifest import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, repo_entry, weight_filename
 

@@ -197,7 +197,8 @@ def set_create_graph_backward(function: Callable[..., tuple[Any, ...]] | None) -
 
     ``function(grad_output, input, offset, mask, args, mask_is_logits, needs_input_grad)`` returns the
     gradients of ``input``, ``offset`` and ``mask`` (None where not needed) as differentiable tensors; ``args``
-    are the op's 12 geometry arguments. timm_internimage registers its pure-PyTorch formulation here; without
+    are the op's 12 scalar arguments in the schema's order (``kernel_h`` ... ``remove_center``, the fields of
+    ``timm_internimage.ops.Geometry``). timm_internimage registers its pure-PyTorch formulation here; without
     one, such a backward is an error rather than silently wrong second-order gradients.
     """
     global _create_graph_backward
@@ -345,7 +346,8 @@ def dcnv3(
     remove_center: bool | int,
     mask_is_logits: bool = False,
 ) -> torch.Tensor:
-    """DCNv3 sampling (autograd-enabled), NHWC in and out.
+    """DCNv3 sampling (autograd-enabled), NHWC in and out: the one place that picks the plain or the
+    fused-softmax op (timm_internimage's compiled backend calls this too).
 
     ``input`` is (N, H, W, group*group_channels), ``offset`` (N, Ho, Wo,
     group*P*2) as (x, y) pairs with x slowest over the kernel, ``mask`` (N, Ho,

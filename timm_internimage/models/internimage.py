@@ -31,13 +31,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath, LayerType, SelectAdaptivePool2d, get_act_layer, register_notrace_function, trunc_normal_)
 from timm.models import (
-    PretrainedCfg, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_arch_pretrained_cfgs,
-    register_model, resolve_pretrained_cfg)
+    build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, resolve_pretrained_cfg)
+# Private module: timm 1.0 exports feature_take_indices from no public namespace; timm's own models import it
+# from here.
 from timm.models._features import feature_take_indices
 
-from .._manifest import hub_source, repo_entry
+from .._manifest import hub_source, published_results, repo_entry
 from ..ops import DCNv3, DCNv4
-from ..ops.dcn_v3 import linear
+from ..ops.linear import linear
 
 __all__ = ['InternImage', 'checkpoint_filter_fn', 'remap_checkpoint_keys', 'backbone_state_dict', 'DENSE_TAGS']
 
@@ -163,7 +164,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.act = act_layer()
-        # A GELU goes into fc1's oneDNN call on CPU (ops.dcn_v3.linear).
+        # A GELU goes into fc1's oneDNN call on CPU (ops.linear.linear).
         self.gelu_approximate: Optional[str] = self.act.approximate if isinstance(self.act, nn.GELU) else None
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim, bias=fc2_bias, **dd)
@@ -958,25 +959,32 @@ def _match_float_dtypes(state_dict: Dict[str, Any], model: InternImage) -> Dict[
     return matched
 
 
-def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
-    return build_with_pretrained(InternImage, variant, pretrained, _VARIANT_ARGS[variant], **kwargs)
+def _create_internimage(
+        variant: str, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any) -> InternImage:
+    return build_with_pretrained(InternImage, variant, pretrained, model_args, DENSE_TAGS, **kwargs)
 
 
 def build_with_pretrained(
-        model_cls: type, variant: str, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any,
+        model_cls: type,
+        variant: str,
+        pretrained: bool,
+        model_args: Dict[str, Any],
+        dense_tags: Dict[str, 'DenseTag'],
+        **kwargs: Any,
 ) -> InternImage:
-    """Build an InternImage-family model (``model_cls`` with the variant's ``model_args``) through timm's
+    """Build an InternImage-family model (``model_cls`` with the entrypoint's ``model_args``) through timm's
     ``build_model_with_cfg``; the pretrained cfg is resolved once, here.
 
-    A detection / segmentation tag (``DENSE_TAGS``) applies its checkpoint's model arguments and makes its
-    config's ``out_indices`` the ``features_only`` default; explicit keyword arguments win. ``output_fmt='NHWC'``
+    A detection / segmentation tag (in the family's ``dense_tags``) applies its checkpoint's model arguments over
+    ``model_args`` and makes its config's ``out_indices`` the ``features_only`` default; explicit keyword arguments
+    win over both (which is why the entrypoints pass ``model_args`` apart from ``kwargs``). ``output_fmt='NHWC'``
     with ``features_only`` returns channels-last taps. ``pretrained_strict=False`` allows a checkpoint without
     parts of the backbone (see :func:`checkpoint_filter_fn`); without it a missing backbone tensor is an error.
     """
     from ..pretrained import fetch_pretrained, official_checkpoint_globals
     pretrained_cfg = resolve_pretrained_cfg(
         variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
-    dense = DENSE_TAGS.get(f'{variant}.{pretrained_cfg.tag}')
+    dense = dense_tags.get(f'{variant}.{pretrained_cfg.tag}')
     if pretrained:  # its weights are fetched and checked (pretrained.py), then the build takes the cfg as it is
         pretrained_cfg = fetch_pretrained(pretrained_cfg, kwargs.get('cache_dir'))
     strict = kwargs.pop('pretrained_strict', True)
@@ -1003,28 +1011,6 @@ def build_with_pretrained(
         )
 
 
-# The official model arguments of each variant (OpenGVLab/InternImage classification configs).
-_VARIANT_ARGS = dict(
-    internimage_t=dict(channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32), offset_scale=1.0),
-    internimage_s=dict(channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1e-5,
-                       offset_scale=1.0, post_norm=True),
-    internimage_b=dict(channels=112, depths=(4, 4, 21, 4), groups=(7, 14, 28, 56), layer_scale=1e-5,
-                       offset_scale=1.0, post_norm=True),
-    internimage_l=dict(channels=160, depths=(5, 5, 22, 5), groups=(10, 20, 40, 80), layer_scale=1e-5,
-                       offset_scale=2.0, post_norm=True),
-    internimage_xl=dict(channels=192, depths=(5, 5, 24, 5), groups=(12, 24, 48, 96), layer_scale=1e-5,
-                        offset_scale=2.0, post_norm=True),
-    internimage_h=dict(channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80), offset_scale=1.0,
-                       dw_kernel_size=5, res_post_norm=True, level2_post_norm=True,
-                       level2_post_norm_block_ids=(5, 11, 17, 23, 29), center_feature_scale=True,
-                       use_clip_projector=True),
-    internimage_g=dict(channels=512, depths=(2, 2, 48, 4), groups=(16, 32, 64, 128), offset_scale=1.0,
-                       dw_kernel_size=5, post_norm=True, level2_post_norm=True,
-                       level2_post_norm_block_ids=(5, 11, 17, 23, 29, 35, 41, 47), center_feature_scale=True,
-                       use_clip_projector=True),
-)
-
-
 def official_eval_cfg(img_size: int, stride: int = 32) -> Dict[str, Any]:
     """The pretrained-cfg fields of every official classifier of both families: the official evaluation
     preprocessing (short side resized, centre crop 1.0, bicubic, ImageNet mean/std), sizes, first conv, classifier,
@@ -1044,42 +1030,51 @@ def official_eval_cfg(img_size: int, stride: int = 32) -> Dict[str, Any]:
     )
 
 
-def _cfg(name: str, repo_id: str, img_size: int = 224, num_classes: int = 1000) -> Dict[str, Any]:
-    """Pretrained cfg of ``name`` (``model.tag``): the official evaluation preprocessing, and the Hub weights as
-    ``weights_manifest.json`` records them (revision, file layout, published top-1)."""
-    stride = 16 if _VARIANT_ARGS[name.split('.')[0]].get('use_clip_projector') else 32  # H/G: the fused map
+_REPO_URL = 'https://github.com/OpenGVLab/InternImage'
+_PAPER = dict(
+    paper_ids='arXiv:2211.05778',
+    paper_name='InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
+)
+
+
+def _cfg(repo_id: str, img_size: int = 224, num_classes: int = 1000, pool_stride: int = 32) -> Dict[str, Any]:
+    """Pretrained cfg of the weights in the Hub repo ``repo_id``: the official evaluation preprocessing, and the Hub
+    weights as ``weights_manifest.json`` records them (revision, file layout, published top-1). ``pool_stride``:
+    of the map the head pools (16 for H/G, whose head fuses stages 2 and 3)."""
     top1 = repo_entry(repo_id)['top1']
     return dict(
         hub_source(repo_id),
-        **official_eval_cfg(img_size, stride),
+        **official_eval_cfg(img_size, pool_stride),
         num_classes=num_classes,
         description=f'ImageNet-1k top-1 {top1}% (published)' if top1 else f'{num_classes}-class ImageNet-22k head',
-        paper_ids='arXiv:2211.05778',
-        paper_name='InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
-        origin_url='https://github.com/OpenGVLab/InternImage',
+        **_PAPER,
+        origin_url=_REPO_URL,
     )
 
 
-_CLASSIFICATION_CFGS = {name: _cfg(name, **args) for name, args in {
-    'internimage_t.in1k': dict(repo_id='OpenGVLab/internimage_t_1k_224'),
-    'internimage_s.in1k': dict(repo_id='OpenGVLab/internimage_s_1k_224'),
-    'internimage_b.in1k': dict(repo_id='OpenGVLab/internimage_b_1k_224'),
-    'internimage_l.in22k_ft_in1k_384': dict(repo_id='OpenGVLab/internimage_l_22kto1k_384', img_size=384),
-    'internimage_l.in22k_384': dict(repo_id='OpenGVLab/internimage_l_22k_384', img_size=384, num_classes=21841),
-    'internimage_xl.in22k_ft_in1k_384': dict(repo_id='OpenGVLab/internimage_xl_22kto1k_384', img_size=384),
-    'internimage_xl.in22k_384': dict(repo_id='OpenGVLab/internimage_xl_22k_384', img_size=384, num_classes=21841),
-    'internimage_h.joint_in22k_ft_in1k_640': dict(repo_id='OpenGVLab/internimage_h_22kto1k_640', img_size=640),
-    'internimage_h.joint_in22k_384': dict(
-        repo_id='OpenGVLab/internimage_h_jointto22k_384', img_size=384, num_classes=21841),
-    'internimage_g.joint_in22k_ft_in1k_512': dict(repo_id='OpenGVLab/internimage_g_22kto1k_512', img_size=512),
-    'internimage_g.joint_in22k_384': dict(
-        repo_id='OpenGVLab/internimage_g_jointto22k_384', img_size=384, num_classes=21841),
-}.items()}
+_CLASSIFICATION_CFGS = {
+    'internimage_t.in1k': _cfg('OpenGVLab/internimage_t_1k_224'),
+    'internimage_s.in1k': _cfg('OpenGVLab/internimage_s_1k_224'),
+    'internimage_b.in1k': _cfg('OpenGVLab/internimage_b_1k_224'),
+    'internimage_l.in22k_ft_in1k_384': _cfg('OpenGVLab/internimage_l_22kto1k_384', img_size=384),
+    'internimage_l.in22k_384': _cfg('OpenGVLab/internimage_l_22k_384', img_size=384, num_classes=21841),
+    'internimage_xl.in22k_ft_in1k_384': _cfg('OpenGVLab/internimage_xl_22kto1k_384', img_size=384),
+    'internimage_xl.in22k_384': _cfg('OpenGVLab/internimage_xl_22k_384', img_size=384, num_classes=21841),
+    'internimage_h.joint_in22k_ft_in1k_640': _cfg(
+        'OpenGVLab/internimage_h_22kto1k_640', img_size=640, pool_stride=16),
+    'internimage_h.joint_in22k_384': _cfg(
+        'OpenGVLab/internimage_h_jointto22k_384', img_size=384, num_classes=21841, pool_stride=16),
+    'internimage_g.joint_in22k_ft_in1k_512': _cfg(
+        'OpenGVLab/internimage_g_22kto1k_512', img_size=512, pool_stride=16),
+    'internimage_g.joint_in22k_384': _cfg(
+        'OpenGVLab/internimage_g_jointto22k_384', img_size=384, num_classes=21841, pool_stride=16),
+}
 
 
 class DenseTag(NamedTuple):
-    """A released detection / segmentation checkpoint of OpenGVLab/InternImage, as a ``features_only`` backbone."""
-    filename: str  # on the Hub repo DENSE_REPO; named after the official config (``config``) but for DINO-T
+    """A released detection / segmentation checkpoint of a family (InternImage: OpenGVLab/InternImage; FlashInternImage:
+    OpenGVLab/DCNv4), as a ``features_only`` backbone."""
+    filename: str  # on the family's Hub repo (DENSE_REPO); named after the official config (``config``), mostly
     config: str  # detection/configs/<dataset>/<config> or segmentation/configs/<dataset>/<config>
     recipe: str  # dataset and method, for the description
     input_size: Tuple[int, int]  # (height, width): the training crop, or the detectors' test scale
@@ -1190,18 +1185,19 @@ DENSE_TAGS = {
 }
 
 
-def dense_scores(filename: str) -> Dict[str, float]:
+def dense_scores(filename: str, repo_id: str = DENSE_REPO) -> Dict[str, float]:
     """The published scores of a detection / segmentation checkpoint (``weights_manifest.json``)."""
-    return repo_entry(DENSE_REPO)['checkpoints'][filename]['scores']
+    return published_results(repo_id, filename)['scores']
 
 
-def _dense_cfg(tag: DenseTag) -> Dict[str, Any]:
-    """Pretrained cfg of a detection / segmentation backbone: no classifier, the recipe's input size, the
-    official ``.pth`` on the Hub (loaded ``weights_only``; its neck and head are dropped)."""
+def dense_cfg(tag: DenseTag, repo_id: str, **paper: str) -> Dict[str, Any]:
+    """Pretrained cfg of a detection / segmentation backbone of the Hub repo ``repo_id``: no classifier, the
+    recipe's input size, the official ``.pth`` (loaded ``weights_only``; its neck and head are dropped).
+    ``paper``: the family's ``paper_ids``, ``paper_name`` and ``origin_url``."""
     height, width = tag.input_size
-    scores = ', '.join(f'{name} {value}' for name, value in dense_scores(tag.filename).items())
+    scores = ', '.join(f'{name} {value}' for name, value in dense_scores(tag.filename, repo_id).items())
     return dict(
-        hf_hub_id=hub_source(DENSE_REPO)['hf_hub_id'],
+        hf_hub_id=hub_source(repo_id)['hf_hub_id'],
         hf_hub_filename=tag.filename,
         num_classes=0,
         input_size=(3, height, width),
@@ -1218,15 +1214,14 @@ def _dense_cfg(tag: DenseTag) -> Dict[str, Any]:
         license='mit',
         description=f'{tag.recipe} backbone: {scores} (published)',
         notes=(f'config: {tag.config}', f'out_indices: {tag.out_indices}'),
-        paper_ids='arXiv:2211.05778',
-        paper_name='InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions',
-        origin_url=f'https://github.com/OpenGVLab/InternImage/blob/master/{tag.config}',
+        **paper,
     )
 
 
 # The first tag of a model is its default: the classification tags come first.
-default_cfgs = generate_default_cfgs(
-    {**_CLASSIFICATION_CFGS, **{name: _dense_cfg(tag) for name, tag in DENSE_TAGS.items()}})
+default_cfgs = generate_default_cfgs({**_CLASSIFICATION_CFGS, **{
+    name: dense_cfg(tag, DENSE_REPO, **_PAPER, origin_url=f'{_REPO_URL}/blob/master/{tag.config}')
+    for name, tag in DENSE_TAGS.items()}})
 
 
 def _check_output_fmt(output_fmt: str) -> str:
@@ -1235,48 +1230,65 @@ def _check_output_fmt(output_fmt: str) -> str:
     return output_fmt
 
 
-def pretrained_cfgs() -> Dict[str, PretrainedCfg]:
-    """Every registered tag, ``model.tag`` -> pretrained cfg, model by model (a model's first tag is its default)."""
-    return {name: cfg for model in _VARIANT_ARGS for name, cfg in get_arch_pretrained_cfgs(model).items()}
-
-
 @register_model
 def internimage_t(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-T"""
-    return _create_internimage('internimage_t', pretrained, **kwargs)
+    model_args = dict(
+        channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32), offset_scale=1.0)
+    return _create_internimage('internimage_t', pretrained, model_args, **kwargs)
 
 
 @register_model
 def internimage_s(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-S"""
-    return _create_internimage('internimage_s', pretrained, **kwargs)
+    model_args = dict(
+        channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1e-5, offset_scale=1.0,
+        post_norm=True)
+    return _create_internimage('internimage_s', pretrained, model_args, **kwargs)
 
 
 @register_model
 def internimage_b(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-B"""
-    return _create_internimage('internimage_b', pretrained, **kwargs)
+    model_args = dict(
+        channels=112, depths=(4, 4, 21, 4), groups=(7, 14, 28, 56), layer_scale=1e-5, offset_scale=1.0,
+        post_norm=True)
+    return _create_internimage('internimage_b', pretrained, model_args, **kwargs)
 
 
 @register_model
 def internimage_l(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-L"""
-    return _create_internimage('internimage_l', pretrained, **kwargs)
+    model_args = dict(
+        channels=160, depths=(5, 5, 22, 5), groups=(10, 20, 40, 80), layer_scale=1e-5, offset_scale=2.0,
+        post_norm=True)
+    return _create_internimage('internimage_l', pretrained, model_args, **kwargs)
 
 
 @register_model
 def internimage_xl(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-XL"""
-    return _create_internimage('internimage_xl', pretrained, **kwargs)
+    model_args = dict(
+        channels=192, depths=(5, 5, 24, 5), groups=(12, 24, 48, 96), layer_scale=1e-5, offset_scale=2.0,
+        post_norm=True)
+    return _create_internimage('internimage_xl', pretrained, model_args, **kwargs)
 
 
 @register_model
 def internimage_h(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-H"""
-    return _create_internimage('internimage_h', pretrained, **kwargs)
+    model_args = dict(
+        channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80), offset_scale=1.0, dw_kernel_size=5,
+        res_post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(5, 11, 17, 23, 29),
+        center_feature_scale=True, use_clip_projector=True)
+    return _create_internimage('internimage_h', pretrained, model_args, **kwargs)
 
 
 @register_model
 def internimage_g(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-G"""
-    return _create_internimage('internimage_g', pretrained, **kwargs)
+    model_args = dict(
+        channels=512, depths=(2, 2, 48, 4), groups=(16, 32, 64, 128), offset_scale=1.0, dw_kernel_size=5,
+        post_norm=True, level2_post_norm=True, level2_post_norm_block_ids=(5, 11, 17, 23, 29, 35, 41, 47),
+        center_feature_scale=True, use_clip_projector=True)
+    return _create_internimage('internimage_g', pretrained, model_args, **kwargs)

@@ -4,12 +4,12 @@ DCNv4 samples exactly as DCNv3 does (same grid, ``-1 < loc < size`` rule, biline
 differs in its inputs: one packed ``offset_mask`` tensor instead of separate offsets and mask, and point weights
 used as given (no softmax, unless asked for). It shares DCNv3's backend setting, choice and validation (with its
 errors): the ``compiled`` backend runs the wheel's DCNv4 kernels, which read ``offset_mask`` directly; the other
-backends (and ``auto`` where the wheel cannot run the call) unpack ``offset_mask`` into DCNv3's layouts and run
-:func:`~timm_internimage.ops.dcn_v3.dcnv3_core`. Gradients flow back into ``offset_mask`` (zero in its padding
+backends (and a wheel without those kernels) get ``offset_mask`` unpacked into DCNv3's layouts and run
+:func:`~timm_internimage.ops.dcn_v3.run_checked`. Gradients flow back into ``offset_mask`` (zero in its padding
 channels).
 """
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,11 +17,11 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
-from .dcn_v3 import (
-    _COMPILED_MAX_SOFTMAX_POINTS, IntOrPair, _check_arguments, _choose_backend, _int_pair, blend_center_feature,
-    check_module_geometry, dcnv3_core, linear)
-from .settings import requested_backend
-from .dcnv3_torch import dcnv3_output_size
+from .backend import (
+    COMPILED_MAX_SOFTMAX_POINTS, choose_backend, compiled_packed_available, requested_backend, run_compiled_packed)
+from .dcn_v3 import blend_center_feature, check_module_geometry, dcnv3_core, run_checked
+from .geometry import Geometry, IntOrPair, check_geometry, check_tensors, make_geometry, num_points
+from .linear import linear
 
 __all__ = ['dcnv4', 'dcnv4_core', 'DCNv4', 'offset_mask_channels']
 
@@ -31,91 +31,56 @@ def offset_mask_channels(group: int, num_points: int) -> int:
     return int(math.ceil(3 * group * num_points / 8) * 8)
 
 
-def _check_offset_mask(
-        input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
-        pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, remove_center: bool,
-) -> None:
-    """ValueError for an ``offset_mask`` of the wrong rank, size or channel count. Everything else (kernel, group,
-    dtypes, devices) is DCNv3's validation, with its messages."""
+def _check_arguments(input: Tensor, offset_mask: Tensor, geometry: Geometry) -> None:
+    """ValueError naming the argument and the fix for anything no backend can compute: DCNv3's validation of the
+    tensors and the geometry, with its messages, and the rank, size and channel count of ``offset_mask``."""
     if input.dim() != 4 or offset_mask.dim() != 4:
         raise ValueError(
             f'dcnv4: input and offset_mask must be 4-D channels-last tensors, got shapes {tuple(input.shape)} and '
             f'{tuple(offset_mask.shape)}')
-    if (not isinstance(group, int) or group < 1 or input.shape[3] % group
-            or min(kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w) < 1 or min(pad_h, pad_w) < 0
-            or (remove_center and (kernel_h * kernel_w) % 2 == 0)):
-        # DCNv3's validation names the bad argument (before it would look at the offset and mask shapes).
-        _check_arguments(
-            input, offset_mask, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-            dilation_w, group, 0, remove_center)
-    num_points = kernel_h * kernel_w - int(remove_center)
-    used, padded = 3 * group * num_points, offset_mask_channels(group, num_points)
-    height_out, width_out = dcnv3_output_size(
-        input.shape[1], input.shape[2], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    check_tensors(input, offset_mask, offset_mask)
+    height_out, width_out = check_geometry(geometry, input)
+    points = num_points(geometry)
+    used, padded = 3 * geometry.group * points, offset_mask_channels(geometry.group, points)
     expected = (input.shape[0], height_out, width_out)
-    if height_out >= 1 and width_out >= 1 and tuple(offset_mask.shape[:3]) != expected:
+    if tuple(offset_mask.shape[:3]) != expected:
         raise ValueError(
             f'dcnv4: offset_mask must be (N, H_out, W_out, channels) = {expected + ("channels",)} for input '
             f'{tuple(input.shape)}, got {tuple(offset_mask.shape)}')
     if not used <= offset_mask.shape[3] <= padded:
         raise ValueError(
-            f'dcnv4: offset_mask needs 3 * group * points = 3 * {group} * {num_points} = {used} channels, '
+            f'dcnv4: offset_mask needs 3 * group * points = 3 * {geometry.group} * {points} = {used} channels, '
             f'optionally padded to {padded} (the official layout), got {offset_mask.shape[3]}')
 
 
-@torch.compiler.assume_constant_result
-def _compiled_has_dcnv4() -> bool:
-    """Whether the loaded compiled op has the DCNv4 kernels (a wheel built before them runs DCNv4 through its
-    DCNv3 kernels, on the unpacked offsets and weights)."""
-    return hasattr(torch.ops.timm_internimage, 'dcnv4_forward')
+def _unpack(offset_mask: Tensor, geometry: Geometry) -> Tuple[Tensor, Tensor]:
+    """DCNv3's offset and mask of the packed ``offset_mask``: per group, 2 * P offsets ((x, y) per point), then P
+    weights; the padding channels are not read."""
+    points = num_points(geometry)
+    packed = offset_mask[..., :3 * geometry.group * points].unflatten(-1, (geometry.group, 3 * points))
+    return packed[..., :2 * points].flatten(-2).contiguous(), packed[..., 2 * points:].flatten(-2).contiguous()
 
 
 @register_notrace_function
 def dcnv4_core(
         input: Tensor,
         offset_mask: Tensor,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        group_channels: int,
-        offset_scale: float,
-        remove_center: bool,
+        geometry: Geometry,
         softmax: bool = False,
         backend: Optional[str] = None,
 ) -> Tensor:
-    """DCNv4 with explicit per-axis arguments (the official op's signature, without ``im2col_step``)."""
-    num_points = kernel_h * kernel_w - int(remove_center)
-    if not torch.jit.is_scripting():
-        _check_offset_mask(
-            input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-            group, remove_center)
-        requested = requested_backend(backend)
-        # DCNv3's validation, then its backend choice. The validation looks at shapes, dtypes and devices only:
-        # it gets views of offset_mask with the shapes of the offsets and the weights (no copy).
-        _check_arguments(
-            input, offset_mask[..., :2 * group * num_points], offset_mask[..., :group * num_points], kernel_h,
-            kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-            remove_center)
-        chosen = _choose_backend(requested, input)
-        if (chosen == 'compiled' and (not softmax or num_points <= _COMPILED_MAX_SOFTMAX_POINTS)
-                and _compiled_has_dcnv4()):
-            return torch.ops.timm_internimage.dcnv4_forward(
-                input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-                group, group_channels, float(offset_scale), bool(remove_center), bool(softmax))
-    # Per group: 2 * P offsets ((x, y) per point), then P weights; the padding channels are not read.
-    packed = offset_mask[..., :3 * group * num_points].unflatten(-1, (group, 3 * num_points))
-    offset = packed[..., :2 * num_points].flatten(-2)
-    mask = packed[..., 2 * num_points:].flatten(-2)
-    return dcnv3_core(
-        input, offset.contiguous(), mask.contiguous(), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-        dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_is_logits=softmax,
-        backend=backend)
+    """DCNv4 for a :class:`.Geometry` (the official op's scalar arguments as one value, without ``im2col_step``),
+    validated once, then run by the compiled DCNv4 kernels or as DCNv3."""
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch: DCNv3's pure-PyTorch op
+        offset, mask = _unpack(offset_mask, geometry)
+        return dcnv3_core(input, offset, mask, geometry, mask_is_logits=softmax)
+    requested = requested_backend(backend)
+    _check_arguments(input, offset_mask, geometry)
+    if (choose_backend(requested, input) == 'compiled' and compiled_packed_available()
+            and (not softmax or num_points(geometry) <= COMPILED_MAX_SOFTMAX_POINTS)):
+        return run_compiled_packed(input, offset_mask, geometry, softmax)
+    offset, mask = _unpack(offset_mask, geometry)
+    return run_checked(input, offset, mask, geometry, softmax, requested)
 
 
 def dcnv4(
@@ -139,29 +104,17 @@ def dcnv4(
             ``g * 3P .. (g + 1) * 3P`` hold 2P offsets in pixels ((x, y) per point, points ordered with x
             varying slowest) then P point weights; ``P = kh * kw - remove_center``. ``M`` is ``3 * group * P``,
             or up to the official padded size ``ceil(3 * group * P / 8) * 8`` (the padding is ignored).
-        kernel_size, stride, padding, dilation: ints or (h, w) pairs.
         group: number of groups sharing offsets and weights.
-        offset_scale: scale of both the base kernel grid and the offsets.
-        remove_center: drop the kernel's centre point (needs an odd number of kernel points).
         softmax: normalise the weights with a per-group softmax over the points (FlashInternImage: off).
-        backend: ``'auto'``, ``'torch'``, ``'reference'`` or ``'compiled'``; default: the setting
-            (:func:`timm_internimage.set_backend`; the backends of :func:`~timm_internimage.ops.dcnv3`).
+        kernel_size, stride, padding, dilation, offset_scale, remove_center, backend: as for
+            :func:`~timm_internimage.ops.dcnv3` (the same backends and setting).
 
-    Returns:
-        ``(N, H_out, W_out, C)`` in the input's dtype.
-
-    Raises:
-        ValueError: for arguments no backend can compute (the message names the argument and the fix).
+    Returns ``(N, H_out, W_out, C)`` in the input's dtype; raises a ValueError naming the argument and the fix for
+    arguments no backend can compute.
     """
-    kernel_h, kernel_w = _int_pair(kernel_size, 'kernel_size')
-    stride_h, stride_w = _int_pair(stride, 'stride')
-    pad_h, pad_w = _int_pair(padding, 'padding')
-    dilation_h, dilation_w = _int_pair(dilation, 'dilation')
     channels = input.shape[-1] if input.dim() > 0 else 0
-    group_channels = channels // group if isinstance(group, int) and group > 0 and channels % group == 0 else 0
-    return dcnv4_core(
-        input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-        group, group_channels, float(offset_scale), bool(remove_center), softmax=bool(softmax), backend=backend)
+    geometry = make_geometry(channels, kernel_size, stride, padding, dilation, group, offset_scale, remove_center)
+    return dcnv4_core(input, offset_mask, geometry, softmax=bool(softmax), backend=backend)
 
 
 class DCNv4(nn.Module):
@@ -239,10 +192,10 @@ class DCNv4(nn.Module):
         if self.offset_mask_dw is not None:
             context = self.offset_mask_dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         offset_mask = linear(context, self.offset_mask.weight, self.offset_mask.bias)
-        out = dcnv4_core(
-            projected, offset_mask,
-            self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad,
-            self.dilation, self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center)
+        geometry = Geometry(
+            self.kernel_size, self.kernel_size, self.stride, self.stride, self.pad, self.pad, self.dilation,
+            self.dilation, self.group, self.group_channels, self.offset_scale, self.remove_center)
+        out = dcnv4_core(projected, offset_mask, geometry)
         if self.center_feature_scale_proj is not None:
             # As officially, the scale is predicted from the sampled features.
             out = blend_center_feature(out, projected, self.center_feature_scale_proj(out), self.group)

@@ -1,7 +1,7 @@
 """Measurement helpers shared by ``benchmarks/benchmark.py`` and ``scripts/gpu_check.py``.
 
-Timing with an explicit clock, peak memory of a window of work, median summaries, and the DCNv3 op timed
-forward and backward on the shapes of InternImage-T's four stages. Nothing here keeps state between calls:
+Timing with an explicit clock, peak memory of a window of work, median summaries, the DCNv3 op timed
+forward and backward on the shapes of InternImage-T's four stages, and a model's multiply-adds. Nothing here keeps state between calls:
 each measurement gets its clock and device as arguments.
 
 Peak memory (``PeakMemory``): on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated when the
@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'PeakMemory', 'cpu_name', 'dcnv3_3x3', 'op_inputs', 'summary', 'synchronize', 'time_it',
-           'time_op_shape', 'packed_op_inputs', 'time_dcnv4_against_dcnv3']
+__all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'PeakMemory', 'cpu_name', 'dcnv3_3x3', 'model_macs', 'op_inputs', 'summary',
+           'synchronize', 'time_it', 'time_op_shape', 'packed_op_inputs', 'time_dcnv4_against_dcnv3']
 
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter
 
@@ -259,15 +259,15 @@ def time_dcnv4_against_dcnv3(
     call) and the DCNv3 op (InternImage's call, mask logits) on one ``OP_SHAPES`` entry, the two interleaved
     call by call (their order alternating), so that both see the same machine load: ``{'dcnv4': {'fwd_ms',
     'bwd_ms'}, 'dcnv3': {...}}``."""
-    from ..ops import dcnv3_core, dcnv4_core
+    from ..ops import Geometry, dcnv3_core, dcnv4_core
     size, channels, group = shape
     x, offset, logits, offset_mask = packed_op_inputs(
         batch, size, channels, group, dtype, device, torch.Generator().manual_seed(0))
-    grid = (3, 3, 1, 1, 1, 1, 1, 1, group, channels // group, 1.0, False)
+    geometry = Geometry(3, 3, 1, 1, 1, 1, 1, 1, group, channels // group, 1.0, False)
     calls = {
-        'dcnv4': ((x, offset_mask), lambda a, om: dcnv4_core(a, om, *grid, backend=backend)),
+        'dcnv4': ((x, offset_mask), lambda a, om: dcnv4_core(a, om, geometry, backend=backend)),
         'dcnv3': ((x, offset, logits),
-                  lambda a, off, m: dcnv3_core(a, off, m, *grid, mask_is_logits=True, backend=backend)),
+                  lambda a, off, m: dcnv3_core(a, off, m, geometry, mask_is_logits=True, backend=backend)),
     }
     grad_out = torch.randn_like(x)
     times: Dict[str, Dict[str, List[float]]] = {name: {'fwd': [], 'bwd': []} for name in calls}
@@ -291,3 +291,36 @@ def time_dcnv4_against_dcnv3(
                 times[name]['bwd'].append(clock() - start)
     return {name: {'fwd_ms': 1e3 * statistics.median(t['fwd']), 'bwd_ms': 1e3 * statistics.median(t['bwd'])}
             for name, t in times.items()}
+
+
+def _sampling_macs(module: torch.nn.Module, output: torch.Tensor) -> int:
+    """Multiply-adds of a DCNv3 / DCNv4 layer's sampling: per output value and kernel point, 4 bilinear corners
+    and the point weight (the official ``get_flops.py`` count, ``5 * pixels * points * channels``)."""
+    points = module.kernel_size * module.kernel_size - int(module.remove_center)
+    return 5 * output.shape[:-1].numel() * points * module.group * module.group_channels
+
+
+def model_macs(model: torch.nn.Module, example: torch.Tensor) -> Dict[str, int]:
+    """Multiply-adds of one forward pass of ``model`` on ``example``: ``dense`` (the matrix products and
+    convolutions, as ``torch.utils.flop_counter`` counts them, halved), ``sampling`` (the deformable sampling of
+    every DCNv3 / DCNv4 layer) and their ``total``. Elementwise work (norms, activations, softmax) is not counted,
+    as in the published FLOPs. Runs with the pure-PyTorch op and the plain linear layers, so that every matrix
+    product goes through ATen where the counter sees it."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from .. import backend, fused_linear
+    from ..ops import DCNv3, DCNv4
+    sampling = 0
+
+    def count_sampling(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal sampling
+        sampling += _sampling_macs(module, output)
+
+    hooks = [m.register_forward_hook(count_sampling) for m in model.modules() if isinstance(m, (DCNv3, DCNv4))]
+    try:
+        with backend('torch'), fused_linear(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    dense = counter.get_total_flops() // 2
+    return {'dense': dense, 'sampling': sampling, 'total': dense + sampling}

@@ -2,7 +2,7 @@
 ``config.json`` + ``model.safetensors`` with this package's key names."""
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from .loading import UsageError, check_checkpoint, create_model
 
@@ -10,33 +10,51 @@ __all__ = ['convert', 'infer_model']
 
 
 def _repo_tags() -> Dict[str, str]:
-    """Hub repo -> the ``model.tag`` whose weights it holds (classification repos: one tag each)."""
-    from ..models.internimage import DENSE_TAGS, pretrained_cfgs
-    return {cfg.hf_hub_id.partition('@')[0]: name for name, cfg in pretrained_cfgs().items() if name not in DENSE_TAGS}
+    """Hub repo of one model's weights -> the ``model.tag`` whose weights it holds (the repos of official ``.pth``
+    files, which hold several tags' weights, are left out)."""
+    from .._manifest import repo_entry
+    from ..models import pretrained_cfgs
+    repos = {cfg.hf_hub_id.partition('@')[0]: name for name, cfg in pretrained_cfgs().items()}
+    return {repo_id: name for repo_id, name in repos.items() if 'checkpoints' not in (repo_entry(repo_id) or {})}
 
+
+def _registered_variants(flash: bool) -> Dict[int, Tuple[str, Set[str]]]:
+    """Stem width -> (model name, state-dict keys) of every registered variant of one family (FlashInternImage or
+    InternImage), read off meta-device models."""
+    import timm
+    variants = {}
+    for name in timm.list_models(module='flash_internimage' if flash else 'internimage'):
+        model = timm.create_model(name, device='meta')
+        variants[model.stem.conv2.out_channels] = (name, set(model.state_dict()))
+    return variants
 
 
 def infer_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """Variant and class count of a checkpoint in any of the three key formats, from its stem and classifier."""
+    """Variant and class count of a checkpoint in any of the three key formats: the family from its core op
+    (DCNv4's ``offset_mask`` keys: FlashInternImage), the variant from its stem width, the class count from its
+    classifier; of a backbone-only (detection / segmentation) checkpoint, the arguments its config changes."""
     import timm
-    from ..models.internimage import _VARIANT_ARGS, remap_checkpoint_keys
+    from ..models.internimage import remap_checkpoint_keys
     keys = remap_checkpoint_keys(state_dict, timm.create_model('internimage_t', device='meta'))
     if 'stem.conv1.weight' not in keys:
         raise UsageError('cannot tell the architecture: the checkpoint has no stem convolution '
-                       '(patch_embed.conv1.weight); pass --model')
+                         '(patch_embed.conv1.weight); pass --model')
+    flash = any('.dcn.offset_mask.' in k for k in keys)
     channels = 2 * keys['stem.conv1.weight'].shape[0]
-    models = {args['channels']: model for model, args in _VARIANT_ARGS.items()}
-    if channels not in models:
-        raise UsageError(f'no released InternImage has {channels} channels; pass --model and --model-args')
-    inferred = {'model': models[channels]}
+    variants = _registered_variants(flash)
+    if channels not in variants:
+        raise UsageError(f'no released {"FlashInternImage" if flash else "InternImage"} has {channels} channels; '
+                         f'pass --model and --model-args')
+    model_name, variant_keys = variants[channels]
+    inferred = {'model': model_name}
     if 'head.fc.weight' in keys:
         inferred['num_classes'] = keys['head.fc.weight'].shape[0]
         return inferred
-    # A backbone (detection / segmentation) checkpoint: T's has layer scales, H's no clip projector.
-    variant_args = _VARIANT_ARGS[inferred['model']]
-    if variant_args.get('layer_scale') is None and 'stages.0.blocks.0.ls1.gamma' in keys:
+    # A backbone (detection / segmentation) checkpoint: T's config adds layer scales, H's drops the clip projector.
+    layer_scale = 'stages.0.blocks.0.ls1.gamma'
+    if layer_scale in keys and layer_scale not in variant_keys:
         inferred['layer_scale'] = 1.0
-    if variant_args.get('use_clip_projector') and 'neck.proj_stage3.weight' not in keys:
+    if 'neck.proj_stage3.weight' in variant_keys and 'neck.proj_stage3.weight' not in keys:
         inferred['use_clip_projector'] = False
     return inferred
 
@@ -96,8 +114,10 @@ def convert(
     Existing outputs are overwritten only with ``force``; the files appear whole or not at all."""
     from safetensors.torch import save_file
     from timm.models import get_arch_pretrained_cfgs
+    # Private module: timm.models exports only save_for_hf, which writes the model's own state_dict where it
+    # stands; convert writes a checkpoint's tensors without materialising the model, atomically.
     from timm.models._hub import save_config_for_hf
-    from ..models.internimage import DENSE_TAGS, checkpoint_filter_fn
+    from ..models import checkpoint_filter_fn, dense_tags
     from ..pretrained import PretrainedWeightsError, fetch_hub_weights
 
     kwargs = dict(model_kwargs or {})
@@ -112,7 +132,8 @@ def convert(
     else:
         raise UsageError(f'{src}: no such file or folder (and not a Hub repo id like OpenGVLab/internimage_t_1k_224)')
 
-    dense_files = {tag.filename: name for name, tag in DENSE_TAGS.items()}
+    tags = dense_tags()
+    dense_files = {tag.filename: name for name, tag in tags.items()}
     if model_name is None and src_path.name in dense_files:  # an official detection / segmentation file
         model_name = dense_files[src_path.name]
     if model_name is None:
@@ -137,7 +158,7 @@ def convert(
     if backbone_only:
         kwargs['num_classes'] = meta_model.num_classes = 0  # loaded back without a head: features_only
         meta_model.pretrained_cfg = dict(meta_model.pretrained_cfg, num_classes=0)
-    dense = DENSE_TAGS.get(model_name)
+    dense = tags.get(model_name)
     model_args = {k: list(v) if isinstance(v, tuple) else v
                   for k, v in dict(dense.model_args if dense else {}, **kwargs).items() if k != 'num_classes'}
     out = Path(out_dir)

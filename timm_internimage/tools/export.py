@@ -11,7 +11,7 @@ Formats (and what runs them):
     ``torch._inductor.aoti_load_package``; needs a C++ compiler to build.
 
 Every format traces the model with the DCNv3 layers in their export formulation
-(:mod:`.ops.dcnv3_export`: standard operations, int64 indices, no size-dependent branches) and ATen's linear
+(:mod:`..ops.dcn_v3_export`: standard operations, int64 indices, no size-dependent branches) and ATen's linear
 layers, so the artifacts need neither this package nor the compiled op. With ``dynamic``, batch, height and
 width are symbolic (sides of at least 32; multiples of 32 for the H/G classifiers, whose heads fuse stride-16
 and stride-32 maps), and the check runs a batch and size other than the traced ones.
@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.dcnv3_export import export_formulation
+from ..ops.dcn_v3_export import export_formulation
 
 __all__ = [
     'FORMATS', 'ExportError', 'ExportCheckError', 'ExportResult', 'artifact_paths', 'check_format', 'export_model']

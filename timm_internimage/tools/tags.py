@@ -12,30 +12,29 @@ __all__ = ['list_tags', 'refresh_manifest']
 _logger = logging.getLogger(__name__)
 
 
-def _tag_task(name: str, cfg: Any) -> Tuple[str, Dict[str, float]]:
+def _tag_task(cfg: Any) -> Tuple[str, Dict[str, float]]:
     """(task, published scores) of a tag: ImageNet top-1 of a classifier, box / mask AP or mIoU of a backbone."""
-    from .._manifest import repo_entry
-    from ..models.internimage import DENSE_TAGS, dense_scores
-    if name in DENSE_TAGS:
-        scores = dense_scores(DENSE_TAGS[name].filename)
-        return ('detection' if 'box AP' in scores else 'segmentation'), scores
-    top1 = repo_entry(cfg.hf_hub_id.partition('@')[0])['top1']
+    from .._manifest import published_results
+    published = published_results(cfg.hf_hub_id.partition('@')[0], cfg.hf_hub_filename)
+    if 'scores' in published:
+        return ('detection' if 'box AP' in published['scores'] else 'segmentation'), published['scores']
+    top1 = published.get('top1')
     return 'classification', ({'top-1': top1} if top1 is not None else {})
 
 
-
 def list_tags() -> Dict[str, Dict[str, Any]]:
-    """Every pretrained tag: its Hub file and revision, classes, input size, task, published scores and size."""
-    from .._manifest import repo_entry
-    from ..models.internimage import pretrained_cfgs
+    """Every pretrained tag of both families: its Hub file and revision, classes, input size, task, published
+    scores and size."""
+    from .._manifest import published_results, repo_entry
+    from ..models import pretrained_cfgs
     rows = {}
     for name, cfg in pretrained_cfgs().items():
         repo_id, _, revision = cfg.hf_hub_id.partition('@')
-        entry = repo_entry(repo_id)
-        task, scores = _tag_task(name, cfg)
+        task, scores = _tag_task(cfg)
         rows[name] = dict(hf_hub_id=repo_id, hf_hub_filename=cfg.hf_hub_filename, revision=revision or 'main',
                           num_classes=cfg.num_classes, input_size=list(cfg.input_size), task=task, scores=scores,
-                          top1=entry['top1'], size=entry['approx_size'])
+                          top1=published_results(repo_id, cfg.hf_hub_filename).get('top1'),
+                          size=repo_entry(repo_id)['approx_size'])
     return rows
 
 
@@ -52,7 +51,7 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
     from huggingface_hub.utils.sha import sha_fileobj
     from .._manifest import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
     from ..pretrained import shard_names
-    from ..models.internimage import pretrained_cfgs
+    from ..models import pretrained_cfgs
     repo_tags = {name: cfg.hf_hub_id.partition('@')[0] for name, cfg in pretrained_cfgs().items()}
     unknown = [tag for tag in (tags or []) if tag not in repo_tags]
     if unknown:
@@ -73,7 +72,7 @@ def refresh_manifest(manifest: Dict[str, Any], tags: Optional[Sequence[str]] = N
 
         entry.pop('file', None)
         entry.pop('index_file', None)
-        if 'checkpoints' in entry:  # OpenGVLab/InternImage: the detection / segmentation .pth the tags load
+        if 'checkpoints' in entry:  # OpenGVLab/InternImage, OpenGVLab/DCNv4: the official .pth files the tags load
             absent = [name for name in entry['checkpoints'] if name not in siblings]
             if absent:
                 raise UsageError(f'{repo_id}@{info.sha} lacks {absent}, which the manifest lists')

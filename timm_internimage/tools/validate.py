@@ -68,7 +68,7 @@ def _key(text: str) -> Key:
 
 
 def _image_files(root: Path) -> List[Path]:
-    from timm.data.readers.img_extensions import get_img_extensions
+    from timm.data import get_img_extensions
     extensions = get_img_extensions(as_set=True)
     return sorted(Path(dirpath) / name for dirpath, _, names in os.walk(root, followlinks=True)
                   for name in names if os.path.splitext(name)[1].lower() in extensions)
@@ -134,7 +134,7 @@ def label_space(keys: Sequence[Key], num_classes: int, all_classes: bool = False
     labels the head does not have. Keys missing from ``targets`` are ImageNet-1k classes that a 21841-class head
     lacks: their images are skipped."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
-    from timm.utils.misc import natural_key
+    from timm.utils import natural_key
     unique = sorted(set(keys), key=lambda k: (isinstance(k, str), natural_key(str(k))))
     ints = [k for k in unique if isinstance(k, int)]
     names = [k for k in unique if isinstance(k, str)]
@@ -271,13 +271,13 @@ def _last_line(error: BaseException) -> str:
 def published_top1(model: torch.nn.Module) -> Optional[float]:
     """The published ImageNet-1k top-1 of the tag the model was built from, None if none applies (22k heads,
     other class counts, repos the manifest does not list)."""
-    from .._manifest import repo_entry
+    from .._manifest import published_results
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     repo = (cfg.get('hf_hub_id') or '').partition('@')[0]
-    entry = repo_entry(repo) if repo else None
-    if not entry or entry.get('top1') is None or model.num_classes != cfg.get('num_classes'):
+    top1 = published_results(repo, cfg.get('hf_hub_filename')).get('top1') if repo else None
+    if top1 is None or model.num_classes != cfg.get('num_classes'):
         return None
-    return float(entry['top1'])
+    return float(top1)
 
 
 def compare_published(top1: float, published: Optional[float], images: int, imagenet_1k: bool) -> Dict[str, Any]:

@@ -10,53 +10,31 @@ plain ATen ops (any device; traces, scripts, exports and compiles); when gradien
 are needed outside tracing and export, a hand-written backward (``_DCNv3Sampling``)
 replaces autograd through the location and weight arithmetic.
 """
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['dcnv3_torch', 'dcnv3_torch_differentiable', 'dcnv3_output_size', 'differentiable_grads']
+from .geometry import Geometry, num_points
+
+__all__ = ['dcnv3_torch', 'dcnv3_torch_differentiable', 'differentiable_grads', 'softmax_over_points']
 
 # Elements of the buffer of gathered corner rows in _corner_dots (4 MiB of float32).
 _CHUNK_ELEMENTS = 2 ** 20
 
 
-def dcnv3_output_size(
-        height: int,
-        width: int,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-) -> Tuple[int, int]:
-    """Output spatial size of DCNv3, as for a convolution with the same geometry."""
-    height_out = (height + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) // stride_h + 1
-    width_out = (width + 2 * pad_w - (dilation_w * (kernel_w - 1) + 1)) // stride_w + 1
-    return height_out, width_out
-
-
-def _kernel_points(
-        kernel_h: int,
-        kernel_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        remove_center: bool,
-        device: torch.device,
-        dtype: torch.dtype,
-) -> Tuple[Tensor, Tensor]:
+def _kernel_points(geometry: Geometry, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """Kernel point offsets (x, y) from the window centre, x varying slowest."""
+    kernel_h, kernel_w = geometry.kernel_h, geometry.kernel_w
+    dilation_h, dilation_w = geometry.dilation_h, geometry.dilation_w
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
     kx = torch.arange(kernel_w, device=device, dtype=dtype) * dilation_w - half_w
     ky = torch.arange(kernel_h, device=device, dtype=dtype) * dilation_h - half_h
     point_x = kx.repeat_interleave(kernel_h)
     point_y = ky.repeat(kernel_w)
-    if remove_center:
+    if geometry.remove_center:
         center = (kernel_h * kernel_w) // 2
         keep = torch.cat([torch.arange(center, device=device), torch.arange(center + 1, kernel_h * kernel_w, device=device)])
         point_x = point_x[keep]
@@ -71,21 +49,7 @@ def _corner_rows(top_left: Tensor, group: int, row_stride: int) -> Tensor:
 
 
 def _sampling_plan(
-        offset: Tensor,
-        mask: Tensor,
-        height: int,
-        width: int,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        offset_scale: float,
-        remove_center: bool,
+        offset: Tensor, mask: Tensor, height: int, width: int, geometry: Geometry,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Where every point samples the zero-bordered NHWC table (see :func:`dcnv3_torch`).
 
@@ -94,7 +58,7 @@ def _sampling_plan(
     that do not count, and ``counts`` (bool, that shape): which samples count.
     """
     batch, height_out, width_out = offset.shape[0], offset.shape[1], offset.shape[2]
-    num_points = kernel_h * kernel_w - int(remove_center)
+    points, group, offset_scale = num_points(geometry), geometry.group, geometry.offset_scale
     # Locations are computed in at least float32: half precision cannot address pixels of large maps.
     loc_dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
     index_dtype = torch.int32 if batch * (height + 3) * (width + 3) * group < 2 ** 31 else torch.int64
@@ -110,17 +74,18 @@ def _sampling_plan(
     padded_w = width + 3
 
     # Sampling grid without offsets, in padded coordinates: (H_out, W_out, 1, P, 2) (x, y) pairs.
-    point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, device, loc_dtype)
-    half_h = (dilation_h * (kernel_h - 1)) // 2
-    half_w = (dilation_w * (kernel_w - 1)) // 2
-    center_x = torch.arange(width_out, device=device, dtype=loc_dtype) * stride_w + (half_w - pad_w + 1)
-    center_y = torch.arange(height_out, device=device, dtype=loc_dtype) * stride_h + (half_h - pad_h + 1)
+    point_x, point_y = _kernel_points(geometry, device, loc_dtype)
+    g = geometry
+    start_x = (g.dilation_w * (g.kernel_w - 1)) // 2 - g.pad_w + 1
+    start_y = (g.dilation_h * (g.kernel_h - 1)) // 2 - g.pad_h + 1
+    center_x = torch.arange(width_out, device=device, dtype=loc_dtype) * g.stride_w + start_x
+    center_y = torch.arange(height_out, device=device, dtype=loc_dtype) * g.stride_h + start_y
     grid = torch.stack((
-        (center_x.view(1, width_out, 1) + point_x * offset_scale).expand(height_out, width_out, num_points),
-        (center_y.view(height_out, 1, 1) + point_y * offset_scale).expand(height_out, width_out, num_points),
+        (center_x.view(1, width_out, 1) + point_x * offset_scale).expand(height_out, width_out, points),
+        (center_y.view(height_out, 1, 1) + point_y * offset_scale).expand(height_out, width_out, points),
     ), -1).unsqueeze(2)
 
-    offset = offset.reshape(batch, height_out, width_out, group, num_points, 2).to(loc_dtype)
+    offset = offset.reshape(batch, height_out, width_out, group, points, 2).to(loc_dtype)
     loc = grid + offset * offset_scale if offset_scale != 1.0 else grid + offset
     loc_x, loc_y = loc[..., 0], loc[..., 1]
     counts = (loc_x > 0) & (loc_x < width + 1) & (loc_y > 0) & (loc_y < height + 1)
@@ -131,13 +96,13 @@ def _sampling_plan(
     corner = loc.floor()
     frac = loc - corner  # not Tensor.frac, which the legacy ONNX exporter lacks (equal here: loc >= 0)
     corner = corner.to(index_dtype)
-    mask = torch.where(counts, mask.reshape(batch, height_out, width_out, group, num_points).to(loc_dtype), 0.0)
+    mask = torch.where(counts, mask.reshape(batch, height_out, width_out, group, points).to(loc_dtype), 0.0)
 
     row_stride = padded_w * group
     base = (torch.arange(batch, device=device, dtype=index_dtype).view(batch, 1, 1, 1, 1) * ((height + 3) * row_stride)
             + torch.arange(group, device=device, dtype=index_dtype).view(1, 1, 1, group, 1))
     top_left = corner[..., 1] * row_stride + corner[..., 0] * group + base
-    return top_left.reshape(-1, num_points), frac, mask, counts
+    return top_left.reshape(-1, points), frac, mask, counts
 
 
 def _bilinear_weights(frac: Tensor, mask: Tensor) -> Tensor:
@@ -233,29 +198,31 @@ class _DCNv3Sampling(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, offset: Tensor, mask: Tensor, *plan_args: Any) -> Tensor:
-        top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, *plan_args)
-        group, row_stride, _ = _table_layout(*plan_args)
-        output, weights = _bilinear_gather(table, top_left, frac, mask_counted, group, row_stride)
+    def forward(
+            ctx, table: Tensor, offset: Tensor, mask: Tensor, height: int, width: int, geometry: Geometry) -> Tensor:
+        top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, height, width, geometry)
+        output, weights = _bilinear_gather(
+            table, top_left, frac, mask_counted, geometry.group, _row_stride(width, geometry))
         ctx.save_for_backward(table, offset, mask, top_left, weights)
-        ctx.plan_args = plan_args
+        ctx.plan = height, width, geometry
         return output
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         table, offset, mask, top_left, weights = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        no_grads = (None,) * len(ctx.plan_args)
+        no_grads = (None,) * len(ctx.plan)
+        height, width, geometry = ctx.plan
         if torch.is_grad_enabled():  # create_graph=True
-            sampling = lambda *tensors: _gather_sampling(*tensors, *ctx.plan_args)  # noqa: E731
+            sampling = lambda *tensors: _gather_sampling(*tensors, height, width, geometry)  # noqa: E731
             return differentiable_grads(sampling, (table, offset, mask), needs, grad_output) + no_grads
-        group, row_stride, offset_scale = _table_layout(*ctx.plan_args)
+        group, row_stride, offset_scale = geometry.group, _row_stride(width, geometry), geometry.offset_scale
         grad_output = grad_output.contiguous()
         grad_table = grad_offset = grad_mask = None
         if needs[0]:
             grad_table = _gather_transposed(grad_output, top_left, weights, table.shape[0], group, row_stride)
         if needs[1] or needs[2]:
-            _, frac, mask_counted, counts = _sampling_plan(offset, mask, *ctx.plan_args)
+            _, frac, mask_counted, counts = _sampling_plan(offset, mask, height, width, geometry)
             dots = _corner_dots(grad_output, table, top_left, group, row_stride)
             # (..., 2, 2, P): corners (y, x); the bilinear gradients as differences along x, interpolated.
             dots = dots.view(mask_counted.shape[:-1] + (2, 2, mask_counted.shape[-1])).to(frac.dtype)
@@ -288,39 +255,30 @@ def differentiable_grads(
     return tuple(next(grads) if need else None for need in needs)
 
 
-def _table_layout(
-        height: int, width: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
-        dilation_h: int, dilation_w: int, group: int, offset_scale: float, remove_center: bool,
-) -> Tuple[int, int, float]:
-    """``group``, the table's row stride (one padded image row) and ``offset_scale`` of :func:`_sampling_plan`'s
-    arguments."""
-    return group, (width + 3) * group, offset_scale
+def _row_stride(width: int, geometry: Geometry) -> int:
+    """The table's row stride: one padded image row of ``width`` (see :func:`_sampling_plan`)."""
+    return (width + 3) * geometry.group
 
 
-def _gather_sampling(table: Tensor, offset: Tensor, mask: Tensor, *plan_args: Any) -> Tensor:
+def _gather_sampling(
+        table: Tensor, offset: Tensor, mask: Tensor, height: int, width: int, geometry: Geometry) -> Tensor:
     """The sampling as one gather of every corner row and a weighted sum: ``(bags, group_channels)``.
 
     The same function as :func:`_bilinear_gather` with twice-differentiable operations (index_select and a
     batched matrix product instead of embedding_bag), for second-order gradients. It holds every gathered
     row, ``4 * P`` times the output, so the first-order paths do not use it.
     """
-    top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, *plan_args)
-    group, row_stride, _ = _table_layout(*plan_args)
+    top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, height, width, geometry)
     bags, points = top_left.shape
     weights = _bilinear_weights(frac, mask_counted).to(table.dtype).view(bags, 1, 4 * points)
-    corners = table.index_select(0, _corner_rows(top_left, group, row_stride).view(-1))
+    corners = table.index_select(0, _corner_rows(top_left, geometry.group, _row_stride(width, geometry)).view(-1))
     return torch.bmm(weights, corners.view(bags, 4 * points, table.shape[1])).view(bags, table.shape[1])
 
 
 @torch.jit.unused
 def _dcnv3_sampling_autograd(
-        table: Tensor, offset: Tensor, mask: Tensor, height: int, width: int, kernel_h: int, kernel_w: int,
-        stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
-        offset_scale: float, remove_center: bool,
-) -> Tensor:
-    return _DCNv3Sampling.apply(
-        table, offset, mask, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-        dilation_w, group, offset_scale, remove_center)
+        table: Tensor, offset: Tensor, mask: Tensor, height: int, width: int, geometry: Geometry) -> Tensor:
+    return _DCNv3Sampling.apply(table, offset, mask, height, width, geometry)
 
 
 @torch.jit.unused
@@ -330,76 +288,55 @@ def _use_custom_backward(table: Tensor, offset: Tensor, mask: Tensor) -> bool:
     return torch.is_grad_enabled() and (table.requires_grad or offset.requires_grad or mask.requires_grad)
 
 
-def dcnv3_torch(
-        input: Tensor,
-        offset: Tensor,
-        mask: Tensor,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        group_channels: int,
-        offset_scale: float,
-        remove_center: bool,
-) -> Tensor:
+def dcnv3_torch(input: Tensor, offset: Tensor, mask: Tensor, geometry: Geometry) -> Tensor:
     """DCNv3 core in pure PyTorch.
 
     Args:
         input: ``(N, H, W, group * group_channels)``.
         offset: ``(N, H_out, W_out, group * P * 2)``, (x, y) pairs in pixels.
         mask: ``(N, H_out, W_out, group * P)``, already normalised.
+        geometry: the call's kernel, stride, padding, dilation and groups, checked.
 
     Returns:
         ``(N, H_out, W_out, group * group_channels)`` in the input's dtype.
     """
-    batch, height, width, _ = input.shape
-    height_out, width_out = offset.shape[1], offset.shape[2]
-    table = _padded_table(input, group, group_channels)
+    batch, height, width, channels = input.shape
+    table = _padded_table(input, geometry)
     if not torch.jit.is_scripting() and _use_custom_backward(table, offset, mask):
-        output = _dcnv3_sampling_autograd(
-            table, offset, mask, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-            dilation_w, group, offset_scale, remove_center)
+        output = _dcnv3_sampling_autograd(table, offset, mask, height, width, geometry)
     else:
-        top_left, frac, mask_counted, _ = _sampling_plan(
-            offset, mask, height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-            dilation_w, group, offset_scale, remove_center)
-        output = _bilinear_gather(table, top_left, frac, mask_counted, group, (width + 3) * group)[0]
-    return output.view(batch, height_out, width_out, group * group_channels)
+        top_left, frac, mask_counted, _ = _sampling_plan(offset, mask, height, width, geometry)
+        output = _bilinear_gather(
+            table, top_left, frac, mask_counted, geometry.group, _row_stride(width, geometry))[0]
+    return output.view(batch, offset.shape[1], offset.shape[2], channels)
 
 
-def dcnv3_torch_differentiable(
-        input: Tensor,
-        offset: Tensor,
-        mask: Tensor,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        group_channels: int,
-        offset_scale: float,
-        remove_center: bool,
-) -> Tensor:
+def dcnv3_torch_differentiable(input: Tensor, offset: Tensor, mask: Tensor, geometry: Geometry) -> Tensor:
     """:func:`dcnv3_torch`'s function in twice-differentiable operations: the second-order gradients of the
     torch and compiled backends are autograd of this (see :func:`_gather_sampling`)."""
-    batch, height, width, _ = input.shape
-    output = _gather_sampling(
-        _padded_table(input, group, group_channels), offset, mask, height, width, kernel_h, kernel_w, stride_h,
-        stride_w, pad_h, pad_w, dilation_h, dilation_w, group, offset_scale, remove_center)
-    return output.view(batch, offset.shape[1], offset.shape[2], group * group_channels)
+    batch, height, width, channels = input.shape
+    output = _gather_sampling(_padded_table(input, geometry), offset, mask, height, width, geometry)
+    return output.view(batch, offset.shape[1], offset.shape[2], channels)
 
 
-def _padded_table(input: Tensor, group: int, group_channels: int) -> Tensor:
+def _padded_table(input: Tensor, geometry: Geometry) -> Tensor:
     """The input as an embedding table with a zero border (see :func:`_sampling_plan`): one row per pixel and
     group."""
     batch, height, width, _ = input.shape
-    return F.pad(input, (0, 0, 1, 2, 1, 2)).reshape(batch * (height + 3) * (width + 3) * group, group_channels)
+    rows = batch * (height + 3) * (width + 3) * geometry.group
+    return F.pad(input, (0, 0, 1, 2, 1, 2)).reshape(rows, geometry.group_channels)
+
+
+def softmax_over_points(mask_logits: Tensor, group: int, exact: bool = True) -> Tensor:
+    """Per-group softmax over the kernel points of ``(N, H, W, group * P)`` logits.
+
+    ``exact=False`` writes the softmax out (max, exp, sum, divide): same value up to float rounding and
+    several times faster on CPU than ATen's softmax over a last dimension of P = 9. The reference backend
+    keeps ATen's, the official model's rounding.
+    """
+    batch, height, width, channels = mask_logits.shape
+    logits = mask_logits.reshape(batch, height, width, group, channels // group)
+    if exact:
+        return logits.softmax(-1).reshape(mask_logits.shape)
+    exp = (logits - logits.amax(-1, keepdim=True)).exp()
+    return (exp / exp.sum(-1, keepdim=True)).reshape(mask_logits.shape)

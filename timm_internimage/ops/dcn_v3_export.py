@@ -1,6 +1,6 @@
 """DCNv3 sampling core for graph export (ONNX, OpenVINO, ``torch.export``): plain tensor operations only.
 
-The same function as :func:`.dcnv3_torch.dcnv3_torch` (the official CUDA kernel's sampling rule: a sample
+The same function as :func:`.dcn_v3_torch.dcnv3_torch` (the official CUDA kernel's sampling rule: a sample
 counts only if ``-1 < location < size`` on both axes, strictly, so NaN and infinite locations do not; bilinear
 corners outside the map read zeros), written with operations every ONNX runtime has: ``Floor``, ``Where``,
 ``Gather`` with int64 indices, ``Mul`` and ``ReduceSum``. No ``embedding_bag`` (which exports to a loop of
@@ -17,11 +17,13 @@ by ONNX export through ``torch.onnx.export``.
 """
 import contextlib
 import threading
-from typing import Iterator
+from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .geometry import Geometry, num_points
 
 __all__ = ['dcnv3_export', 'export_formulation', 'export_formulation_active']
 
@@ -45,56 +47,43 @@ def export_formulation_active() -> bool:
     return getattr(_state, 'active', False) or torch.onnx.is_in_onnx_export()
 
 
-def _kernel_points(kernel_h: int, kernel_w: int, dilation_h: int, dilation_w: int, remove_center: bool):
+def _kernel_points(geometry: Geometry) -> Tuple[List[int], List[int]]:
     """Kernel point offsets (x, y) from the window centre as Python lists, x varying slowest."""
-    half_h = (dilation_h * (kernel_h - 1)) // 2
-    half_w = (dilation_w * (kernel_w - 1)) // 2
-    points = [(i * dilation_w - half_w, j * dilation_h - half_h) for i in range(kernel_w) for j in range(kernel_h)]
-    if remove_center:
-        del points[(kernel_h * kernel_w) // 2]
+    g = geometry
+    half_h, half_w = (g.dilation_h * (g.kernel_h - 1)) // 2, (g.dilation_w * (g.kernel_w - 1)) // 2
+    points = [(i * g.dilation_w - half_w, j * g.dilation_h - half_h)
+              for i in range(g.kernel_w) for j in range(g.kernel_h)]
+    if g.remove_center:
+        del points[(g.kernel_h * g.kernel_w) // 2]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def dcnv3_export(
-        input: Tensor,
-        offset: Tensor,
-        mask: Tensor,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        group_channels: int,
-        offset_scale: float,
-        remove_center: bool,
-) -> Tensor:
-    """DCNv3 core (arguments as :func:`.dcnv3_torch.dcnv3_torch`): ``(N, H_out, W_out, group * group_channels)``.
+def dcnv3_export(input: Tensor, offset: Tensor, mask: Tensor, geometry: Geometry) -> Tensor:
+    """DCNv3 core (arguments as :func:`.dcn_v3_torch.dcnv3_torch`): ``(N, H_out, W_out, group * group_channels)``.
 
     Locations are computed in at least float32, in the padded coordinates and order of operations of
-    :func:`.dcnv3_torch.dcnv3_torch`.
+    :func:`.dcn_v3_torch.dcnv3_torch`.
     """
+    g = geometry
+    group, group_channels, offset_scale = g.group, g.group_channels, g.offset_scale
     batch, height, width = input.shape[0], input.shape[1], input.shape[2]
     height_out, width_out = offset.shape[1], offset.shape[2]
-    num_points = kernel_h * kernel_w - int(remove_center)
+    points = num_points(geometry)
     loc_dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
     device = input.device
 
     # Padded coordinates (+1): a sample counts if 0 < location < size + 1; corners then lie in [0, size + 1].
-    point_x, point_y = _kernel_points(kernel_h, kernel_w, dilation_h, dilation_w, remove_center)
+    point_x, point_y = _kernel_points(geometry)
     point_x = torch.tensor(point_x, device=device, dtype=loc_dtype)
     point_y = torch.tensor(point_y, device=device, dtype=loc_dtype)
-    half_h = (dilation_h * (kernel_h - 1)) // 2
-    half_w = (dilation_w * (kernel_w - 1)) // 2
-    center_x = torch.arange(width_out, device=device).to(loc_dtype) * stride_w + (half_w - pad_w + 1)
-    center_y = torch.arange(height_out, device=device).to(loc_dtype) * stride_h + (half_h - pad_h + 1)
+    half_h = (g.dilation_h * (g.kernel_h - 1)) // 2
+    half_w = (g.dilation_w * (g.kernel_w - 1)) // 2
+    center_x = torch.arange(width_out, device=device).to(loc_dtype) * g.stride_w + (half_w - g.pad_w + 1)
+    center_y = torch.arange(height_out, device=device).to(loc_dtype) * g.stride_h + (half_h - g.pad_h + 1)
     grid_x = center_x.view(1, 1, width_out, 1, 1) + point_x * offset_scale  # (1, 1, W_out, 1, P)
     grid_y = center_y.view(1, height_out, 1, 1, 1) + point_y * offset_scale  # (1, H_out, 1, 1, P)
 
-    offset = offset.reshape(batch, height_out, width_out, group, num_points, 2).to(loc_dtype)
+    offset = offset.reshape(batch, height_out, width_out, group, points, 2).to(loc_dtype)
     if offset_scale != 1.0:
         offset = offset * offset_scale
     loc_x = grid_x + offset[..., 0]
@@ -111,7 +100,7 @@ def dcnv3_export(
     floor_y = loc_y.floor()
     frac_x = loc_x - floor_x
     frac_y = loc_y - floor_y
-    weight = torch.where(counts, mask.reshape(batch, height_out, width_out, group, num_points).to(loc_dtype), zero)
+    weight = torch.where(counts, mask.reshape(batch, height_out, width_out, group, points).to(loc_dtype), zero)
     top = (1 - frac_y) * weight
     bottom = frac_y * weight
     left = 1 - frac_x
