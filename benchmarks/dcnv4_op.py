@@ -38,10 +38,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f'{args.backend} backend, {device.type} ({measure.cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)}), '
-          f'{args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} threads, {args.clock} clock, '
-          f'median of {args.iters} interleaved calls\n')
-    print('| stage shape (H=W, C, G) | DCNv4 fwd ms | DCNv3 fwd ms | DCNv3/DCNv4 | DCNv4 bwd ms | DCNv3 bwd ms | DCNv3/DCNv4 |')
+    machine = measure.cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)
+    print(f'{args.backend} backend, {device.type} ({machine}), {args.dtype}, batch {args.batch_size}, '
+          f'{torch.get_num_threads()} threads, {args.clock} clock, median of {args.iters} interleaved calls\n')
+    print('| stage shape (H=W, C, G) | DCNv4 fwd ms | DCNv3 fwd ms | DCNv3/DCNv4 | DCNv4 bwd ms | DCNv3 bwd ms '
+          '| DCNv3/DCNv4 |')
     print('|---|---|---|---|---|---|---|')
     for shape in measure.OP_SHAPES:
         t = measure.time_dcnv4_against_dcnv3(args.batch_size, shape, dtype, device, args.warmup, args.iters,

@@ -58,7 +58,8 @@ def test_golden_cases_present():
     assert len(GOLDEN_CASES) >= 5
 
 
-@pytest.mark.parametrize('scalar_loads,blocks,threads', [(False, 0, 0), (True, 2, 3)], ids=['vector', 'scalar_tiny_grid'])
+@pytest.mark.parametrize('scalar_loads,blocks,threads', [(False, 0, 0), (True, 2, 3)],
+                         ids=['vector', 'scalar_tiny_grid'])
 @pytest.mark.parametrize('name', sorted(GOLDEN_CASES))
 def test_golden(emulator, name, scalar_loads, blocks, threads):
     """The DCNv4 golden cases (float64, padded offset_mask): output and both gradients within 1e-10."""
@@ -111,8 +112,9 @@ def _check_against_cpu(emulator, ops, dtype, name, seed):
     for field in FIELDS:
         ref = expected[field].double()
         scale = 1.0 if dtype == torch.float64 else max(1.0, ref[..., :used].nan_to_num().abs().max().item())
-        torch.testing.assert_close(getattr(got, field).double(), ref, rtol=0, atol=TOLERANCE[dtype] * scale,
-                                   equal_nan=True, msg=lambda m, field=field: f'{name} {field} (scale {scale:.3g}): {m}')
+        torch.testing.assert_close(
+            getattr(got, field).double(), ref, rtol=0, atol=TOLERANCE[dtype] * scale, equal_nan=True,
+            msg=lambda m, field=field: f'{name} {field} (scale {scale:.3g}): {m}')
     # The padding channels are not read (their NaN reaches nothing) and get a zero gradient on both sides.
     assert (got.grad_offset_mask[..., used:] == 0).all() and (expected['grad_offset_mask'][..., used:] == 0).all()
     assert not expected['output'].isnan().any() or kwargs.get('nonfinite')
