@@ -293,3 +293,25 @@ def test_compiled_kernels_check_the_packed_layout():
             torch.ops.timm_internimage.dcnv4_backward(torch.randn_like(input), input, offset_mask, *args)
     with pytest.raises(RuntimeError, match='input and offset_mask must have the same dtype'):
         torch.ops.timm_internimage.dcnv4_forward(input, torch.randn(2, 5, 6, 88, dtype=torch.float64), *args)
+
+
+@NEEDS_COMPILED
+def test_compiled_softmax_beyond_the_fused_limit_and_an_older_wheel(monkeypatch):
+    """Where the DCNv4 kernels do not serve a call, ``compiled`` still runs it, on DCNv3's kernels: a softmax over
+    more than 64 points (9x9 kernel), and a wheel built before the DCNv4 kernels."""
+    import importlib
+    backend = importlib.import_module('timm_internimage.ops.backend')  # the module (ops.backend is its function)
+    input, offset_mask = _random(batch=1, height=9, width=9, group=2, group_channels=4, points=81)
+    kwargs = dict(kernel_size=9, padding=4, group=2, softmax=True)
+    expected = dcnv4(input, offset_mask, backend='torch', **kwargs)
+    with _RecordOps() as recorded:
+        got = dcnv4(input, offset_mask, backend='compiled', **kwargs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert 'timm_internimage::dcnv3_forward' in recorded.names
+    compiled_backend_available()  # loads the wheel
+    monkeypatch.setattr(backend, '_compiled_dcnv4', None)
+    input, offset_mask = _random()
+    with _RecordOps() as recorded:
+        got = dcnv4(input, offset_mask, group=3, backend='compiled')
+    torch.testing.assert_close(got, dcnv4(input, offset_mask, group=3, backend='torch'), rtol=0, atol=1e-12)
+    assert 'timm_internimage::dcnv3_forward' in recorded.names and not any('dcnv4' in n for n in recorded.names)
