@@ -1,6 +1,5 @@
 """One DCNv3: the torch and compiled backends follow the official CUDA kernel, every backend validates its
 arguments alike, and the backend setting is read in one place."""
-import importlib
 import os
 import subprocess
 import sys
@@ -356,7 +355,7 @@ def test_settings_threads_see_one_setting():
     """The setting is process-wide: a thread started after set_backend runs that backend."""
     import threading
     import timm_internimage as ti
-    from timm_internimage.ops.backend import requested_backend
+    from timm_internimage.ops.backends import requested_backend
     seen = []
     ti.set_backend('reference')
     thread = threading.Thread(target=lambda: seen.append(requested_backend()))
@@ -369,7 +368,7 @@ def test_settings_threads_see_one_setting():
 def test_a_wheel_of_another_version_is_a_clear_error(monkeypatch):
     """The op checks the wheel against the installed package's metadata (it never imports the package root)."""
     import timm_internimage_dcnv3
-    backend = importlib.import_module('timm_internimage.ops.backend')  # the module: ops.backend is the context manager
+    from timm_internimage.ops import backends as backend
     monkeypatch.setattr(timm_internimage_dcnv3, '__version__', '0.0.0')
     backend._extension.cache_clear()
     try:

@@ -299,8 +299,7 @@ def test_compiled_kernels_check_the_packed_layout():
 def test_compiled_softmax_beyond_the_fused_limit_and_an_older_wheel(monkeypatch):
     """Where the DCNv4 kernels do not serve a call, ``compiled`` still runs it, on DCNv3's kernels: a softmax over
     more than 64 points (9x9 kernel), and a wheel built before the DCNv4 kernels."""
-    import importlib
-    backend = importlib.import_module('timm_internimage.ops.backend')  # the module (ops.backend is its function)
+    from timm_internimage.ops import backends as backend
     input, offset_mask = _random(batch=1, height=9, width=9, group=2, group_channels=4, points=81)
     kwargs = dict(kernel_size=9, padding=4, group=2, softmax=True)
     expected = dcnv4(input, offset_mask, backend='torch', **kwargs)

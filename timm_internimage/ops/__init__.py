@@ -1,6 +1,6 @@
 """DCNv3 and DCNv4 operators: functional APIs, modules, the pure-PyTorch implementations, the backend setting and
 the model's fused CPU linear layers."""
-from .backend import BACKENDS, backend, compiled_backend_available, get_backend, set_backend
+from .backends import BACKENDS, backend, compiled_backend_available, get_backend, set_backend
 from .dcn_v3 import DCNv3, dcnv3, dcnv3_core
 from .dcn_v3_reference import dcnv3_reference
 from .dcn_v3_torch import dcnv3_torch

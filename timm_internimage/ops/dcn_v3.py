@@ -14,7 +14,7 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
-from .backend import (
+from .backends import (
     COMPILED_MAX_SOFTMAX_POINTS, choose_backend, compiled_backend_available, requested_backend, run_compiled)
 from .dcn_v3_export import dcnv3_export
 from .dcn_v3_reference import dcnv3_reference

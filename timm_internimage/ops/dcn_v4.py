@@ -17,7 +17,7 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
-from .backend import (
+from .backends import (
     COMPILED_MAX_SOFTMAX_POINTS, choose_backend, compiled_packed_available, requested_backend, run_compiled_packed)
 from .dcn_v3 import blend_center_feature, check_module_geometry, dcnv3_core, run_checked
 from .geometry import Geometry, IntOrPair, check_geometry, check_tensors, make_geometry, num_points

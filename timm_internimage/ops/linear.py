@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import requested_backend
+from .backends import requested_backend
 from .dcn_v3_export import export_formulation_active
 
 __all__ = ['fused_linear', 'fused_linear_enabled', 'linear', 'set_fused_linear', 'use_fused_linear']
