@@ -12,7 +12,10 @@
 compiled op (``cd tests && python -m pytest test_compiled_op.py``), and this file is loaded there too: at module
 level it imports nothing else (timm, timm_internimage and huggingface_hub are imported inside functions).
 """
+import importlib.util
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,18 @@ import torch
 from hub_server import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_file(relative_path: str) -> types.ModuleType:
+    """A script of the repository that is not in a package (an example, a benchmark, hubconf.py), executed afresh
+    as a module. It is registered in ``sys.modules`` under a name made from its path, where dataclasses and pickle
+    look their module up."""
+    name = '_repo_' + '_'.join(Path(relative_path).with_suffix('').parts)
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _compiled_op_available():

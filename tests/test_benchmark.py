@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, import_file
 
 SCRIPT = REPO_ROOT / 'benchmarks' / 'benchmark.py'
 
@@ -59,11 +59,7 @@ def test_benchmark_rounds_report_medians_and_speedups():
 
 
 def _load_benchmark():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('_benchmark_under_test', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file('benchmarks/benchmark.py')
 
 
 def test_configurations_for_peers_compile_modes_and_the_fused_linear_switch():

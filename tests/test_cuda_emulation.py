@@ -7,25 +7,18 @@ ASan/UBSan build (any sanitizer report fails). Skipped only where g++ is missing
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, forward_backward, output_size
+from conftest import forward_backward, import_file, output_size
 from golden import (
     cuda_semantics_args, cuda_semantics_cases, load_cuda_semantics_case, load_op_case, op_args, op_cases)
 
 
 
 def _load_driver():
-    spec = importlib.util.spec_from_file_location(
-        'dcnv3_cuda_emulation_driver', REPO_ROOT / 'dcnv3' / 'tools' / 'cuda_emulation' / 'driver.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file('dcnv3/tools/cuda_emulation/driver.py')
 
 
 emulation = _load_driver()

@@ -1,7 +1,6 @@
 """Detection and segmentation backbones: official mmdet / mmseg checkpoints (mmcv 1.x layout) load into
 ``features_only`` InternImage exactly, by tag or by file, and a checkpoint that does not hold the backbone is an
 error, never a silently random backbone."""
-import importlib.util
 import json
 import logging
 import math
@@ -15,7 +14,7 @@ from timm_internimage import set_backend
 from timm_internimage.models.internimage import DENSE_REPO, DENSE_TAGS, dense_scores
 from timm_internimage.pretrained import PretrainedWeightsError
 
-from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT, tiny_model
+from conftest import ALL_BACKENDS, KERNEL_BACKENDS, REPO_ROOT, import_file, tiny_model
 from golden import DENSE_CASES, dense_model_kwargs, load_dense_case
 from hub_server import tiny_case
 
@@ -282,10 +281,7 @@ def test_classification_checkpoint_still_loads_by_file(tmp_path):
 
 def _example(name):
     """``examples/<name>.py`` imported as a module (the examples are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f'examples_{name}', REPO_ROOT / 'examples' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(f'examples/{name}.py')
 
 
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)

@@ -6,16 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, import_file
 
 
 
 def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location('gpu_check', REPO_ROOT / 'scripts' / 'gpu_check.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return import_file('scripts/gpu_check.py')
 
 
 def _table(stdout: str) -> dict:

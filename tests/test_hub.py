@@ -1,20 +1,16 @@
 """hubconf.py through torch.hub with source='local'."""
-import importlib.util
 
 import pytest
 import torch
 import timm
 
-from conftest import REPO_ROOT, TINY, assert_same_weights, official_model
+from conftest import REPO_ROOT, TINY, assert_same_weights, import_file, official_model
 from hub_server import hf_format, single_file_repo, tiny_case
 
 
 
 def _hubconf():
-    spec = importlib.util.spec_from_file_location('hubconf_under_test', REPO_ROOT / 'hubconf.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file('hubconf.py')
 
 
 def test_one_documented_entrypoint_per_model():
