@@ -3,9 +3,11 @@
 #   - a virtual environment (.venv, or $VENV) with torch $TORCH_VERSION and this package with its test extras
 #   - the compiled DCNv3 op, built once for the CPU against that torch and installed
 #   - a CUDA compile check of the op's kernels when nvcc is present (no GPU needed)
+#   - the test suite, then the tests marked slow (pyproject.toml) as a step of their own
 #   - scripts/release_check.sh on that wheel: this package's sdist and wheel, auditwheel show/repair
 #     of the op wheel, and the repaired wheel in a fresh environment with torch $OLD_TORCH_VERSION
 #     (the wheel is built on the torch stable ABI; this proves it loads on an older torch)
+#   - last, the suite's 15 slowest tests
 #
 #   bash scripts/test.sh [pytest arguments]
 #
@@ -44,8 +46,14 @@ else
   step "compiled DCNv3 op: no nvcc here, CUDA compile check not run"
 fi
 
+# The suite without the tests marked slow (torch.compile, torch.export, subprocess runs), then those.
+suite_log="$(mktemp)"
+trap 'rm -f "$suite_log"' EXIT
+pytest_selected() { "$venv/bin/python" -m pytest "$@" || [ $? -eq 5 ]; }  # 5: the selection holds no test
 step "test suite"
-"$venv/bin/python" -m pytest -q --durations=15 tests "$@"   # ends with the 15 slowest tests
+pytest_selected -q -m "not slow" --durations=15 tests "$@" | tee "$suite_log"
+step "slow tests"
+pytest_selected -q -m slow tests "$@"
 
 if [ -n "$old_torch_version" ]; then
   # The Linux CPU part of the release workflow on the wheel built above: sdist + wheel of this
@@ -54,3 +62,6 @@ if [ -n "$old_torch_version" ]; then
   step "release check (op wheel on torch $old_torch_version)"
   PYTHON="$python" BUILD_PYTHON="$venv/bin/python" bash scripts/release_check.sh --op-wheel "$wheel" --torch "$old_torch_version"
 fi
+
+step "the suite's 15 slowest tests"
+sed -n '/slowest 15 durations/,/^=/p' "$suite_log" | sed '1d;$d'

@@ -106,6 +106,7 @@ def test_dynamic_openvino_runs_golden_inputs(tmp_path):
         torch.testing.assert_close(torch.from_numpy(logits), tensors[f'logits.{index}'], rtol=0, atol=GOLDEN_ATOL)
 
 
+@pytest.mark.slow
 def test_torch_export_artifact_loads_and_matches(tmp_path):
     model, case, tensors = golden_model('tiny_t', calm=True)
     path = tmp_path / 'model.pt2'

@@ -187,6 +187,7 @@ def test_layer_decay_groups_by_stage_and_block(name):
 # torch.compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('backend', ['torch', pytest.param('compiled', marks=NEEDS_COMPILED)])
 def test_compiled_training_step_matches_eager(backend, monkeypatch):
     """Training steps with the forward and loss under ``torch.compile(fullgraph=True)`` through AOTAutograd, which
@@ -284,6 +285,7 @@ def test_example_finetune_two_steps_from_the_hub(t_repo, hf_env, image_folder, t
     assert summary['loss'] == pytest.approx(float(F.cross_entropy(logits, y)), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_example_finetune_torchrun_fsdp2(image_folder, tmp_path):
     """Two gloo processes under torchrun with FSDP2 and gradient checkpointing: the gathered checkpoint loads."""
     torchrun = shutil.which('torchrun', path=str(Path(sys.executable).parent))

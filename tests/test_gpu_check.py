@@ -23,6 +23,7 @@ def _table(stdout: str) -> dict:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec('timm_internimage_dcnv3') is None,
                     reason='compiled DCNv3 op not installed (the script would install it)')
 def test_cpu_smoke_run(tmp_path):

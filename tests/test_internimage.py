@@ -296,6 +296,7 @@ def test_bad_configs_raise_clear_errors():
         timm.create_model('internimage_t.bogus')
 
 
+@pytest.mark.slow
 def test_torchscript_and_fx_and_compile_match_eager():
     """Scripted, FX-traced and compiled (aot_eager) models compute the eager function. Measured (AVX2 EPYC, logits
     of about 1.7): scripted 1.3e-6 (TorchScript runs the layers unfused), FX and compiled bit-identical; the
@@ -588,6 +589,7 @@ def test_with_cp_is_gradient_checkpointing(monkeypatch):
         torch.testing.assert_close(value, target, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('backend', KERNEL_BACKENDS)
 def test_compile_dynamic_fullgraph_does_not_recompile_across_batch_sizes(backend, monkeypatch):
     """One graph serves every batch size under ``torch.compile(dynamic=True, fullgraph=True)``: no guard in the
@@ -602,6 +604,7 @@ def test_compile_dynamic_fullgraph_does_not_recompile_across_batch_sizes(backend
             torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('freezing', [False, True])
 def test_inductor_compiles_the_inference_model_with_its_onednn_linear_layers(freezing, monkeypatch):
     """torch.compile with inductor (the default, and with freezing, as users turn it on for CPU inference)

@@ -394,7 +394,8 @@ def short_hub_timeouts(monkeypatch):
     ('server_error_get', PretrainedWeightsError, r'server error \(HTTP 503\)', 5),
     ('truncate', PretrainedWeightsError, 'broke off .*RemoteProtocolError', 15),
     # huggingface_hub resumes a stalled transfer 5 times, 1 s apart: 6 timeouts + 5 s
-    ('stall_body', PretrainedWeightsError, r'stopped answering .*HF_HUB_DOWNLOAD_TIMEOUT=1 s', 20),
+    pytest.param('stall_body', PretrainedWeightsError, r'stopped answering .*HF_HUB_DOWNLOAD_TIMEOUT=1 s', 20,
+                 marks=pytest.mark.slow),
 ])
 def test_hub_failure_is_a_clear_error_within_the_timeouts(t_repo, short_hub_timeouts, fault, error, message,
                                                           max_seconds):
