@@ -392,18 +392,6 @@ def check_op_timings(ctx: Context) -> List[Row]:
     return rows
 
 
-class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the name of every op that reaches the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 def dcnv4_fwd_bwd(x, offset_mask, grad_output, backend, record=None, **kwargs):
     """Output and the two gradients of ``dcnv4`` on ``backend`` (fresh leaves cloned from the inputs)."""
     from timm_internimage.ops import dcnv4
@@ -434,7 +422,7 @@ def check_dcnv4(ctx: Context) -> List[Row]:
         kwargs = dict(kernel_size=(case['kernel_h'], case['kernel_w']), stride=(case['stride_h'], case['stride_w']),
                       padding=(case['pad_h'], case['pad_w']), dilation=(case['dilation_h'], case['dilation_w']),
                       group=case['group'], offset_scale=case['offset_scale'], remove_center=bool(case['remove_center']))
-        record = _RecordOps()
+        record = measure.OpRecorder()
         got = dcnv4_fwd_bwd(data['input'], data['offset_mask'], data['grad_output'], 'compiled', record, **kwargs)
         ran |= record.names
         errors = [max_abs_error(g, data[k]) for g, k in zip(got, ('output', 'grad_input', 'grad_offset_mask'))]
@@ -456,7 +444,7 @@ def check_dcnv4(ctx: Context) -> List[Row]:
             offset_mask[..., :3 * group * 9].unflatten(-1, (group, 27))[..., :18].mul_(2)
             grad_output = torch.randn(2, 9, 11, group * group_channels, generator=gen)
             inputs = [t.to(ctx.device, dtype) for t in (x, offset_mask, grad_output)]
-            record = _RecordOps()
+            record = measure.OpRecorder()
             got = dcnv4_fwd_bwd(*inputs[:2], inputs[2], 'compiled', record, group=group, softmax=softmax)
             kernels = kernels and 'timm_internimage::dcnv4_backward' in record.names
             padding_zero = padding_zero and bool((got[2][..., -4:] == 0).all())

@@ -14,31 +14,13 @@ import pytest
 import torch
 
 from golden import DCNV4_DIR
-from test_cuda_emulation import DTYPE_IDS, DTYPES, TOLERANCE, emulation, make_case
+# The emulation binaries and their fixtures are the DCNv3 tests' (one build serves both).
+from test_cuda_emulation import (  # noqa: F401  (binaries, emulator, opt, sanitized: fixtures)
+    DTYPE_IDS, DTYPES, TOLERANCE, binaries, emulation, emulator, make_case, opt, sanitized)
 
 FIELDS = ('output', 'grad_input', 'grad_offset_mask')
 GOLDEN_CASES = {name: case for name, case in json.loads((DCNV4_DIR / 'cases.json').read_text()).items()
                 if name.startswith('op_')}
-
-
-@pytest.fixture(scope='session')
-def binaries():
-    return emulation.build(('opt', 'sanitized'))
-
-
-@pytest.fixture(scope='session', params=['opt', 'sanitized'])
-def emulator(request, binaries):
-    return emulation.Emulator(binaries[request.param])
-
-
-@pytest.fixture(scope='session')
-def opt(binaries):
-    return emulation.Emulator(binaries['opt'])
-
-
-@pytest.fixture(scope='session')
-def sanitized(binaries):
-    return emulation.Emulator(binaries['sanitized'])
 
 
 @pytest.fixture(scope='session')

@@ -15,6 +15,7 @@ from timm_internimage import set_backend
 from conftest import KERNEL_BACKENDS, NEEDS_COMPILED
 from golden import GOLDEN_DIR
 from timm_internimage.ops import Geometry, compiled_backend_available, dcnv3_core, dcnv4, dcnv4_core
+from timm_internimage.tools.benchmarking import OpRecorder
 
 DCNV4_DIR = GOLDEN_DIR / 'dcnv4'
 CASES = {name: case for name, case in json.loads((DCNV4_DIR / 'cases.json').read_text()).items()
@@ -176,18 +177,6 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(compiled(input, offset_mask), expected, rtol=0, atol=1e-5)
 
 
-class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the name of every op that reaches the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('softmax', [False, True])
 @NEEDS_COMPILED
 def test_compiled_backend_runs_the_dcnv4_kernels(softmax):
@@ -196,7 +185,7 @@ def test_compiled_backend_runs_the_dcnv4_kernels(softmax):
     input, offset_mask = _random(dtype=torch.float32)
     for backend in ('compiled', 'auto'):
         leaves = [t.clone().requires_grad_() for t in (input, offset_mask)]
-        with _RecordOps() as recorded:
+        with OpRecorder() as recorded:
             dcnv4(*leaves, group=3, softmax=softmax, backend=backend).sum().backward()
         assert {'timm_internimage::dcnv4_forward', 'timm_internimage::dcnv4_backward'} <= recorded.names
         assert not any(name.startswith('timm_internimage::dcnv3') for name in recorded.names)
@@ -303,14 +292,14 @@ def test_compiled_softmax_beyond_the_fused_limit_and_an_older_wheel(monkeypatch)
     input, offset_mask = _random(batch=1, height=9, width=9, group=2, group_channels=4, points=81)
     kwargs = dict(kernel_size=9, padding=4, group=2, softmax=True)
     expected = dcnv4(input, offset_mask, backend='torch', **kwargs)
-    with _RecordOps() as recorded:
+    with OpRecorder() as recorded:
         got = dcnv4(input, offset_mask, backend='compiled', **kwargs)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert 'timm_internimage::dcnv3_forward' in recorded.names
     compiled_backend_available()  # loads the wheel
     monkeypatch.setattr(backend, '_compiled_dcnv4', None)
     input, offset_mask = _random()
-    with _RecordOps() as recorded:
+    with OpRecorder() as recorded:
         got = dcnv4(input, offset_mask, group=3, backend='compiled')
     torch.testing.assert_close(got, dcnv4(input, offset_mask, group=3, backend='torch'), rtol=0, atol=1e-12)
     assert 'timm_internimage::dcnv3_forward' in recorded.names and not any('dcnv4' in n for n in recorded.names)

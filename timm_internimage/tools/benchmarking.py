@@ -16,9 +16,11 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # torch has no public import path for it
 
-__all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'PeakMemory', 'cpu_name', 'dcnv3_3x3', 'model_macs', 'op_inputs', 'summary',
-           'synchronize', 'time_it', 'time_op_shape', 'packed_op_inputs', 'time_dcnv4_against_dcnv3']
+__all__ = ['CLOCKS', 'Clock', 'OP_SHAPES', 'OpRecorder', 'PeakMemory', 'cpu_name', 'dcnv3_3x3', 'model_macs',
+           'op_inputs', 'packed_op_inputs', 'summary', 'synchronize', 'time_dcnv4_against_dcnv3', 'time_it',
+           'time_op_shape']
 
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter
 
@@ -324,3 +326,16 @@ def model_macs(model: torch.nn.Module, example: torch.Tensor) -> Dict[str, int]:
             hook.remove()
     dense = counter.get_total_flops() // 2
     return {'dense': dense, 'sampling': sampling, 'total': dense + sampling}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher inside its ``with`` block (``names``), to tell
+    which kernels ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
