@@ -102,6 +102,22 @@ DCNV3_HD void set_packed_layout(Geometry& g, int64_t channels) {
   g.mask_group = g.P * 3;
 }
 
+// An output pixel and group, from the flat index pg = pos * G + gi of a
+// (pixel, group) pair: batch n, row ho, column wo, pixel pos, group gi.
+struct PixelGroup {
+  int64_t n, ho, wo, pos, gi;
+};
+
+DCNV3_HD PixelGroup pixel_group(const Geometry& g, int64_t pg) {
+  PixelGroup at;
+  at.gi = pg % g.G;
+  at.pos = pg / g.G;
+  at.wo = at.pos % g.Wo;
+  at.ho = (at.pos / g.Wo) % g.Ho;
+  at.n = at.pos / (g.Wo * g.Ho);
+  return at;
+}
+
 // Maps the point index p (0..P-1) to its kernel column i (over kw, slowest)
 // and row j (over kh), skipping the centre when remove_center is set.
 // 32-bit arithmetic: kernels are small, and 64-bit division is slow.

@@ -90,7 +90,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
   const Tensor input = torch::stable::contiguous(input_);
   const Tensor offset = torch::stable::contiguous(offset_);
   const Tensor mask = torch::stable::contiguous(mask_);
-  auto [grad_input, grad_offset, grad_mask] = new_gradients(g, input, offset, mask);
+  // Named references, not structured bindings: the launch lambdas capture them (C++17).
+  auto gradients = new_gradients(g, input, offset, mask);
+  Tensor& grad_input = std::get<0>(gradients);
+  Tensor& grad_offset = std::get<1>(gradients);
+  Tensor& grad_mask = std::get<2>(gradients);
   const int64_t total = g.positions() * g.G;
   const cudaStream_t stream = current_stream(device);
   dispatch_floating(input.scalar_type(), name, [&](auto tag) {
@@ -122,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return std::make_tuple(grad_input, grad_offset, grad_mask);
+  return gradients;
 }
 
 Tensor packed_forward_impl(const char* name, const Geometry& g, const Tensor& input_, const Tensor& offset_mask_) {
@@ -160,7 +164,9 @@ std::tuple<Tensor, Tensor> packed_backward_impl(
   const Tensor grad_output = torch::stable::contiguous(grad_output_);
   const Tensor input = torch::stable::contiguous(input_);
   const Tensor offset_mask = torch::stable::contiguous(offset_mask_);
-  auto [grad_input, grad_offset_mask] = new_packed_gradients(g, input, offset_mask);
+  auto gradients = new_packed_gradients(g, input, offset_mask);
+  Tensor& grad_input = std::get<0>(gradients);
+  Tensor& grad_offset_mask = std::get<1>(gradients);
   const int64_t total = g.positions() * g.G;
   const cudaStream_t stream = current_stream(device);
   dispatch_floating(input.scalar_type(), name, [&](auto tag) {
@@ -198,7 +204,7 @@ std::tuple<Tensor, Tensor> packed_backward_impl(
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return std::make_tuple(grad_input, grad_offset_mask);
+  return gradients;
 }
 
 }  // namespace

@@ -40,11 +40,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += step) {
     const int64_t c = t % g.C;
     const int64_t pg = t / g.C;  // (pos, group) index
-    const int64_t gi = pg % g.G;
-    const int64_t pos = pg / g.G;
-    const int64_t wo = pos % g.Wo;
-    const int64_t ho = (pos / g.Wo) % g.Ho;
-    const int64_t n = pos / (g.Wo * g.Ho);
+    const auto [n, ho, wo, pos, gi] = pixel_group(g, pg);
     const scalar_t* xg = x + n * g.H * row + gi * g.C + c;
     const scalar_t* offp = off + pg * g.P * 2;
     const scalar_t* mp = mask + pg * g.P;
@@ -91,11 +87,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   const int32_t W = static_cast<int32_t>(g.W);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t pg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pg < total; pg += step) {
-    const int64_t gi = pg % g.G;
-    const int64_t pos = pg / g.G;
-    const int64_t wo = pos % g.Wo;
-    const int64_t ho = (pos / g.Wo) % g.Ho;
-    const int64_t n = pos / (g.Wo * g.Ho);
+    const auto [n, ho, wo, pos, gi] = pixel_group(g, pg);
     const int64_t x_off = n * g.H * row + gi * g.C;
     const scalar_t* xg = x + x_off;
     acc_t* ging = gin + x_off;

@@ -84,11 +84,7 @@ __global__ void __launch_bounds__(kThreads) packed_forward_kernel(
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += step) {
     const int64_t c0 = (t % runs) * kVec;
     const int64_t pg = t / runs;  // (pos, group) index
-    const int64_t gi = pg % g.G;
-    const int64_t pos = pg / g.G;
-    const int64_t wo = pos % g.Wo;
-    const int64_t ho = (pos / g.Wo) % g.Ho;
-    const int64_t n = pos / (g.Wo * g.Ho);
+    const auto [n, ho, wo, pos, gi] = pixel_group(g, pg);
     const int valid = static_cast<int>(g.C - c0 < kVec ? g.C - c0 : kVec);
     const scalar_t* xg = x + n * g.H * row + gi * g.C + c0;
     const scalar_t* offp = off + pos * g.off_pixel + gi * g.off_group;
@@ -165,11 +161,7 @@ __global__ void __launch_bounds__(kThreads) packed_backward_kernel(
   const int32_t W = static_cast<int32_t>(g.W);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t pg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pg < total; pg += step) {
-    const int64_t gi = pg % g.G;
-    const int64_t pos = pg / g.G;
-    const int64_t wo = pos % g.Wo;
-    const int64_t ho = (pos / g.Wo) % g.Ho;
-    const int64_t n = pos / (g.Wo * g.Ho);
+    const auto [n, ho, wo, pos, gi] = pixel_group(g, pg);
     const int64_t x_off = n * g.H * row + gi * g.C;
     const scalar_t* xg = x + x_off;
     acc_t* ging = gin + x_off;
