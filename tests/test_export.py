@@ -14,8 +14,8 @@ from timm_internimage.ops import Geometry
 from timm_internimage.ops.dcn_v3_export import dcnv3_export, export_formulation, export_formulation_active
 from conftest import forward_backward, tiny_model
 from golden import (
-    MODEL_OUTPUTS, cuda_semantics_args, cuda_semantics_cases, golden_model, load_cuda_semantics_case, load_op_case,
-    op_args, op_cases)
+    DCNV4_MODEL_CASES, MODEL_OUTPUTS, cuda_semantics_args, cuda_semantics_cases, flash_golden_model, golden_model,
+    load_cuda_semantics_case, load_op_case, op_args, op_cases)
 from hub_server import safetensors_bytes, tiny_case
 
 NEEDS_OPENVINO = pytest.mark.skipif(importlib.util.find_spec('openvino') is None, reason='openvino is not installed')
@@ -75,6 +75,20 @@ def test_dynamic_onnx_runs_golden_inputs_of_other_shapes_in_onnxruntime(name, tm
             eager = model(x)
         torch.testing.assert_close(torch.from_numpy(logits), tensors[f'logits.{index}'], rtol=0, atol=GOLDEN_ATOL)
         torch.testing.assert_close(torch.from_numpy(logits), eager, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', DCNV4_MODEL_CASES)
+def test_flash_internimage_dynamic_onnx_matches_the_official_model_in_onnxruntime(name, tmp_path):
+    """FlashInternImage (DCNv4) through the same standard-operator graph: traced at batch 3, 96x128, run in ONNX
+    Runtime at the golden input's shape, the logits match the official model's within 1e-4."""
+    import onnx
+    model, _, tensors = flash_golden_model(name)
+    path = tmp_path / f'{name}.onnx'
+    result = export_model(model, path, 'onnx', dynamic=True, batch=3, img_size=(96, 128))
+    assert result.max_abs_diff <= 1e-4
+    assert {node.domain for node in onnx.load(str(path)).graph.node} == {''}  # standard operators only
+    (logits,) = _onnx_session(path).run(None, {'image': tensors['input'].numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), tensors['logits'], rtol=0, atol=GOLDEN_ATOL)
 
 
 def test_features_only_onnx_has_one_output_per_stage(tmp_path):

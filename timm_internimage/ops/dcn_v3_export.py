@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .geometry import Geometry, num_points
+from .geometry import Geometry, dcnv3_output_size, num_points
 
 __all__ = ['dcnv3_export', 'export_formulation', 'export_formulation_active']
 
@@ -67,7 +67,9 @@ def dcnv3_export(input: Tensor, offset: Tensor, mask: Tensor, geometry: Geometry
     g = geometry
     group, group_channels, offset_scale = g.group, g.group_channels, g.offset_scale
     batch, height, width = input.shape[0], input.shape[1], input.shape[2]
-    height_out, width_out = offset.shape[1], offset.shape[2]
+    # From the input's size, not offset.shape: when offset is DCNv4's unpacked offset_mask, the ONNX exporter
+    # folds its shape to the traced sizes, and the graph would take no other image size.
+    height_out, width_out = dcnv3_output_size(height, width, geometry)
     points = num_points(geometry)
     loc_dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
     device = input.device
