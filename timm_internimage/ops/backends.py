@@ -35,8 +35,7 @@ from .geometry import Geometry
 
 __all__ = [
     'BACKENDS', 'backend', 'choose_backend', 'compiled_backend_available', 'compiled_packed_available', 'get_backend',
-    'requested_backend',
-    'run_compiled', 'run_compiled_packed', 'set_backend',
+    'requested_backend', 'run_compiled', 'run_compiled_packed', 'set_backend',
 ]
 
 _logger = logging.getLogger(__name__)

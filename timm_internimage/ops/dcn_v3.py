@@ -1,8 +1,8 @@
 """DCNv3: the functional op and the DCNv3 module.
 
 A call builds its :class:`.Geometry` once, validates it with the tensors once (:func:`.geometry.check_arguments`)
-before any backend runs, and runs on the backend that :func:`.backend.choose_backend` picks for it: ``torch``,
-``reference``, ``compiled`` or, during graph export, ``export`` (see :mod:`.backend`). DCNv4 (:mod:`.dcn_v4`)
+before any backend runs, and runs on the backend that :func:`.backends.choose_backend` picks for it: ``torch``,
+``reference``, ``compiled`` or, during graph export, ``export`` (see :mod:`.backends`). DCNv4 (:mod:`.dcn_v4`)
 ends in the same place, :func:`run_checked`.
 """
 import functools
@@ -22,7 +22,7 @@ from .dcn_v3_torch import dcnv3_torch, softmax_over_points
 from .geometry import Geometry, IntOrPair, check_arguments, make_geometry, num_points
 from .linear import linear
 
-# compiled_backend_available lives in .backend; named here too, where it was first imported from.
+# compiled_backend_available lives in .backends; named here too, where it was first imported from.
 __all__ = ['DCNv3', 'compiled_backend_available', 'dcnv3', 'dcnv3_core']
 
 
@@ -47,14 +47,14 @@ def dcnv3_core(
         return dcnv3_torch(input, offset, mask, geometry)
     requested = requested_backend(backend)
     check_arguments(input, offset, mask, geometry)
-    return run_checked(input, offset, mask, geometry, mask_is_logits, requested)
+    return run_checked(input, offset, mask, geometry, mask_is_logits, choose_backend(requested, input))
 
 
 def run_checked(
-        input: Tensor, offset: Tensor, mask: Tensor, geometry: Geometry, mask_is_logits: bool, requested: str,
+        input: Tensor, offset: Tensor, mask: Tensor, geometry: Geometry, mask_is_logits: bool, chosen: str,
 ) -> Tensor:
-    """DCNv3 of validated arguments on the backend chosen for this call (``requested``: a checked backend name)."""
-    chosen = choose_backend(requested, input)
+    """DCNv3 of validated arguments on ``chosen``, the backend :func:`.backends.choose_backend` picked for this
+    call."""
     if mask_is_logits and (chosen != 'compiled' or num_points(geometry) > COMPILED_MAX_SOFTMAX_POINTS):
         mask = softmax_over_points(mask, geometry.group, exact=chosen in ('reference', 'export'))
         mask_is_logits = False

@@ -76,11 +76,12 @@ def dcnv4_core(
         return dcnv3_core(input, offset, mask, geometry, mask_is_logits=softmax)
     requested = requested_backend(backend)
     _check_arguments(input, offset_mask, geometry)
-    if (choose_backend(requested, input) == 'compiled' and compiled_packed_available()
+    chosen = choose_backend(requested, input)
+    if (chosen == 'compiled' and compiled_packed_available()
             and (not softmax or num_points(geometry) <= COMPILED_MAX_SOFTMAX_POINTS)):
         return run_compiled_packed(input, offset_mask, geometry, softmax)
     offset, mask = _unpack(offset_mask, geometry)
-    return run_checked(input, offset, mask, geometry, softmax, requested)
+    return run_checked(input, offset, mask, geometry, softmax, chosen)
 
 
 def dcnv4(

@@ -2,7 +2,7 @@
 
 ``TIMM_INTERNIMAGE_FUSED_LINEAR`` (``0`` switches the oneDNN layers off) is read once, when the package is
 imported, as the default; :func:`set_fused_linear`, or the context manager :func:`fused_linear`, change it
-afterwards. Like the backend setting (:mod:`.backend`) it is process-wide, for every thread; ``torch.compile``
+afterwards. Like the backend setting (:mod:`.backends`) it is process-wide, for every thread; ``torch.compile``
 takes it as a constant of the compiled graph.
 """
 import contextlib
