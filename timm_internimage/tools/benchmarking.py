@@ -1,8 +1,8 @@
 """Measurement helpers shared by ``benchmarks/benchmark.py`` and ``scripts/gpu_check.py``.
 
 Timing with an explicit clock, peak memory of a window of work, median summaries, the DCNv3 op timed
-forward and backward on the shapes of InternImage-T's four stages, and a model's multiply-adds. Nothing here keeps state between calls:
-each measurement gets its clock and device as arguments.
+forward and backward on the shapes of InternImage-T's four stages (and DCNv4 against it), and a model's
+multiply-adds. Nothing here keeps state between calls: each measurement gets its clock and device as arguments.
 
 Peak memory (``PeakMemory``): on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated when the
 window opened. On CPU, the peak resident set size of the process above its size when the window opened: freed

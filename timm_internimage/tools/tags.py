@@ -12,10 +12,9 @@ __all__ = ['list_tags', 'refresh_manifest']
 _logger = logging.getLogger(__name__)
 
 
-def _tag_task(cfg: Any) -> Tuple[str, Dict[str, float]]:
-    """(task, published scores) of a tag: ImageNet top-1 of a classifier, box / mask AP or mIoU of a backbone."""
-    from .._manifest import published_results
-    published = published_results(cfg.hf_hub_id.partition('@')[0], cfg.hf_hub_filename)
+def _tag_task(published: Dict[str, Any]) -> Tuple[str, Dict[str, float]]:
+    """(task, published scores) of a tag from its file's published results: ImageNet top-1 of a classifier, box /
+    mask AP or mIoU of a backbone."""
     if 'scores' in published:
         return ('detection' if 'box AP' in published['scores'] else 'segmentation'), published['scores']
     top1 = published.get('top1')
@@ -30,11 +29,11 @@ def list_tags() -> Dict[str, Dict[str, Any]]:
     rows = {}
     for name, cfg in pretrained_cfgs().items():
         repo_id, _, revision = cfg.hf_hub_id.partition('@')
-        task, scores = _tag_task(cfg)
+        published = published_results(repo_id, cfg.hf_hub_filename)
+        task, scores = _tag_task(published)
         rows[name] = dict(hf_hub_id=repo_id, hf_hub_filename=cfg.hf_hub_filename, revision=revision or 'main',
                           num_classes=cfg.num_classes, input_size=list(cfg.input_size), task=task, scores=scores,
-                          top1=published_results(repo_id, cfg.hf_hub_filename).get('top1'),
-                          size=repo_entry(repo_id)['approx_size'])
+                          top1=published.get('top1'), size=repo_entry(repo_id)['approx_size'])
     return rows
 
 
