@@ -287,6 +287,12 @@ inline bool on_device(const Tensor& t, Device device) {
   return device == Device::CUDA ? t.is_cuda() : t.is_cpu();
 }
 
+// An error naming the entry point unless every tensor is on `device`.
+template <typename... Tensors>
+void check_device(const char* name, Device device, const Tensors&... tensors) {
+  STD_TORCH_CHECK((on_device(tensors, device) && ...), name, ": expected ", device_name(device), " tensors");
+}
+
 // Entry points with exactly the schema's arguments (what TORCH_BOX registers), shared by CPU and CUDA: the
 // device check, the validation (make_geometry), and the empty calls, before a device's implementation runs.
 template <ForwardImpl kImpl, Device kDevice, bool kLogits>
@@ -308,12 +314,7 @@ Tensor forward_entry(
     bool remove_center) {
   const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv3_forward (CUDA)"
                                              : "timm_internimage::dcnv3_forward (CPU)";
-  STD_TORCH_CHECK(
-      on_device(input, kDevice) && on_device(offset, kDevice) && on_device(mask, kDevice),
-      name,
-      ": expected ",
-      device_name(kDevice),
-      " tensors");
+  check_device(name, kDevice, input, offset, mask);
   const Geometry g = make_geometry(
       name, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
       group, group_channels, offset_scale, remove_center, kLogits);
@@ -343,13 +344,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_entry(
     bool remove_center) {
   const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv3_backward (CUDA)"
                                              : "timm_internimage::dcnv3_backward (CPU)";
-  STD_TORCH_CHECK(
-      on_device(grad_output, kDevice) && on_device(input, kDevice) && on_device(offset, kDevice) &&
-          on_device(mask, kDevice),
-      name,
-      ": expected ",
-      device_name(kDevice),
-      " tensors");
+  check_device(name, kDevice, grad_output, input, offset, mask);
   const Geometry g = make_geometry(
       name, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
       group, group_channels, offset_scale, remove_center, kLogits);
@@ -392,9 +387,7 @@ Tensor packed_forward_entry(
     bool softmax) {
   const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv4_forward (CUDA)"
                                              : "timm_internimage::dcnv4_forward (CPU)";
-  STD_TORCH_CHECK(
-      on_device(input, kDevice) && on_device(offset_mask, kDevice), name, ": expected ", device_name(kDevice),
-      " tensors");
+  check_device(name, kDevice, input, offset_mask);
   const Geometry g = make_packed_geometry(
       name, input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
       group, group_channels, offset_scale, remove_center, softmax);
@@ -424,12 +417,7 @@ std::tuple<Tensor, Tensor> packed_backward_entry(
     bool softmax) {
   const char* name = kDevice == Device::CUDA ? "timm_internimage::dcnv4_backward (CUDA)"
                                              : "timm_internimage::dcnv4_backward (CPU)";
-  STD_TORCH_CHECK(
-      on_device(grad_output, kDevice) && on_device(input, kDevice) && on_device(offset_mask, kDevice),
-      name,
-      ": expected ",
-      device_name(kDevice),
-      " tensors");
+  check_device(name, kDevice, grad_output, input, offset_mask);
   const Geometry g = make_packed_geometry(
       name, input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
       group, group_channels, offset_scale, remove_center, softmax);

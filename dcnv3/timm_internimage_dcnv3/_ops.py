@@ -170,8 +170,13 @@ def _fake_forward(
     return input.new_empty((n, ho, wo, group * group_channels))
 
 
+# The schemas' geometry scalars, kernel_h ... remove_center (timm_internimage.ops.Geometry's fields); DCNv4's
+# schemas add its softmax flag after them.
+_GEOMETRY_ARGS = 12
+
+
 def _fake_packed_forward(input: torch.Tensor, offset_mask: torch.Tensor, *args: Any) -> torch.Tensor:
-    return _fake_forward(input, offset_mask, offset_mask, *args[:12])
+    return _fake_forward(input, offset_mask, offset_mask, *args[:_GEOMETRY_ARGS])
 
 
 def _fake_backward(grad_output: torch.Tensor, *inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -220,7 +225,8 @@ def _packed_create_graph_backward(
     """DCNv4's differentiable gradients through the registered DCNv3 function: offsets and weights are views of
     offset_mask, and their gradients are packed back (the padding channels zero)."""
     input, offset_mask = tensors
-    group, points = args[8], args[0] * args[1] - int(args[11])
+    kernel_h, kernel_w, _, _, _, _, _, _, group, _, _, remove_center = args  # the schema's scalars, by name
+    points = kernel_h * kernel_w - int(remove_center)
     packed = offset_mask[..., : 3 * group * points].unflatten(-1, (group, 3 * points))
     offset, mask = packed[..., : 2 * points].flatten(-2), packed[..., 2 * points :].flatten(-2)
     needs_input, needs_offset_mask = needs_input_grad
@@ -249,8 +255,10 @@ def _make_backward(backward_op: Any, num_tensors: int, mask_is_logits: bool | No
                     "(create_graph=True) use the op through timm_internimage (`import timm_internimage`), which "
                     "differentiates them in pure PyTorch."
                 )
-            logits = ctx.args[12] if mask_is_logits is None else mask_is_logits
-            grads = create_graph(grad_output, tensors, ctx.args[:12], logits, ctx.needs_input_grad[:num_tensors])
+            logits = ctx.args[_GEOMETRY_ARGS] if mask_is_logits is None else mask_is_logits
+            grads = create_graph(
+                grad_output, tensors, ctx.args[:_GEOMETRY_ARGS], logits, ctx.needs_input_grad[:num_tensors]
+            )
         else:
             grads = backward_op(grad_output.contiguous(), *tensors, *ctx.args)
         return tuple(grads) + (None,) * len(ctx.args)
