@@ -190,7 +190,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             model_kwargs['out_indices'] = tuple(args.out_indices)
     try:
         check_format(args.format)  # before any download
-        _err(f'Loading {args.model} (weights are downloaded once, then read from the Hugging Face cache) ...')
+        _err(_loading_message(args.model, args.checkpoint))
         model = load_pretrained_model(args.model, args.checkpoint, model_kwargs, torch.device('cpu'))
         result = export_model(model, args.out, args.format, dynamic=args.dynamic, batch=args.batch,
                               img_size=tuple(args.img_size) if args.img_size else None, dtype=args.dtype,
